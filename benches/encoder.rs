@@ -1,0 +1,47 @@
+//! ResNet forward throughput (images/s) on each enabled CPU backend.
+//!
+//! Cases, as the PyTorch reference figures were taken (eval mode, no grad, 2 threads):
+//! ResNet-18 at 32 px batch 64 and 224 px batch 32, ResNet-152 at 224 px batch 8.
+//! `scripts/bench_encoder.py` measures torchvision on the same machine.
+//! Set `MSAD_BENCH_WGPU=1` to add the wgpu backend.
+
+use burn::tensor::{Distribution, Tensor};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use msad::device::Backend;
+use msad::encoder::{Arch, ResNetConfig};
+
+fn encoder(c: &mut Criterion) {
+    let mut backends: Vec<Backend> = Backend::enabled()
+        .into_iter()
+        .filter(|b| *b != Backend::Wgpu)
+        .collect();
+    if std::env::var_os("MSAD_BENCH_WGPU").is_some() {
+        backends.push(Backend::Wgpu);
+    }
+    let cases = [
+        (Arch::Resnet18, 32, 64),
+        (Arch::Resnet18, 224, 32),
+        (Arch::Resnet152, 224, 8),
+    ];
+    let mut group = c.benchmark_group("encoder");
+    group.sample_size(10);
+    for backend in backends {
+        let selected = msad::device::select(backend.name()).expect("enabled backend");
+        let device = selected.device();
+        for (arch, size, batch) in cases {
+            let model = ResNetConfig::from_arch(arch).init(device);
+            let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Default, device);
+            // Warm up (kernel selection, allocation pools).
+            let _ = msad::host::vec_from_tensor(model.forward(x.clone())).unwrap();
+            group.throughput(Throughput::Elements(batch as u64));
+            let id = BenchmarkId::new(format!("{arch}-{size}px-b{batch}"), backend.name());
+            group.bench_function(id, |b| {
+                b.iter(|| msad::host::vec_from_tensor(model.forward(x.clone())).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encoder);
+criterion_main!(benches);

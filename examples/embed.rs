@@ -1,0 +1,100 @@
+//! Embeds images with a torchvision ResNet: writes φ(x), the L2-normalised pooled features.
+//!
+//! ```text
+//! cargo run --release --example embed -- --weights resnet18-f37072fd.pth \
+//!     --input images.npy --output features.npy [--arch resnet18] [--device auto] [--batch 32]
+//! ```
+//!
+//! `--input` is an (N, 3, H, W) float32 `.npy`, already normalised with the ImageNet mean and
+//! std. The output is an (N, D) float32 `.npy` with unit rows (D = 512 or 2048).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use msad::encoder::{Arch, ResNet, ResNetConfig};
+use ndarray::{Axis, concatenate};
+
+/// Embed images with a torchvision ResNet (fc removed, features L2-normalised).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// torchvision checkpoint (.pth or .safetensors), e.g. resnet18-f37072fd.pth.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Architecture (resnet18 ... resnet152); inferred from the checkpoint's keys when absent.
+    #[arg(long)]
+    arch: Option<Arch>,
+    /// (N, 3, H, W) float32 .npy, ImageNet-normalised.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the (N, D) float32 features.
+    #[arg(long)]
+    output: PathBuf,
+    /// auto, wgpu, flex or ndarray.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+fn run(args: Args) -> msad::Result<()> {
+    let selected = msad::device::select(&args.device)?;
+    eprintln!("device: {selected}");
+    let device = selected.device();
+    let encoder = match args.arch {
+        Some(arch) => ResNetConfig::from_arch(arch).init_from_torchvision(&args.weights, device)?,
+        None => ResNet::from_torchvision(&args.weights, device)?,
+    };
+    eprintln!("encoder: {} features", encoder.feature_dim());
+
+    let images = msad::npy::read_f32(&args.input)?;
+    if images.ndim() != 4 || images.shape()[1] != 3 {
+        return Err(msad::Error::InvalidShape {
+            what: format!("{}", args.input.display()),
+            expected: "(N, 3, H, W)".into(),
+            found: images.shape().to_vec(),
+        });
+    }
+    if args.batch == 0 {
+        return Err(msad::Error::InvalidArgument {
+            what: "--batch".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    let n = images.shape()[0];
+    let bar = ProgressBar::new(n as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images {per_sec} eta {eta}")
+            .expect("a valid template"),
+    );
+    let mut parts = Vec::new();
+    for chunk in images.axis_chunks_iter(Axis(0), args.batch) {
+        let x = msad::host::tensor_from_array::<4>(chunk.to_owned(), device)?;
+        let phi = msad::host::array_from_tensor(encoder.try_embed(x)?)?;
+        bar.inc(chunk.shape()[0] as u64);
+        parts.push(phi);
+    }
+    bar.finish();
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    let features = concatenate(Axis(0), &views).map_err(|e| msad::Error::Backend(e.to_string()))?;
+    msad::npy::write_f32(&args.output, &features)?;
+    eprintln!(
+        "wrote {} ({} x {})",
+        args.output.display(),
+        features.shape()[0],
+        features.shape()[1]
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Writes the reference fixtures msad's tests compare against.
+
+Everything here comes from PyTorch, torchvision, scikit-learn and PIL from PyPI; nothing is
+downloaded besides those packages, and every file written is small (the whole set is a few MB).
+
+    python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt
+    .venv/bin/python scripts/make_fixtures.py            # all sections
+    .venv/bin/python scripts/make_fixtures.py encoder    # one section
+
+Outputs go to tests/fixtures/<section>/. The values depend on the seeds below only, so running
+the script again rewrites the same numbers (up to PyTorch version differences in the last ulp).
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def save_npy(path: Path, array) -> None:
+    array = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+    np.save(path, array)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder: torchvision-layout ResNets with reduced widths, their checkpoints and outputs.
+# --------------------------------------------------------------------------------------------
+
+
+class NarrowResNet(ResNet):
+    """torchvision's ResNet with configurable stem and stage widths.
+
+    Same modules, same key names, same forward (`ResNet._forward_impl`); only the widths that
+    torchvision hard-codes (64 / 64, 128, 256, 512) are parameters, so checkpoints stay small.
+    """
+
+    def __init__(self, block, layers, stem, widths, num_classes=10):
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes = stem
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+# name -> (block, layers, stem width, stage widths)
+NARROW_NETS = {
+    "narrow18": (BasicBlock, [2, 2, 2, 2], 8, [4, 8, 16, 32]),
+    "narrow50": (Bottleneck, [3, 4, 6, 3], 8, [4, 8, 16, 32]),
+    "narrow152": (Bottleneck, [3, 8, 36, 3], 4, [2, 4, 8, 16]),
+}
+
+
+def calibrate(model: nn.Module, generator: torch.Generator) -> None:
+    """Gives every BatchNorm realistic running statistics and non-trivial affine parameters,
+    so that eval-mode BatchNorm is really exercised by the parity tests.
+
+    The last BatchNorm of each residual branch gets a small scale, as in trained ResNets: with
+    unit scales a random 50-block net amplifies float32 rounding to 1e-3 (torch's own float32
+    output then differs from its float64 output by that much), which would hide real errors.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average over the calibration batches
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0.0, 0.1, generator=generator)
+        for m in model.modules():
+            last = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+            if last is not None:
+                last.weight.uniform_(0.1, 0.3, generator=generator)
+        model.train()
+        for _ in range(4):
+            model(torch.randn(8, 3, 48, 48, generator=generator))
+        model.eval()
+
+
+def make_encoder() -> None:
+    out = FIXTURES / "encoder"
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(20230207)
+    torch.manual_seed(20230207)
+    # Odd, non-square images exercise padding, strides and the pooling.
+    x = torch.randn(3, 3, 37, 45, generator=generator)
+    save_npy(out / "input.npy", x)
+    meta = {"input": list(x.shape), "nets": {}}
+    for name, (block, layers, stem, widths) in NARROW_NETS.items():
+        model = NarrowResNet(block, layers, stem, widths)
+        calibrate(model, generator)
+        state = model.state_dict()
+        torch.save(state, out / f"{name}.pth")
+        with torch.no_grad():
+            # The reference values are computed in float64: the truth float32 implementations
+            # (torchvision's and msad's) are both measured against.
+            model.fc = nn.Identity()
+            features = model.double()(x.double())
+            embed = F.normalize(features, dim=1)
+        save_npy(out / f"{name}_features.npy", features)
+        save_npy(out / f"{name}_embed.npy", embed)
+        meta["nets"][name] = {
+            "block": block.__name__,
+            "layers": layers,
+            "stem_width": stem,
+            "widths": widths,
+            "feature_dim": features.shape[1],
+        }
+        if name == "narrow18":
+            tensors = {k: v.contiguous() for k, v in state.items()}
+            save_file(tensors, str(out / f"{name}.safetensors"))
+            torch.save(state, out / f"{name}_legacy.pth", _use_new_zipfile_serialization=False)
+            # Broken variants for the error-path tests.
+            missing = {k: v for k, v in tensors.items() if k != "layer2.0.downsample.1.running_var"}
+            save_file(missing, str(out / f"{name}_missing_key.safetensors"))
+            wrong = dict(tensors)
+            wrong["layer1.1.conv2.weight"] = torch.zeros(4, 4, 1, 1)
+            save_file(wrong, str(out / f"{name}_wrong_shape.safetensors"))
+            extra = dict(tensors)
+            extra["layer2.1.conv1.bias"] = torch.zeros(8)
+            save_file(extra, str(out / f"{name}_extra_key.safetensors"))
+            half = {k: (v.half() if v.is_floating_point() else v) for k, v in tensors.items()}
+            save_file(half, str(out / f"{name}_f16.safetensors"))
+
+    # The full-size torchvision layouts, keys and shapes only (no weights), to check that
+    # msad's layouts are torchvision's exactly.
+    layouts = {}
+    for arch in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]:
+        model = getattr(torchvision.models, arch)(weights=None)
+        layouts[arch] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    (out / "torchvision_layouts.json").write_text(json.dumps(layouts, indent=0, sort_keys=True))
+    meta["torch"] = torch.__version__
+    meta["torchvision"] = torchvision.__version__
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    print(f"encoder fixtures written to {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loss: the reference MSC loss (the authors' `contrastive_loss`, exp then log) in float64
+# autograd, on inputs both sides generate bit-identically from a seed (tests/common/mod.rs has
+# the same generator), so that only the outputs are stored.
+# --------------------------------------------------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix_uniform(seed: int, count: int) -> list:
+    """`count` floats uniform in [-1, 1) from SplitMix64, as tests/common/mod.rs computes them."""
+    state = seed & MASK64
+    out = []
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        z ^= z >> 31
+        out.append((z >> 11) * (2.0 ** -53) * 2.0 - 1.0)
+    return out
+
+
+def unit_f32(row: list) -> list:
+    """Row / its norm, summed sequentially in float64, then rounded to float32."""
+    total = 0.0
+    for v in row:
+        total += v * v
+    norm = total ** 0.5
+    return [float(np.float32(v / norm)) for v in row]
+
+
+def loss_case_inputs(b: int, d: int, seed: int, angular: bool):
+    values = splitmix_uniform(seed, d * (2 * b + 1))
+    base = values[:d]
+    rows = [values[d * (1 + i): d * (2 + i)] for i in range(2 * b)]
+    phi = [unit_f32([2.0 * x + y for x, y in zip(base, r)]) for r in rows]
+    center = [0.0] * d
+    for r in phi:
+        for j, v in enumerate(r):
+            center[j] += v
+    center = [v / (2 * b) for v in center]
+    center = unit_f32(center) if angular else [float(np.float32(v)) for v in center]
+    return np.array(phi[:b], np.float32), np.array(phi[b:], np.float32), np.array(center, np.float32)
+
+
+def reference_msc_loss(out_1, out_2, center, temperature, angular):
+    """The authors' code: shift, `contrastive_loss` (exp, masked_select, log), angular term."""
+    out_1 = out_1 - center
+    out_2 = out_2 - center
+    z1 = F.normalize(out_1, dim=-1)
+    z2 = F.normalize(out_2, dim=-1)
+    bs = z1.size(0)
+    out = torch.cat([z1, z2], dim=0)
+    sim_matrix = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
+    mask = (torch.ones_like(sim_matrix) - torch.eye(2 * bs, dtype=sim_matrix.dtype)).bool()
+    sim_matrix = sim_matrix.masked_select(mask).view(2 * bs, -1)
+    pos_sim = torch.exp(torch.sum(z1 * z2, dim=-1) / temperature)
+    pos_sim = torch.cat([pos_sim, pos_sim], dim=0)
+    loss = (-torch.log(pos_sim / sim_matrix.sum(dim=-1))).mean()
+    if angular:
+        loss = loss + ((out_1 ** 2).sum(dim=1).mean() + (out_2 ** 2).sum(dim=1).mean())
+    return loss
+
+
+LOSS_CASES = [(b, d) for b in (2, 7, 64) for d in (3, 512, 2048)]
+
+
+def make_loss() -> None:
+    out = FIXTURES / "loss"
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for b, d in LOSS_CASES:
+        for angular in (False, True):
+            seed = 1000 * b + d + (1 if angular else 0)
+            phi1, phi2, center = loss_case_inputs(b, d, seed, angular)
+            x1 = torch.tensor(phi1, dtype=torch.float64, requires_grad=True)
+            x2 = torch.tensor(phi2, dtype=torch.float64, requires_grad=True)
+            c = torch.tensor(center, dtype=torch.float64)
+            loss = reference_msc_loss(x1, x2, c, 0.25, angular)
+            loss.backward()
+            name = f"b{b}_d{d}_{'angular' if angular else 'plain'}"
+            save_npy(out / f"{name}_grad1.npy", x1.grad)
+            save_npy(out / f"{name}_grad2.npy", x2.grad)
+            index.append({
+                "name": name, "b": b, "d": d, "seed": seed, "angular": angular,
+                "temperature": 0.25, "loss": loss.item(),
+                "center_head": [float(v) for v in center[:4]],
+                "phi1_head": [float(v) for v in phi1[0, :4]],
+            })
+    (out / "cases.json").write_text(json.dumps(index, indent=1) + "\n")
+    print(f"loss fixtures written to {out}")
+
+
+SECTIONS = {
+    "encoder": make_encoder,
+    "loss": make_loss,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
+    args = parser.parse_args()
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for name in args.sections or SECTIONS:
+        SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

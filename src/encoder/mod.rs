@@ -1,0 +1,424 @@
+//! The backbone: torchvision's ResNet-18/34/50/101/152 without `fc`.
+//!
+//! [`ResNet::forward`] returns the globally average-pooled features (B × 512 for the basic-block
+//! nets, B × 2048 for the bottleneck nets); [`ResNet::embed`] returns them L2-normalised as
+//! `F.normalize` does (eps 1e-12): the φ(x) of the paper. BatchNorm always normalises with its
+//! running statistics, also on an autodiff device, as the reference keeps the model in eval mode.
+//!
+//! Weights come from torchvision checkpoints ([`ResNet::from_torchvision`], [`weights`]); which
+//! parameters train is set by a [`FreezePolicy`].
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use msad::encoder::{Arch, ResNetConfig};
+//!
+//! let device = Device::flex();
+//! // torchvision's resnet18 layout with reduced widths (a small, fast net for the example).
+//! let config = ResNetConfig::from_arch(Arch::Resnet18).with_stem_width(8).with_widths([8, 8, 16, 16]);
+//! let encoder = config.init(&device);
+//! let images = Tensor::<4>::zeros([2, 3, 32, 32], &device);
+//! let phi = encoder.embed(images);
+//! assert_eq!(phi.dims(), [2, 16]);
+//! ```
+
+mod block;
+mod freeze;
+pub mod weights;
+
+pub use block::{BasicBlock, BlockKind, Bottleneck, Downsample, ResidualBlock};
+pub use freeze::{FreezePolicy, Stage};
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::BatchNorm;
+use burn::nn::conv::Conv2d;
+use burn::tensor::activation::relu;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::ops::MaxPoolOptions;
+use burn::tensor::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// The torchvision ResNets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Arch {
+    /// `resnet18`: basic blocks 2-2-2-2, 512 features.
+    Resnet18,
+    /// `resnet34`: basic blocks 3-4-6-3, 512 features.
+    Resnet34,
+    /// `resnet50`: bottlenecks 3-4-6-3, 2048 features.
+    Resnet50,
+    /// `resnet101`: bottlenecks 3-4-23-3, 2048 features.
+    Resnet101,
+    /// `resnet152`: bottlenecks 3-8-36-3, 2048 features.
+    Resnet152,
+}
+
+impl Arch {
+    /// All five, smallest first.
+    pub const ALL: [Arch; 5] = [
+        Arch::Resnet18,
+        Arch::Resnet34,
+        Arch::Resnet50,
+        Arch::Resnet101,
+        Arch::Resnet152,
+    ];
+
+    /// torchvision's name (`resnet18`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Resnet34 => "resnet34",
+            Arch::Resnet50 => "resnet50",
+            Arch::Resnet101 => "resnet101",
+            Arch::Resnet152 => "resnet152",
+        }
+    }
+
+    /// The block design.
+    pub fn block(self) -> BlockKind {
+        match self {
+            Arch::Resnet18 | Arch::Resnet34 => BlockKind::Basic,
+            _ => BlockKind::Bottleneck,
+        }
+    }
+
+    /// Blocks per stage.
+    pub fn layers(self) -> [usize; 4] {
+        match self {
+            Arch::Resnet18 => [2, 2, 2, 2],
+            Arch::Resnet34 | Arch::Resnet50 => [3, 4, 6, 3],
+            Arch::Resnet101 => [3, 4, 23, 3],
+            Arch::Resnet152 => [3, 8, 36, 3],
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Arch {
+    type Err = Error;
+
+    /// Parses `resnet18` ... `resnet152` (case-insensitive, `resnet-18` accepted).
+    fn from_str(s: &str) -> Result<Self> {
+        let norm: String = s
+            .trim()
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect();
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == norm)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "architecture",
+                    format!("`{s}`; expected resnet18, resnet34, resnet50, resnet101 or resnet152"),
+                )
+            })
+    }
+}
+
+/// The layout of a torchvision-style ResNet.
+///
+/// The presets ([`ResNetConfig::from_arch`]) are torchvision's; the widths are configurable so
+/// that small test nets keep the same key names and structure.
+#[derive(Config, Debug, PartialEq)]
+pub struct ResNetConfig {
+    /// Block design.
+    pub block: BlockKind,
+    /// Number of blocks in `layer1` .. `layer4`.
+    pub layers: [usize; 4],
+    /// Output channels of the stem conv (`conv1`). Default: 64 (torchvision).
+    #[config(default = 64)]
+    pub stem_width: usize,
+    /// `planes` of each stage; a stage outputs `planes * expansion` channels.
+    /// Default: `[64, 128, 256, 512]` (torchvision).
+    #[config(default = "[64, 128, 256, 512]")]
+    pub widths: [usize; 4],
+}
+
+impl ResNetConfig {
+    /// torchvision's layout for `arch`.
+    ///
+    /// ```
+    /// use msad::encoder::{Arch, ResNetConfig};
+    /// assert_eq!(ResNetConfig::from_arch(Arch::Resnet50).feature_dim(), 2048);
+    /// ```
+    pub fn from_arch(arch: Arch) -> Self {
+        Self::new(arch.block(), arch.layers())
+    }
+
+    /// The torchvision architecture this config is, if it is one (widths included).
+    pub fn arch(&self) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| Self::from_arch(*a) == *self)
+    }
+
+    /// Length of the feature vector: `widths[3] * expansion`.
+    pub fn feature_dim(&self) -> usize {
+        self.widths[3] * self.block.expansion()
+    }
+
+    /// Checks that every width and block count is non-zero.
+    pub fn validate(&self) -> Result<()> {
+        if self.stem_width == 0 || self.widths.contains(&0) {
+            return Err(Error::invalid(
+                "ResNetConfig",
+                format!(
+                    "widths must be non-zero (stem {}, stages {:?})",
+                    self.stem_width, self.widths
+                ),
+            ));
+        }
+        if self.layers.contains(&0) {
+            return Err(Error::invalid(
+                "ResNetConfig",
+                format!("every stage needs a block (layers {:?})", self.layers),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds the network with torchvision's initialisation (Kaiming-normal convs, BatchNorm 1/0).
+    ///
+    /// # Panics
+    /// On a zero width or block count; use [`ResNetConfig::try_init`] for user-supplied configs.
+    pub fn init(&self, device: &Device) -> ResNet {
+        self.try_init(device).expect("invalid ResNetConfig")
+    }
+
+    /// [`ResNetConfig::init`] that returns an error on an invalid config.
+    pub fn try_init(&self, device: &Device) -> Result<ResNet> {
+        self.validate()?;
+        let expansion = self.block.expansion();
+        let mut in_channels = self.stem_width;
+        let mut stages = Vec::with_capacity(4);
+        for (i, (&blocks, &planes)) in self.layers.iter().zip(&self.widths).enumerate() {
+            let stride = if i == 0 { 1 } else { 2 };
+            let stage: Vec<ResidualBlock> = (0..blocks)
+                .map(|b| {
+                    let block = ResidualBlock::new(
+                        self.block,
+                        in_channels,
+                        planes,
+                        if b == 0 { stride } else { 1 },
+                        device,
+                    );
+                    in_channels = planes * expansion;
+                    block
+                })
+                .collect();
+            stages.push(stage);
+        }
+        let [layer1, layer2, layer3, layer4]: [Vec<ResidualBlock>; 4] =
+            stages.try_into().expect("four stages");
+        Ok(ResNet {
+            conv1: block::conv(3, self.stem_width, 7, 2, device),
+            bn1: block::batch_norm(self.stem_width, device),
+            layer1,
+            layer2,
+            layer3,
+            layer4,
+            feature_dim: self.feature_dim(),
+        })
+    }
+
+    /// Every tensor of a torchvision `state_dict` for this layout, with its shape, in
+    /// torchvision's key names (`fc.*` and `num_batches_tracked` excluded).
+    ///
+    /// ```
+    /// use msad::encoder::{Arch, ResNetConfig};
+    /// let keys = ResNetConfig::from_arch(Arch::Resnet18).torchvision_keys();
+    /// assert!(keys.iter().any(|(k, s)| k == "layer2.0.downsample.0.weight" && s == &[128, 64, 1, 1]));
+    /// ```
+    pub fn torchvision_keys(&self) -> Vec<(String, Vec<usize>)> {
+        let mut keys = Vec::new();
+        let bn = |keys: &mut Vec<(String, Vec<usize>)>, prefix: &str, c: usize| {
+            for name in ["weight", "bias", "running_mean", "running_var"] {
+                keys.push((format!("{prefix}.{name}"), vec![c]));
+            }
+        };
+        keys.push(("conv1.weight".into(), vec![self.stem_width, 3, 7, 7]));
+        bn(&mut keys, "bn1", self.stem_width);
+        let expansion = self.block.expansion();
+        let mut in_channels = self.stem_width;
+        for (i, (&blocks, &planes)) in self.layers.iter().zip(&self.widths).enumerate() {
+            let out = planes * expansion;
+            for b in 0..blocks {
+                let p = format!("layer{}.{b}", i + 1);
+                let stride = if i > 0 && b == 0 { 2 } else { 1 };
+                match self.block {
+                    BlockKind::Basic => {
+                        keys.push((format!("{p}.conv1.weight"), vec![planes, in_channels, 3, 3]));
+                        bn(&mut keys, &format!("{p}.bn1"), planes);
+                        keys.push((format!("{p}.conv2.weight"), vec![planes, planes, 3, 3]));
+                        bn(&mut keys, &format!("{p}.bn2"), planes);
+                    }
+                    BlockKind::Bottleneck => {
+                        keys.push((format!("{p}.conv1.weight"), vec![planes, in_channels, 1, 1]));
+                        bn(&mut keys, &format!("{p}.bn1"), planes);
+                        keys.push((format!("{p}.conv2.weight"), vec![planes, planes, 3, 3]));
+                        bn(&mut keys, &format!("{p}.bn2"), planes);
+                        keys.push((format!("{p}.conv3.weight"), vec![out, planes, 1, 1]));
+                        bn(&mut keys, &format!("{p}.bn3"), out);
+                    }
+                }
+                if stride != 1 || in_channels != out {
+                    keys.push((
+                        format!("{p}.downsample.0.weight"),
+                        vec![out, in_channels, 1, 1],
+                    ));
+                    bn(&mut keys, &format!("{p}.downsample.1"), out);
+                }
+                in_channels = out;
+            }
+        }
+        keys
+    }
+}
+
+/// torchvision's ResNet with `fc` removed: stem, four stages, global average pooling.
+#[derive(Module, Debug)]
+pub struct ResNet {
+    /// 7x7 stride-2 stem conv.
+    pub conv1: Conv2d,
+    /// Stem BatchNorm.
+    pub bn1: BatchNorm,
+    /// Stage 1 (stride 1).
+    pub layer1: Vec<ResidualBlock>,
+    /// Stage 2 (stride 2).
+    pub layer2: Vec<ResidualBlock>,
+    /// Stage 3 (stride 2).
+    pub layer3: Vec<ResidualBlock>,
+    /// Stage 4 (stride 2).
+    pub layer4: Vec<ResidualBlock>,
+    feature_dim: usize,
+}
+
+impl ResNet {
+    /// Pooled features, B × [`ResNet::feature_dim`], from images B × 3 × H × W (normalised
+    /// with the ImageNet mean and std). Any H, W ≥ 1 works; torchvision's nets expect ≥ 32.
+    ///
+    /// # Panics
+    /// If `images` does not have 3 channels; use [`ResNet::try_forward`] for unchecked input.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = self.conv1.forward(images);
+        let x = relu(block::batch_norm_eval(&self.bn1, x));
+        let x = max_pool2d(
+            x,
+            MaxPoolOptions::new([3, 3])
+                .with_stride([2, 2])
+                .with_padding([1, 1]),
+        );
+        let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .into_iter()
+            .flatten()
+            .fold(x, |x, block| block.forward(x));
+        let [b, c, _, _] = x.dims();
+        // Adaptive average pooling to 1x1, then flatten.
+        x.mean_dim(3).mean_dim(2).reshape([b, c])
+    }
+
+    /// [`ResNet::forward`] after checking the input is B × 3 × H × W with B, H, W ≥ 1.
+    pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        check_images(&images)?;
+        Ok(self.forward(images))
+    }
+
+    /// φ(x): the pooled features divided by `max(‖·‖₂, 1e-12)` (`F.normalize`).
+    pub fn embed(&self, images: Tensor<4>) -> Tensor<2> {
+        l2_normalize(self.forward(images))
+    }
+
+    /// [`ResNet::embed`] after checking the input shape.
+    pub fn try_embed(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        check_images(&images)?;
+        Ok(self.embed(images))
+    }
+
+    /// Length of the feature vector (512 or 2048 for torchvision's nets).
+    pub fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+}
+
+/// Rows divided by `max(‖row‖₂, 1e-12)`, as PyTorch's `F.normalize(x, dim=1)`.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// let x = Tensor::<2>::from_floats([[3.0, 4.0], [0.0, 0.0]], &Device::flex());
+/// let y = msad::encoder::l2_normalize(x).into_data().try_into_vec_as::<f32>().unwrap();
+/// assert_eq!(y, vec![0.6, 0.8, 0.0, 0.0]);
+/// ```
+pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+fn check_images(images: &Tensor<4>) -> Result<()> {
+    let dims = images.dims();
+    if dims[1] != 3 || dims[0] == 0 || dims[2] == 0 || dims[3] == 0 {
+        return Err(Error::InvalidShape {
+            what: "images".into(),
+            expected: "[B, 3, H, W] with B, H, W ≥ 1".into(),
+            found: dims.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_names_round_trip() {
+        for arch in Arch::ALL {
+            assert_eq!(arch.name().parse::<Arch>().unwrap(), arch);
+            assert_eq!(ResNetConfig::from_arch(arch).arch(), Some(arch));
+        }
+        assert_eq!("ResNet-152".parse::<Arch>().unwrap(), Arch::Resnet152);
+        assert!("resnet19".parse::<Arch>().is_err());
+    }
+
+    #[test]
+    fn feature_dims_match_torchvision() {
+        let dims: Vec<usize> = Arch::ALL
+            .iter()
+            .map(|a| ResNetConfig::from_arch(*a).feature_dim())
+            .collect();
+        assert_eq!(dims, [512, 512, 2048, 2048, 2048]);
+    }
+
+    #[test]
+    fn torchvision_key_counts_match_the_official_state_dicts() {
+        // len(torchvision.models.resnetXX().state_dict()) minus fc (2) and one
+        // num_batches_tracked per BatchNorm.
+        let expected = [
+            (Arch::Resnet18, 122 - 2 - 20),
+            (Arch::Resnet50, 320 - 2 - 53),
+            (Arch::Resnet152, 932 - 2 - 155),
+        ];
+        for (arch, n) in expected {
+            assert_eq!(
+                ResNetConfig::from_arch(arch).torchvision_keys().len(),
+                n,
+                "{arch}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_widths_are_rejected() {
+        let config = ResNetConfig::from_arch(Arch::Resnet18).with_widths([8, 0, 8, 8]);
+        let err = config.try_init(&Device::flex()).unwrap_err();
+        assert!(err.to_string().contains("widths"), "{err}");
+    }
+}

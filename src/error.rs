@@ -1,0 +1,153 @@
+//! The crate's error type.
+//!
+//! Every fallible public function returns [`Result`]. Library code never panics on user input:
+//! a bad file, a wrong shape or an unknown name comes back as an [`Error`] that names what was
+//! wrong (the file, the checkpoint key, the shapes, the index).
+
+use std::path::PathBuf;
+
+/// Shorthand for `std::result::Result<T, msad::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `msad`.
+///
+/// The enum is `#[non_exhaustive]`: match the variants you handle and keep a catch-all arm.
+///
+/// ```
+/// use msad::Error;
+///
+/// let err = Error::ShapeMismatch {
+///     path: "resnet18.pth".into(),
+///     key: "layer1.0.conv1.weight".into(),
+///     expected: vec![64, 64, 3, 3],
+///     found: vec![64, 64, 1, 1],
+/// };
+/// assert!(err.to_string().contains("layer1.0.conv1.weight"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error on a named file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file that is not a readable checkpoint (truncated, corrupt, or another format).
+    #[error("{}: not a readable checkpoint: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What the reader reported.
+        reason: String,
+    },
+
+    /// A tensor the model needs is absent from the checkpoint.
+    #[error("{}: missing key `{key}` (expected shape {expected:?})", path.display())]
+    MissingKey {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The torchvision key, e.g. `layer2.0.downsample.1.running_var`.
+        key: String,
+        /// The shape the model expects for it.
+        expected: Vec<usize>,
+    },
+
+    /// The checkpoint holds a tensor the model has no place for (`fc.*` and
+    /// `*.num_batches_tracked` are always ignored and never reported).
+    #[error("{}: unexpected key `{key}` with shape {found:?}", path.display())]
+    UnexpectedKey {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The torchvision key.
+        key: String,
+        /// Its shape in the checkpoint.
+        found: Vec<usize>,
+    },
+
+    /// A checkpoint tensor whose shape differs from the model's.
+    #[error("{}: key `{key}` has shape {found:?}, the model expects {expected:?}", path.display())]
+    ShapeMismatch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The torchvision key.
+        key: String,
+        /// The shape the model expects.
+        expected: Vec<usize>,
+        /// The shape found in the checkpoint.
+        found: Vec<usize>,
+    },
+
+    /// The ResNet layout could not be inferred from a checkpoint's keys.
+    #[error("{}: cannot infer the ResNet architecture: {reason}", path.display())]
+    UnknownArchitecture {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+
+    /// A tensor argument with the wrong shape.
+    #[error("{what}: expected shape {expected}, found {found:?}")]
+    InvalidShape {
+        /// Which argument.
+        what: String,
+        /// The expected shape, in words (`[N, 3, H, W]`).
+        expected: String,
+        /// The shape received.
+        found: Vec<usize>,
+    },
+
+    /// An invalid configuration value or argument.
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// Which value.
+        what: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A requested device or backend is not available.
+    #[error("device `{name}` is not available: {reason}")]
+    DeviceUnavailable {
+        /// The device name asked for (`wgpu`, `flex`, ...).
+        name: String,
+        /// Why not.
+        reason: String,
+    },
+
+    /// A `.npy` file that could not be read or written.
+    #[error("{}: {reason}", path.display())]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A failure inside the compute backend (device lost, execution error).
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::InvalidArgument`].
+    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Exact kNN on host memory: tiled sgemm (the `gemm` crate) with the top-k selection fused
+//! into the tile loop, spread over rayon threads.
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+use super::DEFAULT_TILE_BYTES;
+use crate::{Error, Result};
+
+/// The k nearest bank rows of every query, by squared L2 distance, for features held in host
+/// memory. Same semantics as [`KnnScorer`](super::KnnScorer), which runs on any device.
+///
+/// Distances are computed as ‖q‖² + ‖b‖² − 2 q·b in tiles (one sgemm per tile, as faiss's
+/// `IndexFlatL2`), the k smallest kept per query without sorting whole rows, and the distances
+/// of the k winners recomputed exactly as Σ (q − b)² in f64 before they are returned. Memory
+/// beyond the bank and the output is bounded by the tile budget.
+///
+/// ```
+/// use ndarray::array;
+/// use msad::knn::HostKnnScorer;
+///
+/// # fn main() -> msad::Result<()> {
+/// let bank = array![[0.0f32, 0.0], [1.0, 0.0], [0.0, 2.0]];
+/// let knn = HostKnnScorer::new(bank.view(), 2)?;
+/// let scores = knn.score(array![[0.0f32, 0.5]].view())?;
+/// assert_eq!(scores, vec![0.25 + 1.25]); // (0,0) at 0.25, (1,0) at 1.25
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct HostKnnScorer {
+    bank: Vec<f32>,
+    bank_sq: Vec<f32>,
+    n: usize,
+    d: usize,
+    k: usize,
+    tile_bytes: usize,
+}
+
+impl HostKnnScorer {
+    /// A scorer over `bank` (N × D) returning the `k` nearest rows. Errors: an empty bank,
+    /// D = 0, k = 0 or k > N, a non-finite value (naming its row and column).
+    pub fn new(bank: ArrayView2<'_, f32>, k: usize) -> Result<Self> {
+        let (n, d) = bank.dim();
+        check_bank(n, d, k)?;
+        let bank: Vec<f32> = bank.iter().copied().collect();
+        check_finite("bank", &bank, d)?;
+        Ok(Self::from_checked(bank, n, d, k))
+    }
+
+    /// [`HostKnnScorer::new`] from a row-major slice of `n` rows.
+    pub fn from_slice(bank: &[f32], n: usize, k: usize) -> Result<Self> {
+        if n == 0 || bank.len() % n != 0 {
+            return Err(Error::InvalidShape {
+                what: "bank".into(),
+                expected: format!("{n} rows of equal length"),
+                found: vec![bank.len()],
+            });
+        }
+        let d = bank.len() / n;
+        check_bank(n, d, k)?;
+        check_finite("bank", bank, d)?;
+        Ok(Self::from_checked(bank.to_vec(), n, d, k))
+    }
+
+    pub(crate) fn from_checked(bank: Vec<f32>, n: usize, d: usize, k: usize) -> Self {
+        let bank_sq = bank.chunks_exact(d).map(dot_self).collect();
+        Self {
+            bank,
+            bank_sq,
+            n,
+            d,
+            k,
+            tile_bytes: DEFAULT_TILE_BYTES,
+        }
+    }
+
+    /// Caps the memory of the distance tiles in flight (all threads together), in bytes.
+    /// Default [`DEFAULT_TILE_BYTES`]. At least one bank row per query tile is always used.
+    pub fn with_tile_bytes(mut self, bytes: usize) -> Self {
+        self.tile_bytes = bytes.max(4);
+        self
+    }
+
+    /// Neighbours per query.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bank rows N.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the bank is empty (never: [`HostKnnScorer::new`] refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Feature dimension D.
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// The bank, row-major N × D.
+    pub fn bank(&self) -> &[f32] {
+        &self.bank
+    }
+
+    /// Sum of the squared distances to the k nearest bank rows, per query row.
+    pub fn score(&self, queries: ArrayView2<'_, f32>) -> Result<Vec<f32>> {
+        let (dist, _) = self.neighbours(queries)?;
+        Ok(dist.rows().into_iter().map(|r| r.sum()).collect())
+    }
+
+    /// The k nearest bank rows per query, nearest first: (Q × k squared distances,
+    /// Q × k bank indices). Equal distances are ordered by index.
+    pub fn neighbours(&self, queries: ArrayView2<'_, f32>) -> Result<(Array2<f32>, Array2<usize>)> {
+        let (q, d) = queries.dim();
+        if d != self.d {
+            return Err(Error::InvalidShape {
+                what: "queries".into(),
+                expected: format!("[Q, {}] (the bank's feature dimension)", self.d),
+                found: vec![q, d],
+            });
+        }
+        let queries: Vec<f32> = queries.iter().copied().collect();
+        check_finite("queries", &queries, d)?;
+        let found = self.search(&queries, q);
+        let mut dist = Array2::zeros((q, self.k));
+        let mut idx = Array2::zeros((q, self.k));
+        for (row, list) in found.into_iter().enumerate() {
+            for (j, (dd, ii)) in list.into_iter().enumerate() {
+                dist[[row, j]] = dd;
+                idx[[row, j]] = ii;
+            }
+        }
+        Ok((dist, idx))
+    }
+
+    /// Per query: the k nearest (exact distance, index), nearest first.
+    pub(crate) fn search(&self, queries: &[f32], q: usize) -> Vec<Vec<(f32, usize)>> {
+        if q == 0 {
+            return Vec::new();
+        }
+        let d = self.d;
+        let threads = rayon::current_num_threads().max(1);
+        let elems = (self.tile_bytes / 4).max(1);
+        let qt = q.min(256);
+        let q_tiles = q.div_ceil(qt);
+        let mut nt = self.n.min((elems / threads / qt).max(1));
+        if q_tiles < threads {
+            // Few queries (single-query latency): split the bank across threads instead.
+            let per_query_tile = threads.div_ceil(q_tiles);
+            nt = nt.min(self.n.div_ceil(per_query_tile)).max(1);
+        }
+        let b_tiles = self.n.div_ceil(nt);
+        let q_sq: Vec<f32> = queries.chunks_exact(d).map(dot_self).collect();
+
+        let partial: Vec<(usize, Vec<TopK>)> = (0..q_tiles * b_tiles)
+            .into_par_iter()
+            .map(|item| {
+                let (qi, bi) = (item / b_tiles, item % b_tiles);
+                let (q0, q1) = (qi * qt, ((qi + 1) * qt).min(q));
+                let (b0, b1) = (bi * nt, ((bi + 1) * nt).min(self.n));
+                let (m, n) = (q1 - q0, b1 - b0);
+                let mut dots = vec![0.0f32; m * n];
+                // dots (m × n, row-major) = Q[q0..q1] · B[b0..b1]ᵀ
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        d,
+                        dots.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        queries[q0 * d..].as_ptr(),
+                        1,
+                        d as isize,
+                        self.bank[b0 * d..].as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let lists = (0..m)
+                    .map(|r| {
+                        let mut top = TopK::new(self.k);
+                        let qs = q_sq[q0 + r];
+                        for (c, dot) in dots[r * n..(r + 1) * n].iter().enumerate() {
+                            let dist = (qs + self.bank_sq[b0 + c] - 2.0 * dot).max(0.0);
+                            top.push(dist, b0 + c);
+                        }
+                        top
+                    })
+                    .collect();
+                (qi, lists)
+            })
+            .collect();
+
+        let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
+        for (qi, lists) in partial {
+            for (r, list) in lists.into_iter().enumerate() {
+                let target = &mut merged[qi * qt + r];
+                for (dist, i) in list.items {
+                    target.push(dist, i);
+                }
+            }
+        }
+        merged
+            .into_par_iter()
+            .enumerate()
+            .map(|(row, top)| {
+                let query = &queries[row * d..(row + 1) * d];
+                let mut exact: Vec<(f32, usize)> = top
+                    .items
+                    .into_iter()
+                    .map(|(_, i)| (self.exact_distance(query, i), i))
+                    .collect();
+                exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                exact
+            })
+            .collect()
+    }
+
+    fn exact_distance(&self, query: &[f32], row: usize) -> f32 {
+        let b = &self.bank[row * self.d..(row + 1) * self.d];
+        query
+            .iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let t = *x as f64 - *y as f64;
+                t * t
+            })
+            .sum::<f64>() as f32
+    }
+}
+
+fn dot_self(row: &[f32]) -> f32 {
+    row.iter().map(|v| v * v).sum()
+}
+
+pub(crate) fn check_bank(n: usize, d: usize, k: usize) -> Result<()> {
+    if n == 0 || d == 0 {
+        return Err(Error::InvalidShape {
+            what: "bank".into(),
+            expected: "[N, D] with N ≥ 1 and D ≥ 1".into(),
+            found: vec![n, d],
+        });
+    }
+    if k == 0 || k > n {
+        return Err(Error::invalid(
+            "k",
+            format!("{k}; must be between 1 and the bank size {n}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_finite(what: &str, values: &[f32], d: usize) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            what,
+            format!(
+                "non-finite value {} at row {}, column {}",
+                values[i],
+                i / d,
+                i % d
+            ),
+        )),
+    }
+}
+
+/// The k smallest (distance, index) pairs seen, ascending, ties by index.
+struct TopK {
+    k: usize,
+    items: Vec<(f32, usize)>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            items: Vec::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, dist: f32, index: usize) {
+        let worse = |a: &(f32, usize), b: &(f32, usize)| a.0 > b.0 || (a.0 == b.0 && a.1 > b.1);
+        if self.items.len() == self.k {
+            let last = self.items[self.k - 1];
+            if !worse(&last, &(dist, index)) {
+                return;
+            }
+            self.items.pop();
+        }
+        let pos = self
+            .items
+            .partition_point(|item| !worse(item, &(dist, index)));
+        self.items.insert(pos, (dist, index));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_keeps_the_smallest_in_order() {
+        let mut top = TopK::new(3);
+        for (i, d) in [5.0, 1.0, 4.0, 1.0, 3.0, 0.5].into_iter().enumerate() {
+            top.push(d, i);
+        }
+        assert_eq!(top.items, vec![(0.5, 5), (1.0, 1), (1.0, 3)]);
+    }
+}

@@ -1,0 +1,49 @@
+//! # msad — Mean-Shifted Contrastive anomaly detection on burn
+//!
+//! Image anomaly detection with the Mean-Shifted Contrastive loss of Reiss & Hoshen,
+//! *Mean-Shifted Contrastive Loss for Anomaly Detection* (AAAI 2023, arXiv 2106.03844), in
+//! pure Rust on [burn](https://burn.dev): an ImageNet-pretrained ResNet whose L2-normalised
+//! features are fine-tuned on normal images, and a kNN score against the normal features.
+//!
+//! The backend is chosen at run time ([`device::select`]): wgpu on GPUs, flex or ndarray on
+//! CPUs.
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use msad::encoder::{Arch, ResNetConfig};
+//!
+//! # fn main() -> msad::Result<()> {
+//! let device = msad::device::select("auto")?.into_device();
+//! // torchvision's resnet18 (narrowed here to keep the example fast); load real weights with
+//! // `msad::encoder::ResNet::from_torchvision("resnet18-f37072fd.pth", &device)?`.
+//! let config = ResNetConfig::from_arch(Arch::Resnet18).with_stem_width(8).with_widths([8, 8, 8, 8]);
+//! let encoder = config.try_init(&device)?;
+//! let images = Tensor::<4>::random([4, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+//! let phi = encoder.try_embed(images)?; // 4 × 8, unit rows
+//! assert_eq!(phi.dims(), [4, 8]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Modules
+//! - [`encoder`]: torchvision ResNets, checkpoint loading, freezing.
+//! - [`device`]: a device from a name (`auto`, `wgpu`, `flex`, `ndarray`).
+//! - [`loss`]: the Mean-Shifted Contrastive loss (and plain NT-Xent).
+//! - [`knn`]: the kNN anomaly score, chunked on any device or on host memory.
+//! - [`metrics`]: ROC-AUC and average precision, equal to scikit-learn's.
+//! - [`host`]: tensors to and from `ndarray` arrays.
+//! - [`npy`]: `.npy` input and output of float32 arrays.
+//! - [`Error`], [`Result`]: the crate's error type.
+
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod encoder;
+mod error;
+pub mod host;
+pub mod knn;
+pub mod loss;
+pub mod metrics;
+pub mod npy;
+
+pub use error::{Error, Result};

@@ -1,0 +1,291 @@
+//! The Mean-Shifted Contrastive loss and its plain contrastive ablation.
+//!
+//! For a batch of B images with views x′, x″ and the fixed center c (../method.md, Loss):
+//!
+//! ```text
+//! θ′ᵢ = normalize(φ(x′ᵢ) − c),  θ″ᵢ = normalize(φ(x″ᵢ) − c)        (F.normalize, eps 1e-12)
+//! Z = [θ′; θ″] (2B × D),  S = Z Zᵀ / τ
+//! ℓᵢ = −S[i, pos(i)] + log Σ_{j≠i} exp(S[i, j]),   L_msc = mean over the 2B rows
+//! angular:  L = L_msc + mean‖φ′ᵢ − c‖² + mean‖φ″ᵢ − c‖²
+//! ```
+//!
+//! The log-sum-exp runs on the off-diagonal maximum, so no temperature overflows. Forward and
+//! backward are one closed-form computation: the value and the exact gradients with respect to
+//! φ′ and φ″ are computed together without an autodiff graph (two matrix products and a few
+//! row operations), then handed to the autodiff graph through a surrogate whose value is the
+//! loss and whose gradient is exactly those gradients. The center is a constant: it receives no
+//! gradient.
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor, Distribution};
+//! use msad::encoder::l2_normalize;
+//! use msad::loss::MeanShiftedContrastiveLossConfig;
+//!
+//! # fn main() -> msad::Result<()> {
+//! let device = Device::flex().autodiff();
+//! let phi1 = l2_normalize(Tensor::<2>::random([8, 16], Distribution::Normal(0.0, 1.0), &device)).require_grad();
+//! let phi2 = l2_normalize(Tensor::<2>::random([8, 16], Distribution::Normal(0.0, 1.0), &device)).require_grad();
+//! let center = Tensor::<1>::zeros([16], &device);
+//! let loss = MeanShiftedContrastiveLossConfig::new().try_init()?.try_forward(phi1.clone(), phi2, center)?;
+//! let grads = loss.backward();
+//! assert_eq!(phi1.grad(&grads).unwrap().dims(), [8, 16]);
+//! # Ok(())
+//! # }
+//! ```
+
+use burn::config::Config;
+use burn::tensor::Tensor;
+
+use crate::{Error, Result};
+
+/// F.normalize's eps.
+const NORM_EPS: f32 = 1e-12;
+
+/// Configuration of [`MeanShiftedContrastiveLoss`].
+#[derive(Config, Debug, PartialEq)]
+pub struct MeanShiftedContrastiveLossConfig {
+    /// Softmax temperature τ. Default: 0.25 (the reference).
+    #[config(default = 0.25)]
+    pub temperature: f64,
+    /// Add the angular center loss mean‖φ′−c‖² + mean‖φ″−c‖² (c must then be unit-norm).
+    /// Default: false.
+    #[config(default = false)]
+    pub angular: bool,
+}
+
+impl MeanShiftedContrastiveLossConfig {
+    /// The loss.
+    ///
+    /// # Panics
+    /// On a non-positive or non-finite temperature; [`Self::try_init`] returns an error instead.
+    pub fn init(&self) -> MeanShiftedContrastiveLoss {
+        self.try_init()
+            .expect("invalid MeanShiftedContrastiveLossConfig")
+    }
+
+    /// The loss, or [`Error::InvalidArgument`] for a temperature that is not finite and positive.
+    pub fn try_init(&self) -> Result<MeanShiftedContrastiveLoss> {
+        Ok(MeanShiftedContrastiveLoss {
+            kernel: NtXent::new(self.temperature)?,
+            angular: self.angular,
+        })
+    }
+}
+
+/// The Mean-Shifted Contrastive loss (see the [module docs](self)).
+#[derive(Clone, Debug)]
+pub struct MeanShiftedContrastiveLoss {
+    kernel: NtXent,
+    angular: bool,
+}
+
+impl MeanShiftedContrastiveLoss {
+    /// The loss (a one-element tensor) for views `phi1`, `phi2` (B × D, the encoder's
+    /// normalised features) and the center `center` (D).
+    ///
+    /// # Panics
+    /// On shapes [`Self::try_forward`] rejects.
+    pub fn forward(&self, phi1: Tensor<2>, phi2: Tensor<2>, center: Tensor<1>) -> Tensor<1> {
+        self.try_forward(phi1, phi2, center)
+            .expect("invalid input to MeanShiftedContrastiveLoss")
+    }
+
+    /// [`Self::forward`], returning [`Error::InvalidShape`] when `phi1` and `phi2` differ in
+    /// shape, B < 2, or the center's length is not D.
+    pub fn try_forward(
+        &self,
+        phi1: Tensor<2>,
+        phi2: Tensor<2>,
+        center: Tensor<1>,
+    ) -> Result<Tensor<1>> {
+        let [_, d] = check_views(&phi1, &phi2)?;
+        if center.dims() != [d] {
+            return Err(Error::InvalidShape {
+                what: "center".into(),
+                expected: format!("[{d}] (the views' feature dimension)"),
+                found: center.dims().to_vec(),
+            });
+        }
+        let c = center.unsqueeze_dim::<2>(0);
+        Ok(self
+            .kernel
+            .loss(phi1, phi2, Some(c.without_autodiff()), self.angular))
+    }
+
+    /// The temperature τ.
+    pub fn temperature(&self) -> f64 {
+        self.kernel.temperature
+    }
+
+    /// Whether the angular center loss is added.
+    pub fn angular(&self) -> bool {
+        self.angular
+    }
+}
+
+/// Configuration of [`ContrastiveLoss`].
+#[derive(Config, Debug, PartialEq)]
+pub struct ContrastiveLossConfig {
+    /// Softmax temperature τ. Default: 0.25.
+    #[config(default = 0.25)]
+    pub temperature: f64,
+}
+
+impl ContrastiveLossConfig {
+    /// The loss, or [`Error::InvalidArgument`] for a temperature that is not finite and positive.
+    pub fn try_init(&self) -> Result<ContrastiveLoss> {
+        Ok(ContrastiveLoss {
+            kernel: NtXent::new(self.temperature)?,
+        })
+    }
+}
+
+/// Plain NT-Xent (SimCLR) on normalize(φ), without the mean shift: the paper's ablation. It
+/// shares [`MeanShiftedContrastiveLoss`]'s kernel.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use msad::loss::ContrastiveLossConfig;
+///
+/// let device = Device::flex();
+/// let z = Tensor::<2>::from_floats([[1.0, 0.0], [0.0, 1.0]], &device);
+/// let loss = ContrastiveLossConfig::new().try_init()?.try_forward(z.clone(), z)?;
+/// assert!(loss.into_scalar::<f32>() > 0.0);
+/// # Ok::<(), msad::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ContrastiveLoss {
+    kernel: NtXent,
+}
+
+impl ContrastiveLoss {
+    /// The loss for views `z1`, `z2` (B × D), B ≥ 2.
+    pub fn try_forward(&self, z1: Tensor<2>, z2: Tensor<2>) -> Result<Tensor<1>> {
+        check_views(&z1, &z2)?;
+        Ok(self.kernel.loss(z1, z2, None, false))
+    }
+}
+
+fn check_views(a: &Tensor<2>, b: &Tensor<2>) -> Result<[usize; 2]> {
+    let (da, db) = (a.dims(), b.dims());
+    if da != db {
+        return Err(Error::InvalidShape {
+            what: "second view".into(),
+            expected: format!("{da:?} (the first view's shape)"),
+            found: db.to_vec(),
+        });
+    }
+    if da[0] < 2 || da[1] == 0 {
+        return Err(Error::InvalidShape {
+            what: "views".into(),
+            expected: "[B, D] with B ≥ 2 and D ≥ 1".into(),
+            found: da.to_vec(),
+        });
+    }
+    Ok(da)
+}
+
+/// The shared kernel: NT-Xent over normalize(u) for u = [x1 − c; x2 − c], value and closed-form
+/// gradient in one pass.
+#[derive(Clone, Debug)]
+struct NtXent {
+    temperature: f64,
+}
+
+impl NtXent {
+    fn new(temperature: f64) -> Result<Self> {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::invalid(
+                "temperature",
+                format!("{temperature}; must be finite and positive"),
+            ));
+        }
+        Ok(Self { temperature })
+    }
+
+    /// The loss of `x1`, `x2` (B × D) shifted by `center` (1 × D, plain device) if given,
+    /// plus the angular term if asked. On autodiff inputs, the result carries the exact
+    /// gradient.
+    fn loss(
+        &self,
+        x1: Tensor<2>,
+        x2: Tensor<2>,
+        center: Option<Tensor<2>>,
+        angular: bool,
+    ) -> Tensor<1> {
+        let tracked = x1.is_autodiff() || x2.is_autodiff();
+        let (p1, p2) = (x1.clone().without_autodiff(), x2.clone().without_autodiff());
+        let (u1, u2) = match center {
+            Some(c) => (p1 - c.clone(), p2 - c),
+            None => (p1, p2),
+        };
+        let (value, grads) = self.value_and_grad(u1, u2, angular, tracked);
+        let Some((g1, g2)) = grads else {
+            return value;
+        };
+        // Surrogate: value + s − detach(s) with s = ⟨x1, g1⟩ + ⟨x2, g2⟩. Its value is the loss
+        // (s − s is exactly 0) and its gradient with respect to x1, x2 is exactly g1, g2.
+        let s = (x1 * g1.autodiff()).sum() + (x2 * g2.autodiff()).sum();
+        value.autodiff() + s.clone() - s.detach()
+    }
+
+    /// Loss value and, if `with_grad`, its gradients with respect to u1 and u2.
+    #[allow(clippy::type_complexity)]
+    fn value_and_grad(
+        &self,
+        u1: Tensor<2>,
+        u2: Tensor<2>,
+        angular: bool,
+        with_grad: bool,
+    ) -> (Tensor<1>, Option<(Tensor<2>, Tensor<2>)>) {
+        let [b, _] = u1.dims();
+        let n = 2 * b;
+        let device = u1.device();
+        let inv_tau = (1.0 / self.temperature) as f32;
+        let u = Tensor::cat(vec![u1.clone(), u2.clone()], 0);
+        let raw_norm = u.clone().square().sum_dim(1).sqrt(); // n × 1
+        let norm = raw_norm.clone().clamp_min(NORM_EPS);
+        let theta = u / norm.clone();
+        let s = theta.clone().matmul(theta.clone().transpose()) * inv_tau; // n × n
+        // |S| ≤ 1/τ, so subtracting 4/τ on the diagonal puts it below every off-diagonal entry:
+        // the row maximum is then the off-diagonal one, and exp() never overflows.
+        let eye = Tensor::<2>::eye(n, &device);
+        let masked = s.clone() - eye.clone() * (4.0 * inv_tau);
+        let m = masked.clone().max_dim(1); // n × 1
+        let e = (masked - m.clone()).exp() * (eye.neg() + 1.0);
+        let z = e.clone().sum_dim(1);
+        let lse = m + z.clone().log(); // n × 1
+        let [t1, t2] = halves(theta.clone(), b);
+        let pos = (t1.clone() * t2.clone()).sum_dim(1) * inv_tau; // b × 1, S[i, i ± B]
+        let mut value = (lse.sum() - pos.sum() * 2.0) / n as f32;
+        if angular {
+            value = value + (u1.clone().square().sum() + u2.clone().square().sum()) / b as f32;
+        }
+        if !with_grad {
+            return (value, None);
+        }
+        // dL/dS = (P − Π) / 2B with P the off-diagonal softmax and Π the positive-pair
+        // permutation; dL/dZ = (dL/dS + dL/dSᵀ) Z / τ.
+        let p = e / z;
+        let swapped = Tensor::cat(vec![t2, t1], 0);
+        let g_theta = (p.clone() + p.transpose()).matmul(theta.clone()) - swapped * 2.0;
+        let g_theta = g_theta * (inv_tau / n as f32);
+        // Back through normalize: (g − θ⟨θ, g⟩) / ‖u‖ where ‖u‖ > eps; g / eps where clamped.
+        let live = raw_norm.greater_elem(NORM_EPS).float();
+        let radial = theta.clone() * ((theta * g_theta.clone()).sum_dim(1) * live);
+        let g_u = (g_theta - radial) / norm;
+        let [mut g1, mut g2] = halves(g_u, b);
+        if angular {
+            let scale = 2.0 / b as f32;
+            g1 = g1 + u1 * scale;
+            g2 = g2 + u2 * scale;
+        }
+        (value, Some((g1, g2)))
+    }
+}
+
+/// Rows `0..b` and `b..2b`.
+fn halves(x: Tensor<2>, b: usize) -> [Tensor<2>; 2] {
+    let d = x.dims()[1];
+    [x.clone().slice([0..b, 0..d]), x.slice([b..2 * b, 0..d])]
+}

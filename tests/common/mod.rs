@@ -1,0 +1,105 @@
+//! Shared helpers for the integration tests: the backends to run on and fixture paths.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use msad::device::{Backend, SelectedDevice};
+
+/// Every backend compiled into this build. wgpu must have an adapter (lavapipe on CPU-only
+/// machines, installed by .ci/run); set `MSAD_TEST_SKIP_WGPU=1` to leave it out locally.
+pub fn backends() -> Vec<SelectedDevice> {
+    let skip_wgpu = std::env::var_os("MSAD_TEST_SKIP_WGPU").is_some_and(|v| v != "0");
+    Backend::enabled()
+        .into_iter()
+        .filter(|b| !(skip_wgpu && *b == Backend::Wgpu))
+        .map(|b| {
+            msad::device::select(b.name())
+                .unwrap_or_else(|e| panic!("backend {b} is enabled but unusable: {e}"))
+        })
+        .collect()
+}
+
+/// `tests/fixtures/<section>/<name>`.
+pub fn fixture(section: &str, name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(section)
+        .join(name)
+}
+
+/// Largest absolute difference; panics on a length mismatch.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// `count` floats uniform in [-1, 1) from SplitMix64; bit-identical to
+/// `splitmix_uniform` in scripts/make_fixtures.py.
+pub fn splitmix_uniform(seed: u64, count: usize) -> Vec<f64> {
+    let mut state = seed;
+    (0..count)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 * 2f64.powi(-53) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Row / its norm, summed sequentially in f64, rounded to f32 (as the fixture script does).
+pub fn unit_f32(row: &[f64]) -> Vec<f32> {
+    let norm = row.iter().fold(0.0f64, |acc, v| acc + v * v).sqrt();
+    row.iter().map(|v| (v / norm) as f32).collect()
+}
+
+/// The loss fixtures' inputs: (phi1, phi2) as B × D row-major and the center (D).
+pub fn loss_case_inputs(
+    b: usize,
+    d: usize,
+    seed: u64,
+    angular: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let values = splitmix_uniform(seed, d * (2 * b + 1));
+    let base = &values[..d];
+    let phi: Vec<Vec<f32>> = (0..2 * b)
+        .map(|i| {
+            let row: Vec<f64> = base
+                .iter()
+                .zip(&values[d * (1 + i)..d * (2 + i)])
+                .map(|(x, y)| 2.0 * x + y)
+                .collect();
+            unit_f32(&row)
+        })
+        .collect();
+    let mut center = vec![0.0f64; d];
+    for row in &phi {
+        for (c, v) in center.iter_mut().zip(row) {
+            *c += *v as f64;
+        }
+    }
+    let center: Vec<f64> = center.iter().map(|v| v / (2 * b) as f64).collect();
+    let center = if angular {
+        unit_f32(&center)
+    } else {
+        center.iter().map(|v| *v as f32).collect()
+    };
+    let flat = |rows: &[Vec<f32>]| rows.iter().flatten().copied().collect::<Vec<f32>>();
+    (flat(&phi[..b]), flat(&phi[b..]), center)
+}
+
+/// max |a − b| / max |b|: the error relative to the reference's scale.
+pub fn rel_max_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+    if scale == 0.0 { err } else { err / scale }
+}

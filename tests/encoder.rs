@@ -1,0 +1,406 @@
+//! The encoder: torchvision parity on every backend, checkpoint loading and its errors, freezing.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor};
+use msad::Error;
+use msad::encoder::weights::{Checkpoint, CheckpointFormat};
+use msad::encoder::{Arch, BlockKind, FreezePolicy, ResNet, ResNetConfig, Stage};
+
+use common::{backends, fixture, max_abs_diff};
+
+const NETS: [&str; 3] = ["narrow18", "narrow50", "narrow152"];
+
+fn input(device: &Device) -> Tensor<4> {
+    let x = msad::npy::read_f32(fixture("encoder", "input.npy")).unwrap();
+    msad::host::tensor_from_array::<4>(x, device).unwrap()
+}
+
+fn expected(name: &str) -> Vec<f32> {
+    let a = msad::npy::read_f32(fixture("encoder", &format!("{name}.npy"))).unwrap();
+    a.iter().copied().collect()
+}
+
+fn check_parity(model: &ResNet, net: &str, device: &msad::device::SelectedDevice, what: &str) {
+    let features = msad::host::vec_from_tensor(model.forward(input(device.device()))).unwrap();
+    let embed = msad::host::vec_from_tensor(model.embed(input(device.device()))).unwrap();
+    let df = max_abs_diff(&features, &expected(&format!("{net}_features")));
+    let de = max_abs_diff(&embed, &expected(&format!("{net}_embed")));
+    assert!(
+        df <= 1e-4,
+        "{what} on {device}: forward differs from torchvision by {df}"
+    );
+    assert!(
+        de <= 1e-4,
+        "{what} on {device}: embed differs from torchvision by {de}"
+    );
+}
+
+#[test]
+fn matches_torchvision_on_every_backend() {
+    for device in backends() {
+        for net in NETS {
+            let path = fixture("encoder", &format!("{net}.pth"));
+            let model = ResNet::from_torchvision(&path, device.device()).unwrap();
+            check_parity(&model, net, &device, &format!("{net}.pth"));
+        }
+    }
+}
+
+#[test]
+fn safetensors_and_legacy_pickles_load_the_same_weights() {
+    let device = &backends()[0];
+    for file in ["narrow18.safetensors", "narrow18_legacy.pth"] {
+        let model = ResNet::from_torchvision(fixture("encoder", file), device.device()).unwrap();
+        check_parity(&model, "narrow18", device, file);
+    }
+    let formats: Vec<CheckpointFormat> = [
+        "narrow18.pth",
+        "narrow18_legacy.pth",
+        "narrow18.safetensors",
+    ]
+    .iter()
+    .map(|f| Checkpoint::open(fixture("encoder", f)).unwrap().format())
+    .collect();
+    assert_eq!(
+        formats,
+        [
+            CheckpointFormat::Pytorch,
+            CheckpointFormat::Pytorch,
+            CheckpointFormat::Safetensors
+        ]
+    );
+}
+
+#[test]
+fn embeddings_are_unit_rows() {
+    let device = &backends()[0];
+    let model =
+        ResNet::from_torchvision(fixture("encoder", "narrow50.pth"), device.device()).unwrap();
+    let phi = model.embed(input(device.device()));
+    let norms = msad::host::vec_from_tensor(phi.square().sum_dim(1)).unwrap();
+    for n in norms {
+        assert!((n - 1.0).abs() < 1e-5, "squared norm {n}");
+    }
+}
+
+#[test]
+fn architecture_is_inferred_from_keys() {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("encoder", "meta.json")).unwrap())
+            .unwrap();
+    for net in NETS {
+        let m = &meta["nets"][net];
+        let block = match m["block"].as_str().unwrap() {
+            "BasicBlock" => BlockKind::Basic,
+            _ => BlockKind::Bottleneck,
+        };
+        let ints = |v: &serde_json::Value| -> [usize; 4] {
+            let v: Vec<usize> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            v.try_into().unwrap()
+        };
+        let want = ResNetConfig::new(block, ints(&m["layers"]))
+            .with_stem_width(m["stem_width"].as_u64().unwrap() as usize)
+            .with_widths(ints(&m["widths"]));
+        let got = Checkpoint::open(fixture("encoder", &format!("{net}.pth")))
+            .unwrap()
+            .infer_config()
+            .unwrap();
+        assert_eq!(got, want, "{net}");
+        assert_eq!(
+            got.feature_dim(),
+            m["feature_dim"].as_u64().unwrap() as usize
+        );
+        assert_eq!(got.arch(), None, "narrow nets are no torchvision preset");
+    }
+}
+
+fn torchvision_layouts() -> BTreeMap<String, BTreeMap<String, Vec<usize>>> {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture("encoder", "torchvision_layouts.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn layouts_are_torchvisions_exactly() {
+    for (name, shapes) in torchvision_layouts() {
+        let arch: Arch = name.parse().unwrap();
+        let want: BTreeMap<String, Vec<usize>> = shapes
+            .iter()
+            .filter(|(k, _)| !k.starts_with("fc.") && !k.ends_with("num_batches_tracked"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let ours: BTreeMap<String, Vec<usize>> = ResNetConfig::from_arch(arch)
+            .torchvision_keys()
+            .into_iter()
+            .collect();
+        assert_eq!(ours, want, "{arch}");
+        let inferred = ResNetConfig::from_torchvision_shapes(&shapes).unwrap();
+        assert_eq!(inferred.arch(), Some(arch));
+    }
+}
+
+#[test]
+fn module_parameters_cover_the_torchvision_keys() {
+    // Every key the loader checks is a parameter or buffer of the module, and nothing more.
+    let config = ResNetConfig::from_arch(Arch::Resnet50)
+        .with_stem_width(4)
+        .with_widths([2, 2, 2, 2]);
+    let model = config.init(&Device::flex());
+    // num_params counts BatchNorm's running statistics too.
+    let ours: usize = model.num_params();
+    let keys: usize = config
+        .torchvision_keys()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    assert_eq!(ours, keys);
+}
+
+fn expect_err(file: &str) -> Error {
+    let device = Device::flex();
+    ResNet::from_torchvision(fixture("encoder", file), &device).unwrap_err()
+}
+
+#[test]
+fn a_missing_key_is_named_with_its_shape() {
+    match expect_err("narrow18_missing_key.safetensors") {
+        Error::MissingKey {
+            key,
+            expected,
+            path,
+        } => {
+            assert_eq!(key, "layer2.0.downsample.1.running_var");
+            assert_eq!(expected, [8]);
+            assert!(path.ends_with("narrow18_missing_key.safetensors"));
+        }
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn a_shape_mismatch_names_the_key_and_both_shapes() {
+    let err = expect_err("narrow18_wrong_shape.safetensors");
+    match &err {
+        Error::ShapeMismatch {
+            key,
+            expected,
+            found,
+            ..
+        } => {
+            assert_eq!(key, "layer1.1.conv2.weight");
+            assert_eq!(expected, &[4, 4, 3, 3]);
+            assert_eq!(found, &[4, 4, 1, 1]);
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("[4, 4, 3, 3]") && msg.contains("[4, 4, 1, 1]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_unexpected_key_is_an_error_but_fc_is_ignored() {
+    match expect_err("narrow18_extra_key.safetensors") {
+        Error::UnexpectedKey { key, found, .. } => {
+            assert_eq!(key, "layer2.1.conv1.bias");
+            assert_eq!(found, [8]);
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // The fixtures carry `fc.weight` / `fc.bias` and `num_batches_tracked`: they load.
+    let shapes = Checkpoint::open(fixture("encoder", "narrow18.pth")).unwrap();
+    assert!(shapes.shapes().contains_key("fc.weight"));
+    assert!(shapes.shapes().contains_key("bn1.num_batches_tracked"));
+}
+
+#[test]
+fn a_given_architecture_that_does_not_fit_is_a_shape_mismatch() {
+    let err = ResNetConfig::from_arch(Arch::Resnet18)
+        .init_from_torchvision(fixture("encoder", "narrow18.pth"), &Device::flex())
+        .unwrap_err();
+    match err {
+        Error::ShapeMismatch {
+            key,
+            expected,
+            found,
+            ..
+        } => {
+            assert_eq!(key, "bn1.bias");
+            assert_eq!((expected, found), (vec![64], vec![8]));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let err = ResNetConfig::from_arch(Arch::Resnet50)
+        .init_from_torchvision(fixture("encoder", "narrow18.pth"), &Device::flex())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ShapeMismatch { .. } | Error::MissingKey { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_precision_checkpoints_are_refused_by_name() {
+    match expect_err("narrow18_f16.safetensors") {
+        Error::Checkpoint { reason, .. } => assert!(reason.contains("F16"), "{reason}"),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+#[test]
+fn truncated_and_foreign_files_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for file in [
+        "narrow18.pth",
+        "narrow18_legacy.pth",
+        "narrow18.safetensors",
+    ] {
+        let bytes = std::fs::read(fixture("encoder", file)).unwrap();
+        for cut in [bytes.len() / 2, bytes.len() - 100, 12] {
+            cases.push((format!("{file}.cut{cut}"), bytes[..cut].to_vec()));
+        }
+    }
+    cases.push(("empty.pth".into(), Vec::new()));
+    cases.push(("text.pth".into(), b"this is not a checkpoint".to_vec()));
+    cases.push((
+        "input.npy".into(),
+        std::fs::read(fixture("encoder", "input.npy")).unwrap(),
+    ));
+    for (name, bytes) in cases {
+        let path = dir.path().join(&name);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = ResNet::from_torchvision(&path, &Device::flex())
+            .err()
+            .unwrap_or_else(|| panic!("{name} loaded"));
+        assert!(
+            matches!(
+                err,
+                Error::Checkpoint { .. } | Error::UnknownArchitecture { .. }
+            ),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains(&name), "{name}: {err}");
+    }
+    let missing = dir.path().join("nope.pth");
+    assert!(matches!(
+        ResNet::from_torchvision(&missing, &Device::flex()).unwrap_err(),
+        Error::Io { .. }
+    ));
+}
+
+#[test]
+fn images_without_three_channels_are_rejected() {
+    let model = ResNetConfig::from_arch(Arch::Resnet18)
+        .with_stem_width(4)
+        .with_widths([4, 4, 4, 4])
+        .init(&Device::flex());
+    let err = model
+        .try_embed(Tensor::<4>::zeros([2, 1, 32, 32], &Device::flex()))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidShape { ref found, .. } if found == &[2, 1, 32, 32]));
+}
+
+/// Every float parameter with its module path, id, rank and values.
+#[derive(Default)]
+struct Params {
+    path: Vec<String>,
+    found: Vec<(String, ParamId, usize, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Params {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let values = msad::host::vec_from_tensor(param.val()).unwrap();
+        self.found.push((self.path.join("."), param.id, D, values));
+    }
+}
+
+fn params(model: &ResNet) -> Vec<(String, ParamId, usize, Vec<f32>)> {
+    let mut v = Params::default();
+    model.visit(&mut v);
+    v.found
+}
+
+#[test]
+fn frozen_stages_get_no_gradient_and_stay_bit_identical() {
+    for selected in backends() {
+        let device = selected.device().clone().autodiff();
+        let policy = FreezePolicy::through(Stage::Layer2);
+        let model = ResNet::from_torchvision(fixture("encoder", "narrow18.pth"), &device).unwrap();
+        let model = policy.apply(model);
+        let before = params(&model);
+        assert!(before.iter().any(|(p, ..)| policy.is_frozen(p)));
+        assert!(before.iter().any(|(p, ..)| !policy.is_frozen(p)));
+
+        let phi = model.embed(input(&device));
+        // A loss whose gradient reaches every parameter: pull the embeddings towards one
+        // direction.
+        let target = Tensor::<2>::ones(phi.dims(), &device);
+        let loss = (phi - target).square().sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let is_buffer = |p: &str| p.ends_with("running_mean") || p.ends_with("running_var");
+        for (path, id, rank, _) in &before {
+            let has = match rank {
+                1 => grads.get::<1>(*id).is_some(),
+                4 => grads.get::<4>(*id).is_some(),
+                other => panic!("unexpected rank {other} at {path}"),
+            };
+            // BatchNorm's running statistics are buffers: never a gradient.
+            let trains = !policy.is_frozen(path) && !is_buffer(path);
+            assert_eq!(has, trains, "{path} on {selected}");
+        }
+
+        let mut optim = SgdConfig::new()
+            .with_weight_decay(Some(WeightDecayConfig::new(5e-5)))
+            .init();
+        let model = optim.step(0.5, model, grads);
+        let after = params(&model);
+        let mut changed = 0;
+        for ((path, _, _, old), (path2, _, _, new)) in before.iter().zip(&after) {
+            assert_eq!(path, path2);
+            if policy.is_frozen(path) || is_buffer(path) {
+                let same = old.iter().zip(new).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "frozen {path} changed on {selected}");
+            } else if old != new {
+                changed += 1;
+            }
+        }
+        assert!(changed > 0, "no trainable parameter moved on {selected}");
+    }
+}
+
+#[test]
+fn reference_freeze_policy_is_resnet152_through_layer2() {
+    assert_eq!(
+        FreezePolicy::reference(Arch::Resnet152).frozen_stages(),
+        [Stage::Stem, Stage::Layer1, Stage::Layer2]
+    );
+    for arch in [
+        Arch::Resnet18,
+        Arch::Resnet34,
+        Arch::Resnet50,
+        Arch::Resnet101,
+    ] {
+        assert!(FreezePolicy::reference(arch).frozen_stages().is_empty());
+    }
+}
