@@ -254,9 +254,45 @@ def make_loss() -> None:
     print(f"loss fixtures written to {out}")
 
 
+# --------------------------------------------------------------------------------------------
+# Metrics: scikit-learn's roc_auc_score and average_precision_score, ties included.
+# --------------------------------------------------------------------------------------------
+
+
+def make_metrics() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    out = FIXTURES / "metrics"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    # One-class protocol shape: one normal class of ten, anomalies scored higher on average.
+    protocol_labels = rng.integers(0, 10, size=10000) != 3
+    protocol_scores = rng.normal(size=10000) + 1.5 * protocol_labels
+    cases = {
+        "random_1000": (rng.normal(size=1000), rng.random(1000) < 0.3),
+        # Scores rounded to a few levels: heavy ties, within and across classes.
+        "ties_500": (np.round(rng.normal(size=500), 1), rng.random(500) < 0.5),
+        "few_levels_300": (rng.integers(0, 4, size=300).astype(np.float64), rng.random(300) < 0.2),
+        "protocol_10000": (protocol_scores, protocol_labels),
+    }
+    index = []
+    for name, (scores, labels) in cases.items():
+        scores = scores.astype(np.float32)
+        np.save(out / f"{name}_scores.npy", scores)
+        np.save(out / f"{name}_labels.npy", labels.astype(np.float32))
+        index.append({
+            "name": name,
+            "roc_auc": float(roc_auc_score(labels, scores)),
+            "average_precision": float(average_precision_score(labels, scores)),
+        })
+    (out / "cases.json").write_text(json.dumps(index, indent=1) + "\n")
+    print(f"metrics fixtures written to {out}")
+
+
 SECTIONS = {
     "encoder": make_encoder,
     "loss": make_loss,
+    "metrics": make_metrics,
 }
 
 

@@ -183,6 +183,23 @@ pub fn select_request(request: DeviceRequest) -> Result<SelectedDevice> {
     }
 }
 
+/// Whether `device` computes on the host CPU with host memory (flex or ndarray, autodiff or not),
+/// so that host-side kernels can work on its data directly.
+pub(crate) fn is_host(device: &Device) -> bool {
+    let plain = device.clone().without_autodiff();
+    #[cfg(feature = "flex")]
+    if plain == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)]
+    if plain == Device::ndarray() {
+        return true;
+    }
+    let _ = plain;
+    false
+}
+
 #[allow(dead_code)] // unused when every backend is built in
 fn not_built(backend: Backend) -> Error {
     Error::DeviceUnavailable {
@@ -357,6 +374,19 @@ mod tests {
         );
         let err = "tpu".parse::<DeviceRequest>().unwrap_err();
         assert!(err.to_string().contains("tpu"), "{err}");
+    }
+
+    #[test]
+    fn host_devices_are_recognised() {
+        for backend in Backend::enabled() {
+            let device = select(backend.name()).unwrap().into_device();
+            assert_eq!(is_host(&device), backend != Backend::Wgpu, "{backend}");
+            assert_eq!(
+                is_host(&device.autodiff()),
+                backend != Backend::Wgpu,
+                "{backend}"
+            );
+        }
     }
 
     #[test]

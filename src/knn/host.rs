@@ -124,9 +124,16 @@ impl HostKnnScorer {
                 found: vec![q, d],
             });
         }
-        let queries: Vec<f32> = queries.iter().copied().collect();
-        check_finite("queries", &queries, d)?;
-        let found = self.search(&queries, q);
+        let owned;
+        let queries: &[f32] = match queries.as_slice() {
+            Some(contiguous) => contiguous,
+            None => {
+                owned = queries.iter().copied().collect::<Vec<f32>>();
+                &owned
+            }
+        };
+        check_finite("queries", queries, d)?;
+        let found = self.search(queries, q);
         let mut dist = Array2::zeros((q, self.k));
         let mut idx = Array2::zeros((q, self.k));
         for (row, list) in found.into_iter().enumerate() {
@@ -146,9 +153,12 @@ impl HostKnnScorer {
         let d = self.d;
         let threads = rayon::current_num_threads().max(1);
         let elems = (self.tile_bytes / 4).max(1);
-        let qt = q.min(256);
+        // 1024 × 1024 tiles: one sgemm each (large enough to amortise the packing of both
+        // operands), its 4 MiB distance tile still in cache when the top-k pass reads it.
+        let per_thread = (elems / threads).max(1);
+        let qt = q.min(1024).min(per_thread);
         let q_tiles = q.div_ceil(qt);
-        let mut nt = self.n.min((elems / threads / qt).max(1));
+        let mut nt = self.n.min(1024).min((per_thread / qt).max(1));
         if q_tiles < threads {
             // Few queries (single-query latency): split the bank across threads instead.
             let per_query_tile = threads.div_ceil(q_tiles);

@@ -42,11 +42,19 @@ pub const DEFAULT_TILE_BYTES: usize = 64 << 20;
 /// then merged.
 #[derive(Clone, Debug)]
 pub struct KnnScorer {
-    chunks: Vec<BankChunk>,
+    engine: Engine,
     n: usize,
     d: usize,
     k: usize,
     tile_bytes: usize,
+}
+
+/// How the search runs: on the host for CPU devices (flex, ndarray), whose memory is the
+/// host's, and as tensor operations in chunks elsewhere.
+#[derive(Clone, Debug)]
+enum Engine {
+    Host(HostKnnScorer),
+    Tiles(Vec<BankChunk>),
 }
 
 #[derive(Clone, Debug)]
@@ -70,6 +78,27 @@ impl KnnScorer {
         let bank = bank.without_autodiff();
         let [n, d] = bank.dims();
         host::check_bank(n, d, k)?;
+        if crate::device::is_host(&bank.device()) {
+            let values = crate::host::vec_from_tensor(bank)?;
+            host::check_finite("bank", &values, d)?;
+            let engine = HostKnnScorer::from_checked(values, n, d, k).with_tile_bytes(tile_bytes);
+            return Ok(Self {
+                engine: Engine::Host(engine),
+                n,
+                d,
+                k,
+                tile_bytes,
+            });
+        }
+        Self::with_tensor_ops(bank, k, tile_bytes)
+    }
+
+    /// The tensor-operation engine on any device: what [`KnnScorer::new`] uses on GPUs, here
+    /// also on CPU devices (where `new` runs the faster host engine of [`HostKnnScorer`]).
+    pub fn with_tensor_ops(bank: Tensor<2>, k: usize, tile_bytes: usize) -> Result<Self> {
+        let bank = bank.without_autodiff();
+        let [n, d] = bank.dims();
+        host::check_bank(n, d, k)?;
         check_finite_tensor("bank", &bank)?;
         let elems = (tile_bytes / 4).max(1);
         // Bank chunks: at most `elems` floats each, and small enough that a tile with a few
@@ -85,7 +114,7 @@ impl KnnScorer {
             })
             .collect();
         Ok(Self {
-            chunks,
+            engine: Engine::Tiles(chunks),
             n,
             d,
             k,
@@ -155,8 +184,22 @@ impl KnnScorer {
                 found: vec![q, d],
             });
         }
-        check_finite_tensor("queries", &queries)?;
         let device = queries.device();
+        let chunks = match &self.engine {
+            Engine::Tiles(chunks) => chunks,
+            Engine::Host(engine) => {
+                let values = crate::host::vec_from_tensor(queries)?;
+                host::check_finite("queries", &values, d)?;
+                let found = engine.search(&values, q);
+                let dist: Vec<f32> = found.iter().flatten().map(|(dd, _)| *dd).collect();
+                let idx: Vec<i64> = found.iter().flatten().map(|(_, i)| *i as i64).collect();
+                return Ok((
+                    Tensor::from_data(TensorData::new(dist, [q, self.k]), &device),
+                    Tensor::from_data(TensorData::new(idx, [q, self.k]), &device),
+                ));
+            }
+        };
+        check_finite_tensor("queries", &queries)?;
         if q == 0 {
             return Ok((
                 Tensor::zeros([0, self.k], &device),
@@ -164,30 +207,29 @@ impl KnnScorer {
             ));
         }
         let elems = (self.tile_bytes / 4).max(1);
-        let widest = self
-            .chunks
-            .iter()
-            .map(|c| c.rows.dims()[0])
-            .max()
-            .unwrap_or(1);
+        let widest = chunks.iter().map(|c| c.rows.dims()[0]).max().unwrap_or(1);
         let rows_per_query_chunk = (elems / widest).min(elems / d).clamp(1, q);
         let mut dist = Vec::new();
         let mut idx = Vec::new();
         for start in (0..q).step_by(rows_per_query_chunk) {
             let end = (start + rows_per_query_chunk).min(q);
-            let (dd, ii) = self.search_chunk(queries.clone().slice([start..end, 0..d]));
+            let (dd, ii) = self.search_chunk(chunks, queries.clone().slice([start..end, 0..d]));
             dist.push(dd);
             idx.push(ii);
         }
         Ok((Tensor::cat(dist, 0), Tensor::cat(idx, 0)))
     }
 
-    fn search_chunk(&self, queries: Tensor<2>) -> (Tensor<2>, Tensor<2, Int>) {
+    fn search_chunk(
+        &self,
+        chunks: &[BankChunk],
+        queries: Tensor<2>,
+    ) -> (Tensor<2>, Tensor<2, Int>) {
         let [m, d] = queries.dims();
         let q_sq = queries.clone().square().sum_dim(1); // m × 1
-        let mut cand_dist = Vec::with_capacity(self.chunks.len());
-        let mut cand_idx = Vec::with_capacity(self.chunks.len());
-        for chunk in &self.chunks {
+        let mut cand_dist = Vec::with_capacity(chunks.len());
+        let mut cand_idx = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
             let rows = chunk.rows.dims()[0];
             let kk = self.k.min(rows);
             let dots = queries.clone().matmul(chunk.rows.clone().transpose());
