@@ -5,6 +5,11 @@
 //! `scripts/bench_encoder.py` measures torchvision on the same machine.
 //! Set `MSAD_BENCH_WGPU=1` to add the wgpu backend.
 
+/// glibc's allocator hands large buffers back to the OS on every free, and the page faults of
+/// re-acquiring them then cost more than the arithmetic; mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use burn::tensor::{Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use msad::device::Backend;

@@ -5,6 +5,11 @@
 //! Host path (`HostKnnScorer`) and device path (`KnnScorer`) on flex; `MSAD_BENCH_NDARRAY=1`
 //! adds ndarray, `MSAD_BENCH_WGPU=1` adds wgpu.
 
+/// glibc's allocator hands large buffers back to the OS on every free, and the page faults of
+/// re-acquiring them then cost more than the arithmetic; mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Duration;
 
 use burn::tensor::{Device, Tensor, TensorData};

@@ -33,8 +33,10 @@
 //! # }
 //! ```
 
+mod host_kernel;
+
 use burn::config::Config;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 use crate::{Error, Result};
 
@@ -215,11 +217,15 @@ impl NtXent {
     ) -> Tensor<1> {
         let tracked = x1.is_autodiff() || x2.is_autodiff();
         let (p1, p2) = (x1.clone().without_autodiff(), x2.clone().without_autodiff());
-        let (u1, u2) = match center {
-            Some(c) => (p1 - c.clone(), p2 - c),
-            None => (p1, p2),
+        let (value, grads) = if crate::device::is_host(&p1.device()) {
+            self.value_and_grad_host(p1, p2, center, angular, tracked)
+        } else {
+            let (u1, u2) = match center {
+                Some(c) => (p1 - c.clone(), p2 - c),
+                None => (p1, p2),
+            };
+            self.value_and_grad(u1, u2, angular, tracked)
         };
-        let (value, grads) = self.value_and_grad(u1, u2, angular, tracked);
         let Some((g1, g2)) = grads else {
             return value;
         };
@@ -227,6 +233,42 @@ impl NtXent {
         // (s − s is exactly 0) and its gradient with respect to x1, x2 is exactly g1, g2.
         let s = (x1 * g1.autodiff()).sum() + (x2 * g2.autodiff()).sum();
         value.autodiff() + s.clone() - s.detach()
+    }
+
+    /// [`NtXent::value_and_grad`] on host memory for CPU devices, from the unshifted views and
+    /// the center: one fused computation instead of a chain of tensor operations.
+    #[allow(clippy::type_complexity)]
+    fn value_and_grad_host(
+        &self,
+        x1: Tensor<2>,
+        x2: Tensor<2>,
+        center: Option<Tensor<2>>,
+        angular: bool,
+        with_grad: bool,
+    ) -> (Tensor<1>, Option<(Tensor<2>, Tensor<2>)>) {
+        let [b, d] = x1.dims();
+        let device = x1.device();
+        let read = |t: Tensor<2>| {
+            t.into_data()
+                .try_into_vec_as::<f32>()
+                .expect("float tensors convert to f32")
+        };
+        // One fresh tensor: its buffer is not shared, so reading it back moves rather than copies
+        // (ndarray copies a shared array element by element).
+        let x = read(Tensor::cat(vec![x1, x2], 0));
+        let center = center.map(read);
+        let inv_tau = (1.0 / self.temperature) as f32;
+        let out = host_kernel::nt_xent(&x, center.as_deref(), b, d, inv_tau, angular, with_grad);
+        let value = Tensor::from_data(TensorData::new(vec![out.value as f32], [1]), &device);
+        let grads = out.grad.map(|mut g1| {
+            // Two owned buffers rather than two views of one tensor, for the same reason.
+            let g2 = g1.split_off(b * d);
+            (
+                Tensor::from_data(TensorData::new(g1, [b, d]), &device),
+                Tensor::from_data(TensorData::new(g2, [b, d]), &device),
+            )
+        });
+        (value, grads)
     }
 
     /// Loss value and, if `with_grad`, its gradients with respect to u1 and u2.
@@ -288,4 +330,45 @@ impl NtXent {
 fn halves(x: Tensor<2>, b: usize) -> [Tensor<2>; 2] {
     let d = x.dims()[1];
     [x.clone().slice([0..b, 0..d]), x.slice([b..2 * b, 0..d])]
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution};
+
+    use super::*;
+
+    /// The host kernel (CPU devices) and the tensor path (GPUs) compute the same thing.
+    #[test]
+    fn host_kernel_and_tensor_path_agree() {
+        let device = Device::flex();
+        for (b, d, angular, tau) in [
+            (2, 3, false, 0.25),
+            (7, 64, true, 0.25),
+            (16, 300, false, 0.05),
+        ] {
+            let kernel = NtXent::new(tau).unwrap();
+            let u1 = Tensor::<2>::random([b, d], Distribution::Normal(0.0, 1.0), &device);
+            let u2 = Tensor::<2>::random([b, d], Distribution::Normal(0.0, 1.0), &device);
+            let c = Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.3), &device);
+            let (va, ga) = kernel.value_and_grad(
+                u1.clone() - c.clone(),
+                u2.clone() - c.clone(),
+                angular,
+                true,
+            );
+            let (vb, gb) = kernel.value_and_grad_host(u1, u2, Some(c), angular, true);
+            let (va, vb) = (va.into_scalar::<f32>(), vb.into_scalar::<f32>());
+            assert!((va - vb).abs() <= 1e-5 * va.abs(), "{b}x{d}: {va} vs {vb}");
+            let ((a1, a2), (b1, b2)) = (ga.unwrap(), gb.unwrap());
+            for (x, y) in [(a1, b1), (a2, b2)] {
+                let scale = y.clone().abs().max().into_scalar::<f32>();
+                let err = (x - y).abs().max().into_scalar::<f32>();
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{b}x{d}: gradient error {err} (scale {scale})"
+                );
+            }
+        }
+    }
 }
