@@ -289,10 +289,110 @@ def make_metrics() -> None:
     print(f"metrics fixtures written to {out}")
 
 
+# --------------------------------------------------------------------------------------------
+# Augmentation: torchvision's PIL path with explicit parameters, on small fixture images.
+# --------------------------------------------------------------------------------------------
+
+
+def augment_sources():
+    """Two small RGB images: a smooth, colourful 61x47 one with noise, and a 32x32 one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[0:47, 0:61]
+    a = np.stack([
+        128 + 100 * np.sin(x / 7.0) * np.cos(y / 9.0),
+        128 + 90 * np.cos((x + y) / 11.0),
+        40 + 3 * x + rng.normal(0, 12, size=x.shape),
+    ], axis=-1)
+    b = rng.integers(0, 256, size=(32, 32, 3))
+    b[8:24, 8:24] = [200, 40, 90]  # a saturated block: hue and saturation matter
+    to_img = lambda arr: Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    return {"a": to_img(a), "b": to_img(b)}
+
+
+def make_augment() -> None:
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    from PIL import Image, ImageFilter
+
+    out = FIXTURES / "augment"
+    out.mkdir(parents=True, exist_ok=True)
+    sources = augment_sources()
+    for name, img in sources.items():
+        img.save(out / f"src_{name}.png")
+    cases = []
+
+    def case(name, src, op, params, result):
+        result.save(out / f"{name}.png")
+        cases.append({"name": name, "src": src, "op": op, "params": params})
+
+    bil, bic = T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC
+    a, b = sources["a"], sources["b"]
+    for filt, mode in (("bilinear", bil), ("bicubic", bic)):
+        for w, h in ((23, 17), (100, 80), (61, 20)):
+            case(f"resize_{filt}_{w}x{h}", "a", "resize", {"width": w, "height": h, "filter": filt},
+                 TF.resize(a, [h, w], interpolation=mode))
+        case(f"resize_shorter_{filt}_64", "b", "resize_shorter", {"size": 64, "filter": filt},
+             TF.resize(b, 64, interpolation=mode))
+        case(f"resize_shorter_{filt}_30", "a", "resize_shorter", {"size": 30, "filter": filt},
+             TF.resize(a, 30, interpolation=mode))
+    case("resized_crop", "a", "resized_crop",
+         {"top": 5, "left": 7, "height": 30, "width": 40, "size": 32, "filter": "bilinear"},
+         TF.resized_crop(a, 5, 7, 30, 40, [32, 32], interpolation=bil))
+    case("crop", "a", "crop", {"top": 3, "left": 9, "height": 20, "width": 25}, TF.crop(a, 3, 9, 20, 25))
+    case("center_crop_20", "a", "center_crop", {"size": 20}, TF.center_crop(a, [20, 20]))
+    case("center_crop_padded", "b", "center_crop", {"size": 37}, TF.center_crop(b, [37, 37]))
+    case("hflip", "a", "hflip", {}, TF.hflip(a))
+    case("grayscale", "a", "grayscale", {}, TF.rgb_to_grayscale(a, num_output_channels=3))
+    for src in ("a", "b"):
+        img = sources[src]
+        for f in (0.3, 0.7, 1.3, 1.8):
+            case(f"brightness_{src}_{f}", src, "brightness", {"factor": f}, TF.adjust_brightness(img, f))
+            case(f"contrast_{src}_{f}", src, "contrast", {"factor": f}, TF.adjust_contrast(img, f))
+            case(f"saturation_{src}_{f}", src, "saturation", {"factor": f}, TF.adjust_saturation(img, f))
+        for f in (-0.5, -0.1, 0.07, 0.1, 0.33):
+            case(f"hue_{src}_{f}", src, "hue", {"factor": f}, TF.adjust_hue(img, f))
+        for sigma in (0.1, 0.6, 1.3, 2.0):
+            case(f"blur_{src}_{sigma}", src, "blur", {"sigma": sigma},
+                 img.filter(ImageFilter.GaussianBlur(radius=sigma)))
+    (out / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
+
+    # ToTensor + Normalize, and the whole evaluation transform.
+    norm = T.Compose([T.ToTensor(), T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    save_npy(out / "normalized_b.npy", norm(b))
+    eval_152 = T.Compose([T.Resize(50, interpolation=bil), T.CenterCrop(40), norm])
+    eval_18 = T.Compose([T.Resize(64, interpolation=bic), T.CenterCrop(64), norm])
+    save_npy(out / "eval_bilinear_50_40_a.npy", eval_152(a))
+    save_npy(out / "eval_bicubic_64_64_b.npy", eval_18(b))
+
+    # torchvision's RandomResizedCrop.get_params statistics, for the sampling tests.
+    torch.manual_seed(5)
+    stats = {}
+    for w, h in ((500, 375), (1000, 40), (32, 32)):
+        img = Image.new("RGB", (w, h))
+        area, log_ratio, fallback = [], [], 0
+        draws = 20000
+        for _ in range(draws):
+            i, j, ch, cw = T.RandomResizedCrop.get_params(img, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+            area.append(ch * cw / (w * h))
+            log_ratio.append(float(np.log(cw / ch)))
+            fallback += int(i == (h - ch) // 2 and j == (w - cw) // 2 and (cw == w or ch == h))
+        stats[f"{w}x{h}"] = {
+            "draws": draws,
+            "area_mean": float(np.mean(area)), "area_std": float(np.std(area)),
+            "log_ratio_mean": float(np.mean(log_ratio)), "log_ratio_std": float(np.std(log_ratio)),
+            "area_min": float(np.min(area)), "area_max": float(np.max(area)),
+        }
+    (out / "crop_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    print(f"augment fixtures written to {out}")
+
+
 SECTIONS = {
     "encoder": make_encoder,
     "loss": make_loss,
     "metrics": make_metrics,
+    "augment": make_augment,
 }
 
 

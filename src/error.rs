@@ -129,6 +129,27 @@ pub enum Error {
         reason: String,
     },
 
+    /// A dataset file that is missing pieces, has a size that is not a whole number of records,
+    /// or holds an out-of-range value.
+    #[error("{}{}: {reason}", path.display(), record.map(|r| format!(" (record {r})")).unwrap_or_default())]
+    Dataset {
+        /// The file or directory.
+        path: PathBuf,
+        /// The record index, when one record is at fault.
+        record: Option<usize>,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// An image file that could not be decoded (truncated, corrupt, unsupported).
+    #[error("{}: cannot decode image: {reason}", path.display())]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// What the decoder reported.
+        reason: String,
+    },
+
     /// A failure inside the compute backend (device lost, execution error).
     #[error("backend error: {0}")]
     Backend(String),

@@ -26,6 +26,8 @@
 //! ```
 //!
 //! ## Modules
+//! - [`augment`]: images to tensors: the evaluation transform and the MoCo v2 training views.
+//! - [`data`]: CIFAR-10/100, image folders, MVTec AD, the embedded digits; one-class splits.
 //! - [`encoder`]: torchvision ResNets, checkpoint loading, freezing.
 //! - [`device`]: a device from a name (`auto`, `wgpu`, `flex`, `ndarray`).
 //! - [`loss`]: the Mean-Shifted Contrastive loss (and plain NT-Xent).
@@ -33,17 +35,26 @@
 //! - [`metrics`]: ROC-AUC and average precision, equal to scikit-learn's.
 //! - [`host`]: tensors to and from `ndarray` arrays.
 //! - [`npy`]: `.npy` input and output of float32 arrays.
+//! - [`features`]: φ over a whole image source, in batches.
+//! - [`train`]: the MSC fine-tuning loop, its settings and progress reports.
+//! - [`Detector`]: fit, score, threshold, save and load.
 //! - [`Error`], [`Result`]: the crate's error type.
 
 #![warn(missing_docs)]
 
+pub mod augment;
+pub mod data;
+mod detector;
 pub mod device;
 pub mod encoder;
 mod error;
+pub mod features;
 pub mod host;
 pub mod knn;
 pub mod loss;
 pub mod metrics;
 pub mod npy;
+pub mod train;
 
+pub use detector::Detector;
 pub use error::{Error, Result};

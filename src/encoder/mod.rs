@@ -226,7 +226,7 @@ impl ResNetConfig {
             layer2,
             layer3,
             layer4,
-            feature_dim: self.feature_dim(),
+            config: self.clone(),
         })
     }
 
@@ -299,7 +299,9 @@ pub struct ResNet {
     pub layer3: Vec<ResidualBlock>,
     /// Stage 4 (stride 2).
     pub layer4: Vec<ResidualBlock>,
-    feature_dim: usize,
+    /// The layout this net was built from.
+    #[module(skip)]
+    config: ResNetConfig,
 }
 
 impl ResNet {
@@ -345,7 +347,12 @@ impl ResNet {
 
     /// Length of the feature vector (512 or 2048 for torchvision's nets).
     pub fn feature_dim(&self) -> usize {
-        self.feature_dim
+        self.config.feature_dim()
+    }
+
+    /// The layout this net was built from.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
     }
 }
 

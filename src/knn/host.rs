@@ -50,7 +50,7 @@ impl HostKnnScorer {
 
     /// [`HostKnnScorer::new`] from a row-major slice of `n` rows.
     pub fn from_slice(bank: &[f32], n: usize, k: usize) -> Result<Self> {
-        if n == 0 || bank.len() % n != 0 {
+        if n == 0 || !bank.len().is_multiple_of(n) {
             return Err(Error::InvalidShape {
                 what: "bank".into(),
                 expected: format!("{n} rows of equal length"),

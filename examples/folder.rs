@@ -1,0 +1,233 @@
+//! Fit a detector on a folder of normal images (or an MVTec AD category), score another folder,
+//! write `path,score,anomalous` CSV, save the detector; or score with a saved one.
+//!
+//! ```text
+//! # fit on normal images, score a folder, save
+//! cargo run --release --example folder -- --train good/ --score incoming/ --out scores.csv \
+//!     --save detector/ [--weights resnet18-f37072fd.pth] [--epochs 5] [--image-size 224]
+//! # MVTec AD: fit on <root>/<category>/train/good, score <root>/<category>/test
+//! cargo run --release --example folder -- --mvtec mvtec_ad/ --category bottle --out scores.csv
+//! # score with a saved detector
+//! cargo run --release --example folder -- --load detector/ --score incoming/ --out scores.csv
+//! ```
+//!
+//! The threshold of the `anomalous` column is the `--quantile` (default 0.99) of the scores of
+//! the normal training images, so no anomalous example is needed.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use indicatif::ProgressBar;
+use msad::data::{FolderOptions, ImageFolder, ImageSource, MvtecAd};
+use msad::encoder::{Arch, ResNetConfig};
+use msad::train::{Control, Evaluation, MscTrainerConfig, TrainEvent};
+use msad::{Detector, Error};
+
+/// Fit an MSC anomaly detector on normal images and score new ones.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Folder of normal training images.
+    #[arg(long, conflicts_with_all = ["mvtec", "load"])]
+    train: Option<PathBuf>,
+    /// MVTec AD root (with --category): train on train/good, score test/.
+    #[arg(long, requires = "category", conflicts_with = "load")]
+    mvtec: Option<PathBuf>,
+    /// MVTec AD category (bottle, cable, ...).
+    #[arg(long)]
+    category: Option<String>,
+    /// A detector saved with --save: score without training.
+    #[arg(long)]
+    load: Option<PathBuf>,
+    /// Folder of images to score (with --mvtec: the category's test images).
+    #[arg(long)]
+    score: Option<PathBuf>,
+    /// CSV output: path,score,anomalous.
+    #[arg(long, default_value = "scores.csv")]
+    out: PathBuf,
+    /// Save the fitted detector to this directory.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// resnet18 ... resnet152 (with --weights).
+    #[arg(long, default_value = "resnet18")]
+    arch: Arch,
+    /// torchvision checkpoint; random initialisation without.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Fine-tuning epochs.
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    /// Image size (224: the reference's Resize(256) + CenterCrop(224)).
+    #[arg(long, default_value_t = 224)]
+    image_size: u32,
+    /// Quantile of the normal training scores used as the threshold.
+    #[arg(long, default_value_t = 0.99)]
+    quantile: f64,
+    /// Skip unreadable images (and list them) instead of failing.
+    #[arg(long)]
+    lenient: bool,
+    /// auto, wgpu, flex or ndarray.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn run(args: Args) -> msad::Result<()> {
+    let selected = msad::device::select(&args.device)?;
+    eprintln!("device: {selected}");
+    let device = selected.device();
+    let options = if args.lenient {
+        FolderOptions::lenient()
+    } else {
+        FolderOptions::strict()
+    };
+    let open = |dir: &PathBuf| -> msad::Result<ImageFolder> {
+        let folder = ImageFolder::open_with(dir, options)?;
+        for s in folder.skipped() {
+            eprintln!("skipped {}: {}", s.path.display(), s.reason);
+        }
+        Ok(folder)
+    };
+
+    // The images to fit on, the images to score, and (MVTec) their labels.
+    let (train, to_score, labels): (
+        Option<Box<dyn ImageSource>>,
+        Option<Box<dyn ImageSource>>,
+        Option<Vec<bool>>,
+    ) = match (&args.train, &args.mvtec) {
+        (Some(dir), _) => (Some(Box::new(open(dir)?)), None, None),
+        (None, Some(root)) => {
+            let category = args.category.as_deref().unwrap_or_default();
+            let split = MvtecAd::one_class(root, category, options)?;
+            (
+                Some(split.train),
+                Some(split.test),
+                Some(split.test_anomalous),
+            )
+        }
+        (None, None) => (None, None, None),
+    };
+    let to_score: Option<Box<dyn ImageSource>> = match (&args.score, to_score) {
+        (Some(dir), _) => Some(Box::new(open(dir)?)),
+        (None, from_mvtec) => from_mvtec,
+    };
+
+    let (detector, threshold) = match (&args.load, train) {
+        (Some(dir), _) => {
+            let detector = Detector::load(dir, device)?;
+            let threshold = std::fs::read_to_string(dir.join("threshold.txt"))
+                .ok()
+                .and_then(|t| t.trim().parse::<f32>().ok())
+                .ok_or_else(|| Error::InvalidArgument {
+                    what: "--load".into(),
+                    reason: format!("{} has no threshold.txt", dir.display()),
+                })?;
+            (detector, threshold)
+        }
+        (None, Some(train)) => {
+            let mut config = MscTrainerConfig::new()
+                .with_epochs(args.epochs)
+                .with_batch_size(args.batch.min(train.len().max(2)))
+                .with_lr(args.lr);
+            if args.image_size != 224 {
+                config = config.with_image_size(args.image_size);
+            }
+            let encoder = match &args.weights {
+                Some(path) => {
+                    ResNetConfig::from_arch(args.arch).init_from_torchvision(path, device)?
+                }
+                None => {
+                    eprintln!(
+                        "warning: no --weights, the {} is randomly initialised",
+                        args.arch
+                    );
+                    ResNetConfig::from_arch(args.arch).try_init(device)?
+                }
+            };
+            eprintln!("fitting on {} normal images", train.len());
+            let bar = ProgressBar::new((args.epochs.max(1)) as u64);
+            let test = match (&to_score, &labels) {
+                (Some(images), Some(anomalous)) => Some(Evaluation {
+                    images: images.as_ref(),
+                    anomalous,
+                }),
+                _ => None,
+            };
+            let detector =
+                Detector::fit_with(config, encoder, train.as_ref(), test, device, |e| {
+                    if let TrainEvent::Epoch(r) = e {
+                        if r.epoch > 0 {
+                            bar.inc(1);
+                        }
+                        bar.println(format!(
+                            "epoch {}: loss {:?}, ROC-AUC {:?}",
+                            r.epoch, r.mean_loss, r.auroc
+                        ));
+                    }
+                    Control::Continue
+                })?;
+            bar.finish_and_clear();
+            let normal_scores = detector.score_source(train.as_ref())?;
+            let threshold = Detector::threshold_from_normal_scores(&normal_scores, args.quantile)?;
+            (detector, threshold)
+        }
+        (None, None) => {
+            return Err(Error::InvalidArgument {
+                what: "arguments".into(),
+                reason: "give --train DIR, --mvtec ROOT --category C, or --load DIR".into(),
+            });
+        }
+    };
+    eprintln!("threshold: {threshold}");
+    if let Some(dir) = &args.save {
+        detector.save(dir)?;
+        let path = dir.join("threshold.txt");
+        std::fs::write(&path, format!("{threshold}\n"))
+            .map_err(|e| Error::Io { path, source: e })?;
+        eprintln!("saved the detector to {}", dir.display());
+    }
+
+    if let Some(images) = to_score {
+        let scores = detector.score_source(images.as_ref())?;
+        let file = std::fs::File::create(&args.out).map_err(|e| Error::Io {
+            path: args.out.clone(),
+            source: e,
+        })?;
+        let mut csv = std::io::BufWriter::new(file);
+        let write_err = |e: std::io::Error| Error::Io {
+            path: args.out.clone(),
+            source: e,
+        };
+        writeln!(csv, "path,score,anomalous").map_err(write_err)?;
+        for (i, s) in scores.iter().enumerate() {
+            let name = images.name(i).replace('"', "\"\"");
+            writeln!(csv, "\"{name}\",{s},{}", *s > threshold).map_err(write_err)?;
+        }
+        csv.flush().map_err(write_err)?;
+        eprintln!("wrote {} scores to {}", scores.len(), args.out.display());
+        if let Some(labels) = &labels {
+            println!("ROC-AUC {:.4}", msad::metrics::roc_auc(&scores, labels)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The image operations of torchvision's PIL path, each with explicit parameters.
+//!
+//! Each follows Pillow's C implementation (`Resample.c`, `BoxBlur.c`, `Convert.c`,
+//! `Blend.c`, `ImageEnhance.py`) and torchvision's `_functional_pil.py`, in 8-bit arithmetic
+//! where they use it, so that the outputs match torchvision on PIL images to a unit or two in
+//! the last place (tests/augment.rs checks them against fixtures written by torchvision).
+//!
+//! ```
+//! use image::RgbImage;
+//! use msad::augment::ops::{self, CropBox, Filter};
+//!
+//! let img = RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 128]));
+//! let crop = ops::crop(&img, CropBox { top: 5, left: 10, height: 20, width: 20 });
+//! let small = ops::resize(&crop, 8, 8, Filter::Bilinear);
+//! let jittered = ops::adjust_brightness(&ops::hflip(&small), 1.2);
+//! assert_eq!(jittered.dimensions(), (8, 8));
+//! ```
+
+use image::{Rgb, RgbImage};
+
+/// Resampling filters (PIL's `Image.BILINEAR` and `Image.BICUBIC`), antialiased when shrinking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Filter {
+    /// Triangle filter, support 1.
+    Bilinear,
+    /// Keys cubic with a = −0.5, support 2.
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Bilinear => {
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// A rectangle in pixels: rows `top..top + height`, columns `left..left + width`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CropBox {
+    /// First row.
+    pub top: u32,
+    /// First column.
+    pub left: u32,
+    /// Rows.
+    pub height: u32,
+    /// Columns.
+    pub width: u32,
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output pixel: the first input index, the number of taps, and fixed-point weights
+/// (Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc`).
+struct Coefficients {
+    bounds: Vec<(usize, usize)>,
+    ksize: usize,
+    weights: Vec<i32>,
+}
+
+fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) truncates toward zero, and `center - support + 0.5` can be negative.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let taps = xmax.saturating_sub(xmin);
+        let mut total = 0.0;
+        for (x, w) in k.iter_mut().enumerate().take(taps) {
+            *w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
+            total += *w;
+        }
+        for x in 0..taps {
+            let w = if total != 0.0 { k[x] / total } else { k[x] };
+            let fixed = w * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
+        }
+        bounds.push((xmin, taps));
+    }
+    Coefficients {
+        bounds,
+        ksize,
+        weights,
+    }
+}
+
+#[inline]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes the `region` of `img` to `width` × `height` as PIL's `Image.resize` resizes the
+/// cropped image (torchvision's `resized_crop` crops first): a horizontal then a vertical pass,
+/// each in 22-bit fixed point with 8-bit intermediate rounding; a pass is skipped when its
+/// size does not change.
+pub fn resize_region(
+    img: &RgbImage,
+    region: CropBox,
+    width: u32,
+    height: u32,
+    filter: Filter,
+) -> RgbImage {
+    let (in_w, in_h) = (region.width as usize, region.height as usize);
+    let (out_w, out_h) = (width as usize, height as usize);
+    if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
+        return RgbImage::new(width, height);
+    }
+    let src = img.as_raw();
+    let stride = img.width() as usize * 3;
+    let origin = region.top as usize * stride + region.left as usize * 3;
+    let pixel = |y: usize, x: usize| origin + y * stride + x * 3;
+
+    let vert = coefficients(in_h, out_h, filter);
+    let need_h = out_w != in_w;
+    let need_v = out_h != in_h;
+    // Rows the vertical pass reads.
+    let y_first = vert.bounds[0].0;
+    let y_last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
+
+    // Horizontal pass over the rows in use: temp is (y_last - y_first) × out_w.
+    let (temp, temp_w, temp_row0) = if need_h {
+        let horiz = coefficients(in_w, out_w, filter);
+        let rows = y_last - y_first;
+        let mut temp = vec![0u8; rows * out_w * 3];
+        for r in 0..rows {
+            let y = y_first + r;
+            let out_row = &mut temp[r * out_w * 3..(r + 1) * out_w * 3];
+            for xx in 0..out_w {
+                let (xmin, taps) = horiz.bounds[xx];
+                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + taps];
+                let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+                let base = pixel(y, xmin);
+                for (t, w) in k.iter().enumerate() {
+                    let p = base + t * 3;
+                    acc[0] += src[p] as i32 * w;
+                    acc[1] += src[p + 1] as i32 * w;
+                    acc[2] += src[p + 2] as i32 * w;
+                }
+                out_row[xx * 3] = clip8(acc[0]);
+                out_row[xx * 3 + 1] = clip8(acc[1]);
+                out_row[xx * 3 + 2] = clip8(acc[2]);
+            }
+        }
+        (temp, out_w, y_first)
+    } else {
+        // No horizontal change: copy the region's rows.
+        let mut temp = vec![0u8; in_h * in_w * 3];
+        for y in 0..in_h {
+            let start = pixel(y, 0);
+            temp[y * in_w * 3..(y + 1) * in_w * 3].copy_from_slice(&src[start..start + in_w * 3]);
+        }
+        (temp, in_w, 0)
+    };
+
+    if !need_v {
+        return RgbImage::from_raw(width, height, temp).expect("buffer of the output size");
+    }
+    let mut out = vec![0u8; out_h * out_w * 3];
+    let tstride = temp_w * 3;
+    for yy in 0..out_h {
+        let (ymin, taps) = vert.bounds[yy];
+        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + taps];
+        let out_row = &mut out[yy * tstride..(yy + 1) * tstride];
+        for (c, o) in out_row.iter_mut().enumerate() {
+            let mut acc = 1i32 << (PRECISION_BITS - 1);
+            for (t, w) in k.iter().enumerate() {
+                acc += temp[(ymin - temp_row0 + t) * tstride + c] as i32 * w;
+            }
+            *o = clip8(acc);
+        }
+    }
+    RgbImage::from_raw(width, height, out).expect("buffer of the output size")
+}
+
+/// The whole image resized to `width` × `height` (PIL's `Image.resize`).
+pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
+    let full = CropBox {
+        top: 0,
+        left: 0,
+        height: img.height(),
+        width: img.width(),
+    };
+    resize_region(img, full, width, height, filter)
+}
+
+/// torchvision's `Resize(size)` for an int size: the shorter side becomes `size`, the longer
+/// `int(size · long / short)`.
+pub fn resize_shorter_side(img: &RgbImage, size: u32, filter: Filter) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (new_w, new_h) = if w <= h {
+        (size, (size as u64 * h as u64 / w.max(1) as u64) as u32)
+    } else {
+        ((size as u64 * w as u64 / h.max(1) as u64) as u32, size)
+    };
+    resize(img, new_w, new_h, filter)
+}
+
+/// The pixels of `region` (which must lie inside the image).
+pub fn crop(img: &RgbImage, region: CropBox) -> RgbImage {
+    RgbImage::from_fn(region.width, region.height, |x, y| {
+        *img.get_pixel(region.left + x, region.top + y)
+    })
+}
+
+/// torchvision's `CenterCrop`: offsets `round((H − h) / 2)`, `round((W − w) / 2)` with Python's
+/// round-half-to-even; an image smaller than the crop is first padded with zeros, as
+/// torchvision does.
+pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w < width || h < height {
+        // torchvision pads [left, top, right, bottom] = [(cw − w) // 2, (ch − h) // 2, (cw − w + 1) // 2, ...].
+        let (pw, ph) = (width.saturating_sub(w), height.saturating_sub(h));
+        let (left, top) = (pw / 2, ph / 2);
+        let mut padded = RgbImage::new(w + pw, h + ph);
+        image::imageops::replace(&mut padded, img, left as i64, top as i64);
+        return center_crop(&padded, width, height);
+    }
+    let top = round_half_even((h - height) as f64 / 2.0) as u32;
+    let left = round_half_even((w - width) as f64 / 2.0) as u32;
+    crop(
+        img,
+        CropBox {
+            top,
+            left,
+            height,
+            width,
+        },
+    )
+}
+
+/// Python's `round`: halves go to the even neighbour.
+pub(crate) fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+/// Mirror left to right.
+pub fn hflip(img: &RgbImage) -> RgbImage {
+    image::imageops::flip_horizontal(img)
+}
+
+/// PIL's `convert("L")`: L = (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16 (ITU-R 601-2).
+#[inline]
+pub fn luma(p: &Rgb<u8>) -> u8 {
+    ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// torchvision's `Grayscale(num_output_channels=3)`: L replicated to the three channels.
+pub fn to_grayscale(img: &RgbImage) -> RgbImage {
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let l = luma(p);
+        *p = Rgb([l, l, l]);
+    }
+    out
+}
+
+/// PIL's `Image.blend(degenerate, img, factor)`: `degenerate + factor (img − degenerate)` in
+/// float, truncated to 8 bits and clipped, as `ImagingBlend`.
+fn blend(img: &RgbImage, factor: f32, degenerate: impl Fn(usize, u8) -> u8) -> RgbImage {
+    let mut out = img.clone();
+    for (i, v) in out.iter_mut().enumerate() {
+        let d = degenerate(i, *v) as f32;
+        let t = d + factor * (*v as f32 - d);
+        *v = if t <= 0.0 {
+            0
+        } else if t >= 255.0 {
+            255
+        } else {
+            t as u8
+        };
+    }
+    out
+}
+
+/// `ImageEnhance.Brightness(img).enhance(factor)` (torchvision's `adjust_brightness`).
+pub fn adjust_brightness(img: &RgbImage, factor: f32) -> RgbImage {
+    blend(img, factor, |_, _| 0)
+}
+
+/// `ImageEnhance.Contrast(img).enhance(factor)`: blends with a gray image at the rounded mean
+/// of L.
+pub fn adjust_contrast(img: &RgbImage, factor: f32) -> RgbImage {
+    let n = (img.width() as u64 * img.height() as u64).max(1);
+    let sum: u64 = img.pixels().map(|p| luma(p) as u64).sum();
+    let mean = (sum as f64 / n as f64 + 0.5) as u8;
+    blend(img, factor, |_, _| mean)
+}
+
+/// `ImageEnhance.Color(img).enhance(factor)` (saturation): blends with the image's L.
+pub fn adjust_saturation(img: &RgbImage, factor: f32) -> RgbImage {
+    let gray: Vec<u8> = img.pixels().map(luma).collect();
+    blend(img, factor, |i, _| gray[i / 3])
+}
+
+/// torchvision's `adjust_hue` on PIL: to 8-bit HSV (Pillow's `rgb2hsv`), H shifted by
+/// `int(hue_factor · 255)` modulo 256, back to RGB (`hsv2rgb`). `hue_factor` in [−0.5, 0.5].
+pub fn adjust_hue(img: &RgbImage, hue_factor: f32) -> RgbImage {
+    let shift = (hue_factor as f64 * 255.0) as i32 as u8;
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let [h, s, v] = rgb_to_hsv(p.0);
+        *p = Rgb(hsv_to_rgb([h.wrapping_add(shift), s, v]));
+    }
+    out
+}
+
+// Pillow's `rgb2hsv_row` and `hsv2rgb` mix float and double arithmetic; the casts below follow
+// C's promotions so that the 8-bit results agree.
+fn rgb_to_hsv([r, g, b]: [u8; 3]) -> [u8; 3] {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if maxc == minc {
+        return [0, 0, maxc];
+    }
+    let cr = (maxc - minc) as f32;
+    let s = cr / maxc as f32;
+    let rc = (maxc - r) as f32 / cr;
+    let gc = (maxc - g) as f32 / cr;
+    let bc = (maxc - b) as f32 / cr;
+    let h: f32 = if r == maxc {
+        bc - gc
+    } else if g == maxc {
+        (2.0 + rc as f64 - bc as f64) as f32
+    } else {
+        (4.0 + gc as f64 - rc as f64) as f32
+    };
+    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    let clip = |v: f64| (v as i32).clamp(0, 255) as u8;
+    [clip(h as f64 * 255.0), clip(s as f64 * 255.0), maxc]
+}
+
+fn hsv_to_rgb([h, s, v]: [u8; 3]) -> [u8; 3] {
+    if s == 0 {
+        return [v, v, v];
+    }
+    let hf = h as f32 as f64 * 6.0 / 255.0;
+    let i = hf.floor() as i32;
+    let f = (hf - i as f64) as f32;
+    let fs = (s as f32 as f64 / 255.0) as f32;
+    let vf = v as f32 as f64;
+    let clip = |x: f64| (x.round() as i32).clamp(0, 255) as u8;
+    let p = clip(vf * (1.0 - fs as f64));
+    let q = clip(vf * (1.0 - (fs * f) as f64));
+    let t = clip(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
+    match i.rem_euclid(6) {
+        0 => [v, t, p],
+        1 => [q, v, p],
+        2 => [p, v, t],
+        3 => [p, q, v],
+        4 => [t, p, v],
+        _ => [v, p, q],
+    }
+}
+
+/// PIL's `ImageFilter.GaussianBlur(radius=sigma)` (MoCo v2's blur): three passes of an
+/// extended box blur per direction (`ImagingGaussianBlur`, `BoxBlur.c`), 8-bit between passes.
+pub fn gaussian_blur(img: &RgbImage, sigma: f32) -> RgbImage {
+    let radius = box_blur_radius(sigma, 3);
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if radius == 0.0 || w == 0 || h == 0 {
+        return img.clone();
+    }
+    let mut data = img.as_raw().clone();
+    let mut line = vec![0u8; w.max(h) * 3];
+    // Horizontal passes, row by row.
+    for _ in 0..3 {
+        for y in 0..h {
+            let row = &mut data[y * w * 3..(y + 1) * w * 3];
+            box_blur_line(row, &mut line[..w * 3], w, radius);
+            row.copy_from_slice(&line[..w * 3]);
+        }
+    }
+    // Vertical passes, on the transposed image (as Pillow does).
+    let mut transposed = vec![0u8; w * h * 3];
+    for y in 0..h {
+        for x in 0..w {
+            transposed[(x * h + y) * 3..(x * h + y) * 3 + 3]
+                .copy_from_slice(&data[(y * w + x) * 3..(y * w + x) * 3 + 3]);
+        }
+    }
+    for _ in 0..3 {
+        for x in 0..w {
+            let col = &mut transposed[x * h * 3..(x + 1) * h * 3];
+            box_blur_line(col, &mut line[..h * 3], h, radius);
+            col.copy_from_slice(&line[..h * 3]);
+        }
+    }
+    for y in 0..h {
+        for x in 0..w {
+            data[(y * w + x) * 3..(y * w + x) * 3 + 3]
+                .copy_from_slice(&transposed[(x * h + y) * 3..(x * h + y) * 3 + 3]);
+        }
+    }
+    RgbImage::from_raw(img.width(), img.height(), data).expect("same size")
+}
+
+/// Pillow's `_gaussian_blur_radius`: the extended-box radius whose `passes` passes have the
+/// variance of a Gaussian of standard deviation `sigma` (Gwosdek et al., SSVM 2011).
+fn box_blur_radius(sigma: f32, passes: u32) -> f32 {
+    let sigma2 = sigma * sigma / passes as f32;
+    let big_l = (12.0f64 * sigma2 as f64 + 1.0).sqrt() as f32;
+    let l = ((big_l as f64 - 1.0) / 2.0).floor() as f32;
+    let mut a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2);
+    a /= 6.0 * (sigma2 - (l + 1.0) * (l + 1.0));
+    l + a
+}
+
+/// One pass of Pillow's `ImagingLineBoxBlur` over `n` RGB pixels, edges extended.
+fn box_blur_line(input: &[u8], out: &mut [u8], n: usize, float_radius: f32) {
+    let radius = float_radius as usize;
+    let ww = ((1u32 << 24) as f32 / (float_radius * 2.0 + 1.0)) as u32;
+    let fw = ((1u32 << 24) - (radius as u32 * 2 + 1) * ww) / 2;
+    let last = n - 1;
+    let edge_a = (radius + 1).min(n);
+    let edge_b = n.saturating_sub(radius + 1);
+    let px = |i: usize, c: usize| input[i * 3 + c] as u32;
+    for c in 0..3 {
+        // The accumulator for pixel −1: the first pixel radius + 1 times, then 0..radius − 1
+        // (clamped to the line).
+        let mut acc = px(0, c) * (radius as u32 + 1);
+        for x in 0..edge_a.saturating_sub(1) {
+            acc += px(x, c);
+        }
+        acc += px(last, c) * (radius + 1 - edge_a) as u32;
+        let mut save = |x: usize, acc: u32, left: usize, right: usize| {
+            let bulk = acc * ww + (px(left, c) + px(right, c)) * fw;
+            out[x * 3 + c] = ((bulk + (1 << 23)) >> 24) as u8;
+        };
+        // acc += in[add] − in[subtract], wrapping as Pillow's unsigned arithmetic does.
+        let step = |acc: u32, sub: usize, add: usize| {
+            acc.wrapping_add(px(add, c)).wrapping_sub(px(sub, c))
+        };
+        if edge_a <= edge_b {
+            for x in 0..edge_a {
+                acc = step(acc, 0, x + radius);
+                save(x, acc, 0, x + radius + 1);
+            }
+            for x in edge_a..edge_b {
+                acc = step(acc, x - radius - 1, x + radius);
+                save(x, acc, x - radius - 1, x + radius + 1);
+            }
+            for x in edge_b..=last {
+                acc = step(acc, x - radius - 1, last);
+                save(x, acc, x - radius - 1, last);
+            }
+        } else {
+            for x in 0..edge_b {
+                acc = step(acc, 0, x + radius);
+                save(x, acc, 0, x + radius + 1);
+            }
+            for x in edge_b..edge_a {
+                acc = step(acc, 0, last);
+                save(x, acc, 0, last);
+            }
+            for x in edge_a..=last {
+                acc = step(acc, x - radius - 1, last);
+                save(x, acc, x - radius - 1, last);
+            }
+        }
+    }
+}
+
+/// ImageNet channel means (torchvision's `Normalize`).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// `ToTensor` then `Normalize(mean, std)`: CHW float32 values `(v / 255 − mean) / std`, written
+/// into `out` (length 3·H·W).
+pub fn to_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
+    let plane = (img.width() * img.height()) as usize;
+    assert_eq!(out.len(), 3 * plane, "output buffer of 3·H·W values");
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, p) in img.pixels().enumerate() {
+        r[i] = (p[0] as f32 / 255.0 - mean[0]) / std[0];
+        g[i] = (p[1] as f32 / 255.0 - mean[1]) / std[1];
+        b[i] = (p[2] as f32 / 255.0 - mean[2]) / std[2];
+    }
+}

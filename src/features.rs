@@ -1,0 +1,87 @@
+//! φ over a whole image source: decode, evaluation transform, encoder, in batches.
+//!
+//! ```
+//! use burn::tensor::Device;
+//! use image::RgbImage;
+//! use msad::augment::EvalTransform;
+//! use msad::data::ImageSource;
+//! use msad::encoder::{Arch, ResNetConfig};
+//!
+//! struct Gradients(usize);
+//! impl ImageSource for Gradients {
+//!     fn len(&self) -> usize { self.0 }
+//!     fn get(&self, i: usize) -> msad::Result<RgbImage> {
+//!         Ok(RgbImage::from_fn(20, 20, |x, y| image::Rgb([x as u8 * 9, y as u8 * 9, i as u8])))
+//!     }
+//!     fn name(&self, i: usize) -> String { format!("gradient:{i}") }
+//! }
+//!
+//! # fn main() -> msad::Result<()> {
+//! let device = Device::flex();
+//! let encoder = ResNetConfig::from_arch(Arch::Resnet18).with_stem_width(4).with_widths([4, 4, 4, 8]).init(&device);
+//! let phi = msad::features::embed_source(&encoder, &Gradients(5), &EvalTransform::new(32, 32), 2, &device)?;
+//! assert_eq!(phi.dims(), [5, 8]);
+//! # Ok(())
+//! # }
+//! ```
+
+use burn::tensor::{Device, Tensor};
+use image::RgbImage;
+use rayon::prelude::*;
+
+use crate::augment::EvalTransform;
+use crate::data::ImageSource;
+use crate::encoder::ResNet;
+use crate::{Error, Result};
+
+/// Decodes `indices` of `source` in parallel; the first unreadable image is the error.
+pub fn load_images(source: &dyn ImageSource, indices: &[usize]) -> Result<Vec<RgbImage>> {
+    indices.par_iter().map(|&i| source.get(i)).collect()
+}
+
+/// φ (L2-normalised features, N × D) of every image of `source`, `batch_size` at a time, with
+/// the evaluation transform. The encoder runs as is (use `encoder.valid()` for a copy without
+/// autodiff); only one batch of decoded images is held at a time.
+pub fn embed_source(
+    encoder: &ResNet,
+    source: &dyn ImageSource,
+    eval: &EvalTransform,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Tensor<2>> {
+    if batch_size == 0 {
+        return Err(Error::invalid("batch size", "must be at least 1"));
+    }
+    let n = source.len();
+    if n == 0 {
+        return Ok(Tensor::zeros([0, encoder.feature_dim()], device));
+    }
+    let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
+    for start in (0..n).step_by(batch_size) {
+        let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+        let images = load_images(source, &indices)?;
+        parts.push(encoder.try_embed(eval.try_batch(&images, device)?)?);
+    }
+    Ok(Tensor::cat(parts, 0))
+}
+
+/// φ of in-memory images, `batch_size` at a time.
+pub fn embed_images(
+    encoder: &ResNet,
+    images: &[RgbImage],
+    eval: &EvalTransform,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Tensor<2>> {
+    if batch_size == 0 {
+        return Err(Error::invalid("batch size", "must be at least 1"));
+    }
+    if images.is_empty() {
+        return Ok(Tensor::zeros([0, encoder.feature_dim()], device));
+    }
+    let parts = images
+        .chunks(batch_size)
+        .map(|chunk| encoder.try_embed(eval.try_batch(chunk, device)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(parts, 0))
+}

@@ -1,0 +1,406 @@
+//! Fine-tuning an encoder on normal images with the mean-shifted contrastive loss.
+//!
+//! The loop of the reference code (../method.md, Optimisation): the center is computed once from
+//! the pretrained features (evaluation transform), then every epoch visits the normal images in
+//! shuffled batches of two MoCo v2 views each, computes the mean-shifted loss and takes an SGD
+//! step on the trainable parameters only; BatchNorm stays on its running statistics. After each
+//! epoch, when a labelled test set is given, the features are re-extracted and the kNN ROC-AUC
+//! reported, as the reference prints it.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use msad::data::Digits;
+//! use msad::encoder::{Arch, ResNetConfig};
+//! use msad::train::{Control, Evaluation, MscTrainer, MscTrainerConfig, TrainEvent};
+//!
+//! # fn main() -> msad::Result<()> {
+//! let device = Device::flex();
+//! let split = Digits::load().one_class(3)?;
+//! let encoder = ResNetConfig::from_arch(Arch::Resnet18).try_init(&device)?;
+//! let trainer = MscTrainer::new(MscTrainerConfig::new().with_epochs(2))?;
+//! let test = Evaluation { images: split.test.as_ref(), anomalous: &split.test_anomalous };
+//! let outcome = trainer.fit(encoder, split.train.as_ref(), Some(test), &device, |event: &TrainEvent| {
+//!     if let TrainEvent::Epoch(report) = event {
+//!         println!("epoch {}: loss {:?}, ROC-AUC {:?}", report.epoch, report.mean_loss, report.auroc);
+//!     }
+//!     Control::Continue
+//! })?;
+//! println!("{} epochs", outcome.history.len() - 1);
+//! # Ok(())
+//! # }
+//! ```
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+
+use crate::augment::{EvalTransform, TrainAugmentConfig};
+use crate::data::ImageSource;
+use crate::encoder::{FreezePolicy, ResNet};
+use crate::features::{embed_source, load_images};
+use crate::knn::KnnScorer;
+use crate::loss::MeanShiftedContrastiveLossConfig;
+use crate::{Error, Result};
+
+/// Settings of [`MscTrainer`]; defaults are the reference's.
+#[derive(Config, Debug)]
+pub struct MscTrainerConfig {
+    /// Passes over the normal images. Default: 20.
+    #[config(default = 20)]
+    pub epochs: usize,
+    /// Images per step (two views each); the last partial batch is kept. Default: 64.
+    #[config(default = 64)]
+    pub batch_size: usize,
+    /// SGD learning rate. Default: 1e-5.
+    #[config(default = 1e-5)]
+    pub lr: f64,
+    /// SGD weight decay (added to the gradient, as PyTorch). Default: 5e-5.
+    #[config(default = 5e-5)]
+    pub weight_decay: f64,
+    /// Loss temperature. Default: 0.25.
+    #[config(default = 0.25)]
+    pub temperature: f64,
+    /// Add the angular center loss (and normalise the center). Default: false.
+    #[config(default = false)]
+    pub angular: bool,
+    /// Neighbours of the kNN score. Default: 2.
+    #[config(default = 2)]
+    pub k: usize,
+    /// Which stages do not train. Default: `None`, the reference's choice for the encoder's
+    /// architecture (ResNet-152 through `layer2`, nothing otherwise).
+    #[config(default = "None")]
+    pub freeze: Option<FreezePolicy>,
+    /// Seed of the shuffling and of the augmentations. Default: 0.
+    #[config(default = 0)]
+    pub seed: u64,
+    /// The training views. Default: MoCo v2 at 224 px.
+    #[config(default = "TrainAugmentConfig::new()")]
+    pub augment: TrainAugmentConfig,
+    /// The transform for the center, the bank and test images. Default: Resize(256) +
+    /// CenterCrop(224), bilinear (the reference's ResNet-152 path).
+    #[config(default = "EvalTransform::resnet152()")]
+    pub eval: EvalTransform,
+    /// Images per batch when extracting features. Default: 64.
+    #[config(default = 64)]
+    pub eval_batch_size: usize,
+}
+
+impl MscTrainerConfig {
+    /// The same settings with training and evaluation images of `size` pixels (the training
+    /// crop, and a resize and crop to `size`): what 32 px runs on CPUs use.
+    pub fn with_image_size(self, size: u32) -> Self {
+        let augment = self.augment.clone().with_size(size);
+        let eval = EvalTransform::new(size, size).with_filter(self.eval.filter);
+        self.with_augment(augment).with_eval(eval)
+    }
+}
+
+/// Labelled test images for the per-epoch ROC-AUC.
+#[derive(Clone, Copy)]
+pub struct Evaluation<'a> {
+    /// The test images.
+    pub images: &'a dyn ImageSource,
+    /// Per test image: `true` when anomalous.
+    pub anomalous: &'a [bool],
+}
+
+/// What the trainer reports.
+#[derive(Clone, Debug)]
+pub enum TrainEvent {
+    /// After each optimisation step.
+    Step(StepReport),
+    /// Before training (epoch 0, the pretrained features) and after each epoch.
+    Epoch(EpochReport),
+}
+
+/// One optimisation step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// Epoch, from 1.
+    pub epoch: usize,
+    /// Step within the epoch, from 1.
+    pub step: usize,
+    /// Steps per epoch.
+    pub steps: usize,
+    /// Images in the batch.
+    pub batch: usize,
+    /// The batch's loss.
+    pub loss: f32,
+}
+
+/// One epoch: the mean loss per image and, with a test set, the kNN ROC-AUC after it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochReport {
+    /// 0 for the pretrained features, then 1, 2, ...
+    pub epoch: usize,
+    /// Mean loss per image (`None` for epoch 0).
+    pub mean_loss: Option<f64>,
+    /// ROC-AUC of the kNN score on the test set, if one was given.
+    pub auroc: Option<f64>,
+}
+
+/// The observer's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Keep training.
+    Continue,
+    /// Stop now (early stopping, cancellation): the encoder is returned as it is.
+    Stop,
+}
+
+/// What [`MscTrainer::fit`] returns.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// The fine-tuned encoder, on the plain (non-autodiff) device.
+    pub encoder: ResNet,
+    /// The center c (unit-norm with the angular option).
+    pub center: Tensor<1>,
+    /// Epoch 0 and every completed epoch.
+    pub history: Vec<EpochReport>,
+    /// Whether the observer stopped the run.
+    pub stopped: bool,
+}
+
+/// The MSC fine-tuning loop (see the [module docs](self)).
+#[derive(Clone, Debug)]
+pub struct MscTrainer {
+    config: MscTrainerConfig,
+}
+
+impl MscTrainer {
+    /// A trainer, after checking the settings (epochs, batch ≥ 2, positive learning rate,
+    /// non-negative weight decay, temperature, k ≥ 1, augmentation ranges).
+    pub fn new(config: MscTrainerConfig) -> Result<Self> {
+        if config.batch_size < 2 {
+            return Err(Error::invalid(
+                "batch size",
+                format!("{}; the loss needs at least 2 images", config.batch_size),
+            ));
+        }
+        if !(config.lr.is_finite() && config.lr > 0.0) {
+            return Err(Error::invalid(
+                "learning rate",
+                format!("{}; must be positive", config.lr),
+            ));
+        }
+        if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
+            return Err(Error::invalid(
+                "weight decay",
+                format!("{}; must be ≥ 0", config.weight_decay),
+            ));
+        }
+        if config.k == 0 || config.eval_batch_size == 0 {
+            return Err(Error::invalid(
+                "k and eval batch size",
+                "must be at least 1",
+            ));
+        }
+        MeanShiftedContrastiveLossConfig::new()
+            .with_temperature(config.temperature)
+            .try_init()?;
+        config.augment.try_init()?;
+        config.eval.try_apply(&image::RgbImage::new(1, 1))?;
+        Ok(Self { config })
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &MscTrainerConfig {
+        &self.config
+    }
+
+    /// The center: mean of φ over `train` (evaluation transform), unit-norm with `angular`.
+    pub fn center(
+        &self,
+        encoder: &ResNet,
+        train: &dyn ImageSource,
+        device: &Device,
+    ) -> Result<Tensor<1>> {
+        if train.is_empty() {
+            return Err(Error::invalid("training images", "none given"));
+        }
+        let phi = embed_source(
+            encoder,
+            train,
+            &self.config.eval,
+            self.config.eval_batch_size,
+            device,
+        )?;
+        let d = phi.dims()[1];
+        let center = phi.mean_dim(0).reshape([d]);
+        Ok(if self.config.angular {
+            let norm = center.clone().square().sum().sqrt().clamp_min(1e-12);
+            center / norm
+        } else {
+            center
+        })
+    }
+
+    /// kNN ROC-AUC of `test` against the features of `train`, with `encoder` as it is.
+    pub fn evaluate(
+        &self,
+        encoder: &ResNet,
+        train: &dyn ImageSource,
+        test: Evaluation<'_>,
+        device: &Device,
+    ) -> Result<f64> {
+        if test.images.len() != test.anomalous.len() {
+            return Err(Error::invalid(
+                "test labels",
+                format!(
+                    "{} images but {} labels",
+                    test.images.len(),
+                    test.anomalous.len()
+                ),
+            ));
+        }
+        let (eval, batch) = (&self.config.eval, self.config.eval_batch_size);
+        let bank = embed_source(encoder, train, eval, batch, device)?;
+        let knn = KnnScorer::new(bank, self.config.k.min(train.len()))?;
+        let scores = crate::host::vec_from_tensor(knn.score(embed_source(
+            encoder,
+            test.images,
+            eval,
+            batch,
+            device,
+        )?)?)?;
+        crate::metrics::roc_auc(&scores, test.anomalous)
+    }
+
+    /// Fine-tunes `encoder` on `train` (normal images only). `observer` sees every step and
+    /// epoch and may stop the run. Reproducible for a seed on a given backend.
+    pub fn fit(
+        &self,
+        encoder: ResNet,
+        train: &dyn ImageSource,
+        test: Option<Evaluation<'_>>,
+        device: &Device,
+        mut observer: impl FnMut(&TrainEvent) -> Control,
+    ) -> Result<TrainOutcome> {
+        let c = &self.config;
+        let n = train.len();
+        if n < 2 {
+            return Err(Error::invalid(
+                "training images",
+                format!("{n}; at least 2 are needed"),
+            ));
+        }
+        let plain = device.clone().without_autodiff();
+        let encoder = encoder.valid().to_device(&plain);
+        let center = self.center(&encoder, train, &plain)?;
+        let mut history = Vec::new();
+        let auroc = test
+            .map(|t| self.evaluate(&encoder, train, t, &plain))
+            .transpose()?;
+        history.push(EpochReport {
+            epoch: 0,
+            mean_loss: None,
+            auroc,
+        });
+        if observer(&TrainEvent::Epoch(history[0].clone())) == Control::Stop || c.epochs == 0 {
+            return Ok(TrainOutcome {
+                encoder,
+                center,
+                history,
+                stopped: c.epochs > 0,
+            });
+        }
+
+        let train_device = plain.clone().autodiff();
+        let freeze = c.freeze.unwrap_or_else(|| {
+            encoder
+                .config()
+                .arch()
+                .map_or(FreezePolicy::NONE, FreezePolicy::reference)
+        });
+        // `valid()` above switched gradients off; `train()` restores them on the autodiff device.
+        let mut model = freeze.apply(encoder.fork(&train_device).train());
+        let center_ad = center.clone().to_device(&train_device);
+        let loss_fn = MeanShiftedContrastiveLossConfig::new()
+            .with_temperature(c.temperature)
+            .with_angular(c.angular)
+            .try_init()?;
+        let augment = c.augment.try_init()?;
+        let mut optim = SgdConfig::new()
+            .with_weight_decay(
+                (c.weight_decay > 0.0).then(|| WeightDecayConfig::new(c.weight_decay as f32)),
+            )
+            .init();
+        let mut rng = StdRng::seed_from_u64(c.seed);
+        let mut order: Vec<usize> = (0..n).collect();
+        // A last batch of one image has no negative pair: the reference's loss is 0 there and
+        // only weight decay would move the weights; it is skipped.
+        let batches = |order: &[usize]| -> Vec<Vec<usize>> {
+            order
+                .chunks(c.batch_size)
+                .filter(|b| b.len() >= 2)
+                .map(<[usize]>::to_vec)
+                .collect()
+        };
+        let mut stopped = false;
+        'epochs: for epoch in 1..=c.epochs {
+            order.shuffle(&mut rng);
+            let epoch_batches = batches(&order);
+            let steps = epoch_batches.len();
+            let (mut total, mut seen) = (0.0f64, 0usize);
+            for (step, indices) in epoch_batches.iter().enumerate() {
+                let images = load_images(train, indices)?;
+                let mut view_rng = StdRng::seed_from_u64(rng.random());
+                let (v1, v2) = augment.views(&images, &mut view_rng, &train_device)?;
+                let b = images.len();
+                // BatchNorm runs on running statistics, so both views go through in one batch.
+                let phi = model.try_embed(Tensor::cat(vec![v1, v2], 0))?;
+                let d = phi.dims()[1];
+                let phi1 = phi.clone().slice([0..b, 0..d]);
+                let phi2 = phi.slice([b..2 * b, 0..d]);
+                let loss = loss_fn.try_forward(phi1, phi2, center_ad.clone())?;
+                let value = crate::host::vec_from_tensor(loss.clone())?[0];
+                if !value.is_finite() {
+                    return Err(Error::Backend(format!(
+                        "the loss became {value} at epoch {epoch}, step {}",
+                        step + 1
+                    )));
+                }
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(c.lr, model, grads);
+                total += value as f64 * b as f64;
+                seen += b;
+                let report = StepReport {
+                    epoch,
+                    step: step + 1,
+                    steps,
+                    batch: b,
+                    loss: value,
+                };
+                if observer(&TrainEvent::Step(report)) == Control::Stop {
+                    stopped = true;
+                    break 'epochs;
+                }
+            }
+            let current = model.valid();
+            let auroc = test
+                .map(|t| self.evaluate(&current, train, t, &plain))
+                .transpose()?;
+            let report = EpochReport {
+                epoch,
+                mean_loss: (seen > 0).then(|| total / seen as f64),
+                auroc,
+            };
+            history.push(report.clone());
+            if observer(&TrainEvent::Epoch(report)) == Control::Stop {
+                stopped = epoch < c.epochs;
+                break;
+            }
+        }
+        Ok(TrainOutcome {
+            encoder: model.valid(),
+            center,
+            history,
+            stopped,
+        })
+    }
+}

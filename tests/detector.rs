@@ -1,0 +1,140 @@
+//! The Detector: fit, score, threshold, predict, save and load, and the errors of loading.
+
+mod common;
+
+use burn::tensor::Device;
+use msad::data::Digits;
+use msad::encoder::ResNet;
+use msad::train::MscTrainerConfig;
+use msad::{Detector, Error};
+
+use common::fixture;
+
+fn config() -> MscTrainerConfig {
+    MscTrainerConfig::new()
+        .with_epochs(1)
+        .with_batch_size(16)
+        .with_lr(1e-3)
+        .with_image_size(16)
+}
+
+fn fitted(device: &Device) -> (Detector, msad::data::OneClassSplit) {
+    let split = Digits::load().one_class(0).unwrap();
+    let encoder = ResNet::from_torchvision(fixture("encoder", "narrow18.pth"), device).unwrap();
+    let detector = Detector::fit(config(), encoder, split.train.as_ref(), device).unwrap();
+    (detector, split)
+}
+
+#[test]
+fn fit_score_save_load_round_trip() {
+    let device = Device::flex();
+    let (detector, split) = fitted(&device);
+    assert_eq!(detector.bank().dims(), [split.train.len(), 32]);
+    let scores = detector.score_source(split.test.as_ref()).unwrap();
+    assert_eq!(scores.len(), split.test.len());
+    let auroc = msad::metrics::roc_auc(&scores, &split.test_anomalous).unwrap();
+    assert!(auroc > 0.5, "ROC-AUC {auroc}");
+
+    // In-memory images score as the source does.
+    let images: Vec<_> = (0..20).map(|i| split.test.get(i).unwrap()).collect();
+    assert_eq!(detector.score(&images).unwrap(), scores[..20].to_vec());
+
+    let dir = tempfile::tempdir().unwrap();
+    detector.save(dir.path()).unwrap();
+    let loaded = Detector::load(dir.path(), &device).unwrap();
+    assert_eq!(loaded.score_source(split.test.as_ref()).unwrap(), scores);
+    assert_eq!(loaded.eval_transform(), detector.eval_transform());
+
+    // The training images are in the bank: each one's nearest neighbour is itself.
+    let train_scores = detector.score_source(split.train.as_ref()).unwrap();
+    let normal: Vec<f32> = scores
+        .iter()
+        .zip(&split.test_anomalous)
+        .filter(|(_, a)| !**a)
+        .map(|(s, _)| *s)
+        .collect();
+    let threshold = Detector::threshold_from_normal_scores(&normal, 0.9).unwrap();
+    let flags = detector
+        .predict_source(split.test.as_ref(), threshold)
+        .unwrap();
+    let flagged_normal = flags
+        .iter()
+        .zip(&split.test_anomalous)
+        .filter(|(f, a)| **f && !**a)
+        .count();
+    assert!(flagged_normal as f64 <= 0.1 * normal.len() as f64 + 1.0);
+    assert!(train_scores.iter().all(|s| s.is_finite()));
+}
+
+#[test]
+fn thresholds_are_quantiles_of_normal_scores() {
+    let t = Detector::threshold_from_normal_scores(&[4.0, 1.0, 3.0, 2.0], 0.5).unwrap();
+    assert_eq!(t, 2.5);
+    assert_eq!(
+        Detector::threshold_from_normal_scores(&[7.0], 0.99).unwrap(),
+        7.0
+    );
+    assert_eq!(
+        Detector::threshold_from_normal_scores(&[1.0, 9.0], 1.0).unwrap(),
+        9.0
+    );
+    for (scores, q) in [(&[1.0f32][..], 1.5), (&[][..], 0.5), (&[f32::NAN][..], 0.5)] {
+        let err = Detector::threshold_from_normal_scores(scores, q).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    }
+}
+
+#[test]
+fn loading_anything_else_is_an_error() {
+    let device = Device::flex();
+    let (detector, _) = fitted(&device);
+    let dir = tempfile::tempdir().unwrap();
+    let save = |name: &str| {
+        let path = dir.path().join(name);
+        detector.save(&path).unwrap();
+        path
+    };
+    let manifest = |path: &std::path::Path| path.join("detector.json");
+    let edit = |path: &std::path::Path, from: &str, to: &str| {
+        let text = std::fs::read_to_string(manifest(path)).unwrap();
+        assert!(text.contains(from), "{from} not in the manifest");
+        std::fs::write(manifest(path), text.replacen(from, to, 1)).unwrap();
+    };
+
+    let other_version = save("version");
+    edit(&other_version, "\"version\": 1", "\"version\": 2");
+    let err = Detector::load(&other_version, &device).unwrap_err();
+    assert!(
+        matches!(err, Error::Checkpoint { ref reason, .. } if reason.contains("version")),
+        "{err}"
+    );
+
+    // Another architecture recorded than the weights hold.
+    let other_arch = save("arch");
+    edit(&other_arch, "\"stem_width\": 8", "\"stem_width\": 16");
+    let err = Detector::load(&other_arch, &device).unwrap_err();
+    assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+
+    let short_bank = save("bank");
+    let bank = msad::npy::read_f32(short_bank.join("bank.npy")).unwrap();
+    let cut = bank.slice(ndarray::s![..5, ..]).to_owned().into_dyn();
+    msad::npy::write_f32(short_bank.join("bank.npy"), &cut).unwrap();
+    let err = Detector::load(&short_bank, &device).unwrap_err();
+    assert!(matches!(err, Error::InvalidShape { .. }), "{err}");
+
+    let missing = save("missing");
+    std::fs::remove_file(missing.join("encoder.safetensors")).unwrap();
+    assert!(Detector::load(&missing, &device).is_err());
+
+    let garbage = save("garbage");
+    std::fs::write(manifest(&garbage), "{ not json").unwrap();
+    assert!(matches!(
+        Detector::load(&garbage, &device),
+        Err(Error::Checkpoint { .. })
+    ));
+
+    assert!(matches!(
+        Detector::load(dir.path().join("nothing-here"), &device),
+        Err(Error::Io { .. })
+    ));
+}
