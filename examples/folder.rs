@@ -11,8 +11,9 @@
 //! cargo run --release --example folder -- --load detector/ --score incoming/ --out scores.csv
 //! ```
 //!
-//! The threshold of the `anomalous` column is the `--quantile` (default 0.99) of the scores of
-//! the normal training images, so no anomalous example is needed.
+//! The threshold of the `anomalous` column is the `--quantile` (default 0.99) of the
+//! leave-one-out scores of the normal training images (`Detector::normal_scores`), so no
+//! anomalous example is needed.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -68,10 +69,12 @@ struct Args {
     /// SGD learning rate.
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
-    /// Image size (224: the reference's Resize(256) + CenterCrop(224)).
+    /// Image size. 224 is the reference's evaluation transform for the architecture (ResNet-152:
+    /// Resize(256) + CenterCrop(224); others: Resize(224, bicubic) + CenterCrop(224)); another
+    /// size resizes and crops to it, and the training crop is that size.
     #[arg(long, default_value_t = 224)]
     image_size: u32,
-    /// Quantile of the normal training scores used as the threshold.
+    /// Quantile of the leave-one-out scores of the normal training images used as the threshold.
     #[arg(long, default_value_t = 0.99)]
     quantile: f64,
     /// Skip unreadable images (and list them) instead of failing.
@@ -81,6 +84,9 @@ struct Args {
     #[arg(long, default_value = "auto")]
     device: String,
 }
+
+/// A folder or a dataset split.
+type Source = Box<dyn ImageSource>;
 
 fn run(args: Args) -> msad::Result<()> {
     let selected = msad::device::select(&args.device)?;
@@ -99,27 +105,22 @@ fn run(args: Args) -> msad::Result<()> {
         Ok(folder)
     };
 
-    // The images to fit on, the images to score, and (MVTec) their labels.
-    let (train, to_score, labels): (
-        Option<Box<dyn ImageSource>>,
-        Option<Box<dyn ImageSource>>,
-        Option<Vec<bool>>,
-    ) = match (&args.train, &args.mvtec) {
-        (Some(dir), _) => (Some(Box::new(open(dir)?)), None, None),
-        (None, Some(root)) => {
-            let category = args.category.as_deref().unwrap_or_default();
-            let split = MvtecAd::one_class(root, category, options)?;
-            (
-                Some(split.train),
-                Some(split.test),
-                Some(split.test_anomalous),
-            )
-        }
-        (None, None) => (None, None, None),
-    };
-    let to_score: Option<Box<dyn ImageSource>> = match (&args.score, to_score) {
-        (Some(dir), _) => Some(Box::new(open(dir)?)),
-        (None, from_mvtec) => from_mvtec,
+    // The images to fit on and (MVTec) the labelled test images.
+    let (train, labelled): (Option<Source>, Option<(Source, Vec<bool>)>) =
+        match (&args.train, &args.mvtec) {
+            (Some(dir), _) => (Some(Box::new(open(dir)?)), None),
+            (None, Some(root)) => {
+                let category = args.category.as_deref().unwrap_or_default();
+                let split = MvtecAd::one_class(root, category, options)?;
+                (Some(split.train), Some((split.test, split.test_anomalous)))
+            }
+            (None, None) => (None, None),
+        };
+    // What to score: --score, else the MVTec test images (then with their labels).
+    let (to_score, labels): (Option<Source>, Option<&[bool]>) = match (&args.score, &labelled) {
+        (Some(dir), _) => (Some(Box::new(open(dir)?)), None),
+        (None, Some((_, labels))) => (None, Some(labels)),
+        (None, None) => (None, None),
     };
 
     let (detector, threshold) = match (&args.load, train) {
@@ -156,13 +157,10 @@ fn run(args: Args) -> msad::Result<()> {
             };
             eprintln!("fitting on {} normal images", train.len());
             let bar = ProgressBar::new((args.epochs.max(1)) as u64);
-            let test = match (&to_score, &labels) {
-                (Some(images), Some(anomalous)) => Some(Evaluation {
-                    images: images.as_ref(),
-                    anomalous,
-                }),
-                _ => None,
-            };
+            let test = labelled.as_ref().map(|(images, anomalous)| Evaluation {
+                images: images.as_ref(),
+                anomalous,
+            });
             let detector =
                 Detector::fit_with(config, encoder, train.as_ref(), test, device, |e| {
                     if let TrainEvent::Epoch(r) = e {
@@ -177,7 +175,7 @@ fn run(args: Args) -> msad::Result<()> {
                     Control::Continue
                 })?;
             bar.finish_and_clear();
-            let normal_scores = detector.score_source(train.as_ref())?;
+            let normal_scores = detector.normal_scores()?;
             let threshold = Detector::threshold_from_normal_scores(&normal_scores, args.quantile)?;
             (detector, threshold)
         }
@@ -197,8 +195,13 @@ fn run(args: Args) -> msad::Result<()> {
         eprintln!("saved the detector to {}", dir.display());
     }
 
-    if let Some(images) = to_score {
-        let scores = detector.score_source(images.as_ref())?;
+    let images = match (&to_score, &labelled) {
+        (Some(folder), _) => Some(folder.as_ref()),
+        (None, Some((test, _))) => Some(test.as_ref()),
+        (None, None) => None,
+    };
+    if let Some(images) = images {
+        let scores = detector.score_source(images)?;
         let file = std::fs::File::create(&args.out).map_err(|e| Error::Io {
             path: args.out.clone(),
             source: e,
@@ -215,7 +218,7 @@ fn run(args: Args) -> msad::Result<()> {
         }
         csv.flush().map_err(write_err)?;
         eprintln!("wrote {} scores to {}", scores.len(), args.out.display());
-        if let Some(labels) = &labels {
+        if let Some(labels) = labels {
             println!("ROC-AUC {:.4}", msad::metrics::roc_auc(&scores, labels)?);
         }
     }

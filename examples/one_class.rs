@@ -57,8 +57,9 @@ struct Args {
     /// SGD learning rate.
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
-    /// Image size (the reference's 224: Resize(256) + CenterCrop(224); another size resizes and
-    /// crops to it, and the training crop is that size).
+    /// Image size. 224 is the reference's evaluation transform for the architecture (ResNet-152:
+    /// Resize(256) + CenterCrop(224); others: Resize(224, bicubic) + CenterCrop(224)); another
+    /// size resizes and crops to it, and the training crop is that size.
     #[arg(long, default_value_t = 224)]
     image_size: u32,
     /// Add the angular center loss.

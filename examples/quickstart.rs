@@ -3,7 +3,7 @@
 //! argument needed.
 //!
 //! ```text
-//! cargo run --release --example quickstart [-- --digit 3 --epochs 10 --weights resnet18-f37072fd.pth]
+//! cargo run --release --example quickstart [-- --digit 8 --epochs 10 --weights resnet18-f37072fd.pth]
 //! ```
 //!
 //! Trains MSC on the chosen digit's training images (normal), tests on every test image
@@ -27,7 +27,7 @@ use msad::train::{Control, Evaluation, MscTrainer, MscTrainerConfig, TrainEvent}
 #[command(version, about)]
 struct Args {
     /// The normal digit (0-9).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 8)]
     digit: usize,
     /// Fine-tuning epochs.
     #[arg(long, default_value_t = 10)]

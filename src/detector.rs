@@ -126,20 +126,15 @@ impl Detector {
         device: &Device,
     ) -> Result<Self> {
         let device = device.clone().without_autodiff();
-        let bank = embed_source(
-            &encoder,
-            normal,
-            &config.eval,
-            config.eval_batch_size,
-            &device,
-        )?;
+        let eval = config.eval_for(encoder.config());
+        let bank = embed_source(&encoder, normal, &eval, config.eval_batch_size, &device)?;
         let knn = KnnScorer::new(bank.clone(), config.k.min(normal.len()))?;
         Ok(Self {
             encoder,
             center,
             bank,
             knn,
-            eval: config.eval.clone(),
+            eval,
             eval_batch_size: config.eval_batch_size,
             trainer: Some(config.clone()),
             device,
@@ -197,6 +192,51 @@ impl Detector {
             return Ok(Vec::new());
         }
         crate::host::vec_from_tensor(self.knn.score(features)?)
+    }
+
+    /// Leave-one-out scores of the detector's own normal images: each bank row scored against
+    /// the other rows, i.e. what a new normal image like it would score. Scoring the training
+    /// images with [`Detector::score`] instead finds each image itself at distance 0 and gives
+    /// scores too low for a threshold. Needs more than k normal images.
+    ///
+    /// ```no_run
+    /// # fn demo(detector: &msad::Detector) -> msad::Result<()> {
+    /// let threshold = msad::Detector::threshold_from_normal_scores(&detector.normal_scores()?, 0.99)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn normal_scores(&self) -> Result<Vec<f32>> {
+        let [rows, _] = self.bank.dims();
+        let k = self.knn.k();
+        if rows <= k {
+            return Err(Error::invalid(
+                "normal images",
+                format!("leave-one-out scores need more than k = {k} images, the bank has {rows}"),
+            ));
+        }
+        let scorer = KnnScorer::new(self.bank.clone(), k + 1)?;
+        let (distances, indices) = scorer.neighbours(self.bank.clone())?;
+        let distances = crate::host::vec_from_tensor(distances)?;
+        let indices = indices
+            .try_into_data()
+            .map_err(|e| Error::Backend(e.to_string()))?
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| Error::Backend(format!("{e:?}")))?;
+        Ok((0..rows)
+            .map(|row| {
+                let d = &distances[row * (k + 1)..(row + 1) * (k + 1)];
+                let i = &indices[row * (k + 1)..(row + 1) * (k + 1)];
+                // Drop the row itself; when it is not among the k + 1 nearest, that many
+                // duplicates sit at distance 0 and dropping the farthest is the same.
+                let own = i.iter().position(|&j| j == row as i64).unwrap_or(k);
+                d.iter()
+                    .enumerate()
+                    .filter(|&(n, _)| n != own)
+                    .map(|(_, v)| v.max(0.0))
+                    .sum()
+            })
+            .collect())
     }
 
     /// A threshold from scores of normal images only: their `quantile` (in [0, 1], linear
@@ -310,6 +350,13 @@ impl Detector {
         }
         let manifest: Manifest = serde_json::from_value(value)
             .map_err(|e| bad(path.clone(), format!("invalid manifest: {e}")))?;
+        manifest
+            .eval
+            .check()
+            .map_err(|e| bad(path.clone(), format!("evaluation transform: {e}")))?;
+        if manifest.eval_batch_size == 0 || manifest.k == 0 {
+            return Err(bad(path, "k and the batch size must be at least 1".into()));
+        }
         if manifest.encoder.feature_dim() != manifest.feature_dim {
             return Err(bad(
                 path,
@@ -324,6 +371,12 @@ impl Detector {
             .map_err(|e| bad(weights.clone(), e.to_string()))?;
         if let Some(e) = result.errors.first() {
             return Err(bad(weights, e.to_string()));
+        }
+        if let Some((missing, _)) = result.missing.first() {
+            return Err(bad(
+                weights,
+                format!("tensor `{missing}` of the recorded layout is missing"),
+            ));
         }
         if let Some(unused) = result.unused.first() {
             return Err(bad(

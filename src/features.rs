@@ -34,9 +34,23 @@ use crate::data::ImageSource;
 use crate::encoder::ResNet;
 use crate::{Error, Result};
 
-/// Decodes `indices` of `source` in parallel; the first unreadable image is the error.
+/// Decodes `indices` of `source` in parallel. An unreadable or zero-sized image is an error
+/// naming it (one of them, when several fail).
 pub fn load_images(source: &dyn ImageSource, indices: &[usize]) -> Result<Vec<RgbImage>> {
-    indices.par_iter().map(|&i| source.get(i)).collect()
+    indices
+        .par_iter()
+        .map(|&i| {
+            let image = source.get(i)?;
+            if image.width() == 0 || image.height() == 0 {
+                return Err(Error::InvalidShape {
+                    what: source.name(i),
+                    expected: "at least 1 × 1 pixels".into(),
+                    found: vec![image.height() as usize, image.width() as usize],
+                });
+            }
+            Ok(image)
+        })
+        .collect()
 }
 
 /// φ (L2-normalised features, N × D) of every image of `source`, `batch_size` at a time, with
@@ -49,12 +63,9 @@ pub fn embed_source(
     batch_size: usize,
     device: &Device,
 ) -> Result<Tensor<2>> {
-    if batch_size == 0 {
-        return Err(Error::invalid("batch size", "must be at least 1"));
-    }
     let n = source.len();
-    if n == 0 {
-        return Ok(Tensor::zeros([0, encoder.feature_dim()], device));
+    if let Some(empty) = nothing_to_embed(encoder, n, batch_size, device)? {
+        return Ok(empty);
     }
     let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
     for start in (0..n).step_by(batch_size) {
@@ -65,7 +76,8 @@ pub fn embed_source(
     Ok(Tensor::cat(parts, 0))
 }
 
-/// φ of in-memory images, `batch_size` at a time.
+/// φ of in-memory images, `batch_size` at a time. A zero-sized image is an error naming its
+/// index.
 pub fn embed_images(
     encoder: &ResNet,
     images: &[RgbImage],
@@ -73,15 +85,36 @@ pub fn embed_images(
     batch_size: usize,
     device: &Device,
 ) -> Result<Tensor<2>> {
-    if batch_size == 0 {
-        return Err(Error::invalid("batch size", "must be at least 1"));
+    if let Some(empty) = nothing_to_embed(encoder, images.len(), batch_size, device)? {
+        return Ok(empty);
     }
-    if images.is_empty() {
-        return Ok(Tensor::zeros([0, encoder.feature_dim()], device));
+    // Named by position in `images` (the batches below would name it within its batch).
+    if let Some(i) = images
+        .iter()
+        .position(|im| im.width() == 0 || im.height() == 0)
+    {
+        return Err(Error::InvalidShape {
+            what: format!("image {i}"),
+            expected: "at least 1 × 1 pixels".into(),
+            found: vec![images[i].height() as usize, images[i].width() as usize],
+        });
     }
     let parts = images
         .chunks(batch_size)
         .map(|chunk| encoder.try_embed(eval.try_batch(chunk, device)?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(parts, 0))
+}
+
+/// The batch size check, and the 0 × D result when there are no images.
+fn nothing_to_embed(
+    encoder: &ResNet,
+    images: usize,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Option<Tensor<2>>> {
+    if batch_size == 0 {
+        return Err(Error::invalid("batch size", "must be at least 1"));
+    }
+    Ok((images == 0).then(|| Tensor::zeros([0, encoder.feature_dim()], device)))
 }

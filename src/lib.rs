@@ -58,3 +58,8 @@ pub mod train;
 
 pub use detector::Detector;
 pub use error::{Error, Result};
+
+/// The README's code blocks, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

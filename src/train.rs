@@ -41,7 +41,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::augment::{EvalTransform, TrainAugmentConfig};
 use crate::data::ImageSource;
-use crate::encoder::{FreezePolicy, ResNet};
+use crate::encoder::{Arch, FreezePolicy, ResNet, ResNetConfig};
 use crate::features::{embed_source, load_images};
 use crate::knn::KnnScorer;
 use crate::loss::MeanShiftedContrastiveLossConfig;
@@ -81,10 +81,10 @@ pub struct MscTrainerConfig {
     /// The training views. Default: MoCo v2 at 224 px.
     #[config(default = "TrainAugmentConfig::new()")]
     pub augment: TrainAugmentConfig,
-    /// The transform for the center, the bank and test images. Default: Resize(256) +
-    /// CenterCrop(224), bilinear (the reference's ResNet-152 path).
-    #[config(default = "EvalTransform::resnet152()")]
-    pub eval: EvalTransform,
+    /// The transform for the center, the bank and test images. Default: `None`, the
+    /// reference's choice for the encoder's architecture ([`MscTrainerConfig::eval_for`]).
+    #[config(default = "None")]
+    pub eval: Option<EvalTransform>,
     /// Images per batch when extracting features. Default: 64.
     #[config(default = 64)]
     pub eval_batch_size: usize,
@@ -95,8 +95,33 @@ impl MscTrainerConfig {
     /// crop, and a resize and crop to `size`): what 32 px runs on CPUs use.
     pub fn with_image_size(self, size: u32) -> Self {
         let augment = self.augment.clone().with_size(size);
-        let eval = EvalTransform::new(size, size).with_filter(self.eval.filter);
-        self.with_augment(augment).with_eval(eval)
+        let eval = EvalTransform::new(size, size);
+        self.with_augment(augment).with_eval(Some(eval))
+    }
+
+    /// The evaluation transform used with `encoder`: the configured one, or the reference's
+    /// for its architecture: Resize(256, bilinear) + CenterCrop(224) for ResNet-152, and
+    /// Resize(224, bicubic) + CenterCrop(224) for every other network (the reference's
+    /// `backbone == 152` test).
+    ///
+    /// ```
+    /// use msad::encoder::{Arch, ResNetConfig};
+    /// use msad::train::MscTrainerConfig;
+    ///
+    /// let config = MscTrainerConfig::new();
+    /// let r152 = config.eval_for(&ResNetConfig::from_arch(Arch::Resnet152));
+    /// assert_eq!((r152.resize, r152.crop), (256, 224));
+    /// let r18 = config.eval_for(&ResNetConfig::from_arch(Arch::Resnet18));
+    /// assert_eq!((r18.resize, r18.crop), (224, 224));
+    /// let small = config.with_image_size(32).eval_for(&ResNetConfig::from_arch(Arch::Resnet152));
+    /// assert_eq!((small.resize, small.crop), (32, 32));
+    /// ```
+    pub fn eval_for(&self, encoder: &ResNetConfig) -> EvalTransform {
+        match (&self.eval, encoder.arch()) {
+            (Some(eval), _) => eval.clone(),
+            (None, Some(Arch::Resnet152)) => EvalTransform::resnet152(),
+            (None, _) => EvalTransform::resnet18(),
+        }
     }
 }
 
@@ -173,8 +198,9 @@ pub struct MscTrainer {
 }
 
 impl MscTrainer {
-    /// A trainer, after checking the settings (epochs, batch ≥ 2, positive learning rate,
-    /// non-negative weight decay, temperature, k ≥ 1, augmentation ranges).
+    /// A trainer, after checking the settings (batch ≥ 2, positive learning rate,
+    /// non-negative weight decay, positive temperature, k ≥ 1, augmentation ranges, evaluation
+    /// transform). Zero epochs is allowed: the pretrained baseline.
     pub fn new(config: MscTrainerConfig) -> Result<Self> {
         if config.batch_size < 2 {
             return Err(Error::invalid(
@@ -194,17 +220,19 @@ impl MscTrainer {
                 format!("{}; must be ≥ 0", config.weight_decay),
             ));
         }
-        if config.k == 0 || config.eval_batch_size == 0 {
-            return Err(Error::invalid(
-                "k and eval batch size",
-                "must be at least 1",
-            ));
+        if config.k == 0 {
+            return Err(Error::invalid("k", "0; must be at least 1"));
+        }
+        if config.eval_batch_size == 0 {
+            return Err(Error::invalid("eval batch size", "0; must be at least 1"));
         }
         MeanShiftedContrastiveLossConfig::new()
             .with_temperature(config.temperature)
             .try_init()?;
         config.augment.try_init()?;
-        config.eval.try_apply(&image::RgbImage::new(1, 1))?;
+        if let Some(eval) = &config.eval {
+            eval.check()?;
+        }
         Ok(Self { config })
     }
 
@@ -223,13 +251,8 @@ impl MscTrainer {
         if train.is_empty() {
             return Err(Error::invalid("training images", "none given"));
         }
-        let phi = embed_source(
-            encoder,
-            train,
-            &self.config.eval,
-            self.config.eval_batch_size,
-            device,
-        )?;
+        let eval = self.config.eval_for(encoder.config());
+        let phi = embed_source(encoder, train, &eval, self.config.eval_batch_size, device)?;
         let d = phi.dims()[1];
         let center = phi.mean_dim(0).reshape([d]);
         Ok(if self.config.angular {
@@ -258,7 +281,8 @@ impl MscTrainer {
                 ),
             ));
         }
-        let (eval, batch) = (&self.config.eval, self.config.eval_batch_size);
+        let eval = &self.config.eval_for(encoder.config());
+        let batch = self.config.eval_batch_size;
         let bank = embed_source(encoder, train, eval, batch, device)?;
         let knn = KnnScorer::new(bank, self.config.k.min(train.len()))?;
         let scores = crate::host::vec_from_tensor(knn.score(embed_source(

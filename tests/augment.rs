@@ -69,7 +69,7 @@ fn primitives_match_torchvision_on_pil() {
                     width: u("width"),
                 };
                 (
-                    ops::resize_region(&src, region, u("size"), u("size"), filter(p)),
+                    ops::resize_region(&src, region, u("size"), u("size"), filter(p)).unwrap(),
                     2,
                 )
             }
@@ -80,7 +80,7 @@ fn primitives_match_torchvision_on_pil() {
                     height: u("height"),
                     width: u("width"),
                 };
-                (ops::crop(&src, region), 0)
+                (ops::crop(&src, region).unwrap(), 0)
             }
             "center_crop" => (ops::center_crop(&src, u("size"), u("size")), 0),
             "hflip" => (ops::hflip(&src), 0),
@@ -109,7 +109,7 @@ fn primitives_match_torchvision_on_pil() {
 fn normalisation_and_the_eval_transform_match_torchvision() {
     let b = png("src_b");
     let mut out = vec![0f32; 3 * 32 * 32];
-    ops::to_normalized_chw(&b, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut out);
+    ops::to_normalized_chw(&b, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut out).unwrap();
     let want = msad::npy::read_f32(fixture("augment", "normalized_b.npy")).unwrap();
     assert!(common::max_abs_diff(&out, want.as_slice().unwrap()) <= 1e-6);
 
@@ -324,8 +324,67 @@ fn bad_input_is_an_error() {
         TrainAugmentConfig::new().with_jitter_p(1.5),
         TrainAugmentConfig::new().with_hue(0.7),
         TrainAugmentConfig::new().with_blur_sigma([0.0, 1.0]),
+        TrainAugmentConfig::new().with_blur_sigma([1.0, 1e9]),
+        TrainAugmentConfig::new().with_size(1 << 20),
     ] {
         let err = config.try_init().unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
     }
+    assert!(
+        EvalTransform::new(1 << 20, 224)
+            .try_batch(&[png("src_a")], &device)
+            .is_err()
+    );
+
+    // Explicit parameters outside the image are errors, not panics.
+    let src = png("src_a");
+    let (w, h) = src.dimensions();
+    let outside = [
+        CropBox {
+            top: 0,
+            left: 0,
+            height: h + 1,
+            width: 4,
+        },
+        CropBox {
+            top: h - 2,
+            left: 0,
+            height: 4,
+            width: 4,
+        },
+        CropBox {
+            top: 0,
+            left: w,
+            height: 1,
+            width: 1,
+        },
+        CropBox {
+            top: 0,
+            left: 0,
+            height: 0,
+            width: 4,
+        },
+        CropBox {
+            top: u32::MAX,
+            left: 0,
+            height: 2,
+            width: 2,
+        },
+    ];
+    for region in outside {
+        let err = ops::crop(&src, region).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        assert!(ops::resize_region(&src, region, 8, 8, Filter::Bilinear).is_err());
+        let mut params = augment.sample(w, h, &mut rng);
+        params.crop = region;
+        assert!(augment.apply(&src, &params).is_err());
+    }
+    let mut short = vec![0f32; 5];
+    assert!(matches!(
+        ops::to_normalized_chw(&src, ops::IMAGENET_MEAN, ops::IMAGENET_STD, &mut short),
+        Err(Error::InvalidShape { .. })
+    ));
+    // Absurd or non-finite blur strengths are clamped, not overflowed.
+    assert_eq!(ops::gaussian_blur(&src, f32::NAN), src);
+    assert_eq!(ops::gaussian_blur(&src, 1e12).dimensions(), (w, h));
 }

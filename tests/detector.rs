@@ -67,6 +67,41 @@ fn fit_score_save_load_round_trip() {
 }
 
 #[test]
+fn normal_scores_leave_each_image_out() {
+    let device = Device::flex();
+    let (detector, split) = fitted(&device);
+    let bank = msad::host::vec_from_tensor(detector.bank().clone()).unwrap();
+    let d = detector.bank().dims()[1];
+    let rows: Vec<&[f32]> = bank.chunks(d).collect();
+    let loo = detector.normal_scores().unwrap();
+    assert_eq!(loo.len(), split.train.len());
+    for (i, row) in rows.iter().enumerate() {
+        let mut dist: Vec<f64> = rows
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, other)| {
+                row.iter()
+                    .zip(*other)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum()
+            })
+            .collect();
+        dist.sort_by(f64::total_cmp);
+        let expected = dist[0] + dist[1];
+        assert!(
+            (loo[i] as f64 - expected).abs() <= 1e-4 * expected.max(1e-3),
+            "row {i}: {} vs {expected}",
+            loo[i]
+        );
+    }
+    // Scored as queries the training images find themselves: lower than leave-one-out.
+    let own = detector.score_source(split.train.as_ref()).unwrap();
+    assert!(own.iter().zip(&loo).all(|(a, b)| *a <= *b + 1e-5));
+    assert!(own.iter().sum::<f32>() < loo.iter().sum::<f32>());
+}
+
+#[test]
 fn thresholds_are_quantiles_of_normal_scores() {
     let t = Detector::threshold_from_normal_scores(&[4.0, 1.0, 3.0, 2.0], 0.5).unwrap();
     assert_eq!(t, 2.5);
@@ -114,6 +149,22 @@ fn loading_anything_else_is_an_error() {
     edit(&other_arch, "\"stem_width\": 8", "\"stem_width\": 16");
     let err = Detector::load(&other_arch, &device).unwrap_err();
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+
+    // A deeper net recorded than the weights hold: tensors missing from the file.
+    let deeper = save("deeper");
+    let text = std::fs::read_to_string(manifest(&deeper)).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let layers = value["encoder"]["layers"].clone();
+    let mut more = layers.clone();
+    more[0] = serde_json::json!(more[0].as_u64().unwrap() + 1);
+    let mut value = value;
+    value["encoder"]["layers"] = more;
+    std::fs::write(manifest(&deeper), value.to_string()).unwrap();
+    let err = Detector::load(&deeper, &device).unwrap_err();
+    assert!(
+        matches!(err, Error::Checkpoint { ref reason, .. } if reason.contains("missing")),
+        "{err}"
+    );
 
     let short_bank = save("bank");
     let bank = msad::npy::read_f32(short_bank.join("bank.npy")).unwrap();

@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::Module;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor};
@@ -315,32 +315,6 @@ fn images_without_three_channels_are_rejected() {
     assert!(matches!(err, Error::InvalidShape { ref found, .. } if found == &[2, 1, 32, 32]));
 }
 
-/// Every float parameter with its module path, id, rank and values.
-#[derive(Default)]
-struct Params {
-    path: Vec<String>,
-    found: Vec<(String, ParamId, usize, Vec<f32>)>,
-}
-
-impl ModuleVisitor for Params {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let values = msad::host::vec_from_tensor(param.val()).unwrap();
-        self.found.push((self.path.join("."), param.id, D, values));
-    }
-}
-
-fn params(model: &ResNet) -> Vec<(String, ParamId, usize, Vec<f32>)> {
-    let mut v = Params::default();
-    model.visit(&mut v);
-    v.found
-}
-
 #[test]
 fn frozen_stages_get_no_gradient_and_stay_bit_identical() {
     for selected in backends() {
@@ -348,7 +322,7 @@ fn frozen_stages_get_no_gradient_and_stay_bit_identical() {
         let policy = FreezePolicy::through(Stage::Layer2);
         let model = ResNet::from_torchvision(fixture("encoder", "narrow18.pth"), &device).unwrap();
         let model = policy.apply(model);
-        let before = params(&model);
+        let before = common::params(&model);
         assert!(before.iter().any(|(p, ..)| policy.is_frozen(p)));
         assert!(before.iter().any(|(p, ..)| !policy.is_frozen(p)));
 
@@ -374,7 +348,7 @@ fn frozen_stages_get_no_gradient_and_stay_bit_identical() {
             .with_weight_decay(Some(WeightDecayConfig::new(5e-5)))
             .init();
         let model = optim.step(0.5, model, grads);
-        let after = params(&model);
+        let after = common::params(&model);
         let mut changed = 0;
         for ((path, _, _, old), (path2, _, _, new)) in before.iter().zip(&after) {
             assert_eq!(path, path2);

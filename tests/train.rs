@@ -2,8 +2,9 @@
 
 mod common;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor};
+use burn::module::Module;
+use burn::tensor::Device;
+use image::RgbImage;
 use msad::data::{Digits, OneClassSplit};
 use msad::encoder::{FreezePolicy, ResNet, Stage};
 use msad::train::{Control, EpochReport, Evaluation, MscTrainer, MscTrainerConfig, TrainEvent};
@@ -27,36 +28,18 @@ fn config() -> MscTrainerConfig {
         .with_image_size(16)
 }
 
-/// Every float tensor of the module by path (parameters and BatchNorm statistics).
-#[derive(Default)]
-struct Values {
-    path: Vec<String>,
-    found: Vec<(String, Vec<f32>)>,
+/// Float tensors by path.
+type Weights = Vec<(String, Vec<f32>)>;
+
+/// Every float tensor of the module (parameters and BatchNorm statistics) by path.
+fn values(model: &ResNet) -> Weights {
+    common::params(model)
+        .into_iter()
+        .map(|(path, _, _, v)| (path, v))
+        .collect()
 }
 
-impl ModuleVisitor for Values {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let v = msad::host::vec_from_tensor(param.val()).unwrap();
-        self.found.push((self.path.join("."), v));
-    }
-}
-
-fn values(model: &ResNet) -> Vec<(String, Vec<f32>)> {
-    let mut v = Values::default();
-    model.visit(&mut v);
-    v.found
-}
-
-fn run(
-    config: MscTrainerConfig,
-    device: &Device,
-) -> (Vec<EpochReport>, Vec<(String, Vec<f32>)>, usize) {
+fn run(config: MscTrainerConfig, device: &Device) -> (Vec<EpochReport>, Weights, usize) {
     let split = split();
     let trainer = MscTrainer::new(config).unwrap();
     let test = Evaluation {
@@ -202,4 +185,49 @@ fn bad_settings_are_errors() {
         .evaluate(&encoder(&device), split.train.as_ref(), wrong, &device)
         .unwrap_err();
     assert!(err.to_string().contains("labels"), "{err}");
+}
+
+/// One epoch on the first `count` training images, no test set: the loss history and weights.
+fn short_run(config: MscTrainerConfig, count: usize, device: &Device) -> (Vec<f32>, Weights) {
+    let split = split();
+    let images: Vec<RgbImage> = (0..count).map(|i| split.train.get(i).unwrap()).collect();
+    let trainer = MscTrainer::new(config).unwrap();
+    let mut losses = Vec::new();
+    let outcome = trainer
+        .fit(encoder(device), &images, None, device, |e| {
+            if let TrainEvent::Step(s) = e {
+                losses.push(s.loss);
+            }
+            Control::Continue
+        })
+        .unwrap();
+    (losses, values(&outcome.encoder))
+}
+
+#[test]
+fn every_backend_takes_the_same_steps() {
+    // The views are made on the host from the seed, so every backend sees the same batches; the
+    // losses and the fine-tuned weights must then agree up to float rounding.
+    let config = config()
+        .with_epochs(1)
+        .with_batch_size(8)
+        .with_angular(true);
+    let (losses, weights) = short_run(config.clone(), 24, &Device::flex());
+    assert_eq!(losses.len(), 3);
+    for selected in common::backends() {
+        let name = selected.backend();
+        let (l, w) = short_run(config.clone(), 24, selected.device());
+        assert_eq!(l.len(), losses.len(), "{name}");
+        for (x, y) in l.iter().zip(&losses) {
+            assert!(
+                (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+                "{name}: loss {x} vs {y}"
+            );
+        }
+        for ((path, a), (_, b)) in w.iter().zip(&weights) {
+            let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = common::max_abs_diff(a, b);
+            assert!(diff <= 1e-4 * scale, "{name}: {path} differs by {diff}");
+        }
+    }
 }

@@ -38,6 +38,11 @@ pub use ops::{CropBox, Filter, IMAGENET_MEAN, IMAGENET_STD};
 
 use crate::{Error, Result};
 
+/// The largest output side a transform accepts (a 16384² RGB image is 768 MiB).
+const MAX_SIDE: u32 = 16384;
+/// The largest blur σ accepted (far beyond any image's size).
+const MAX_SIGMA: f64 = 1000.0;
+
 fn check_image(img: &RgbImage, index: usize) -> Result<()> {
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::InvalidShape {
@@ -57,7 +62,7 @@ fn batch_tensor(
     fill: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
 ) -> Result<Tensor<4>> {
     let (w, h) = size;
-    let per = 3 * (w * h) as usize;
+    let per = 3 * w as usize * h as usize;
     let mut values = vec![0f32; n * per];
     values
         .par_chunks_mut(per.max(1))
@@ -107,12 +112,13 @@ impl EvalTransform {
         self.crop
     }
 
-    fn check(&self) -> Result<()> {
-        if self.resize == 0 || self.crop == 0 {
+    pub(crate) fn check(&self) -> Result<()> {
+        let valid = 1..=MAX_SIDE;
+        if !valid.contains(&self.resize) || !valid.contains(&self.crop) {
             return Err(Error::invalid(
                 "EvalTransform",
                 format!(
-                    "resize {} and crop {} must be positive",
+                    "resize {} and crop {} must be in 1..={MAX_SIDE}",
                     self.resize, self.crop
                 ),
             ));
@@ -135,8 +141,7 @@ impl EvalTransform {
         batch_tensor(images.len(), (self.crop, self.crop), device, |i, out| {
             check_image(&images[i], i)?;
             let img = self.try_apply(&images[i])?;
-            ops::to_normalized_chw(&img, self.mean, self.std, out);
-            Ok(())
+            ops::to_normalized_chw(&img, self.mean, self.std, out)
         })
     }
 }
@@ -205,11 +210,11 @@ pub struct TrainAugmentConfig {
 impl TrainAugmentConfig {
     /// The augmentation, after checking every range: size > 0, 0 < scale₀ ≤ scale₁ ≤ 1,
     /// 0 < ratio₀ ≤ ratio₁, probabilities in [0, 1], jitter strengths ≥ 0, hue ≤ 0.5,
-    /// 0 < σ₀ ≤ σ₁.
+    /// 0 < σ₀ ≤ σ₁ ≤ 1000, size ≤ 16384.
     pub fn try_init(&self) -> Result<TrainAugment> {
         let bad = |what: &str, reason: String| Err(Error::invalid(what, reason));
-        if self.size == 0 {
-            return bad("size", "the crop size must be at least 1".into());
+        if !(1..=MAX_SIDE).contains(&self.size) {
+            return bad("size", format!("{} must be in 1..={MAX_SIDE}", self.size));
         }
         let [s0, s1] = self.scale;
         if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
@@ -248,10 +253,13 @@ impl TrainAugmentConfig {
             return bad("hue", format!("{} must be in [0, 0.5]", self.hue));
         }
         let [b0, b1] = self.blur_sigma;
-        if !(b0 > 0.0 && b0 <= b1 && b1.is_finite()) {
+        if !(b0 > 0.0 && b0 <= b1 && b1 <= MAX_SIGMA) {
             return bad(
                 "blur_sigma",
-                format!("{:?} must satisfy 0 < min ≤ max", self.blur_sigma),
+                format!(
+                    "{:?} must satisfy 0 < min ≤ max ≤ {MAX_SIGMA}",
+                    self.blur_sigma
+                ),
             );
         }
         check_mean_std(self.mean, self.std)?;
@@ -383,10 +391,11 @@ impl TrainAugment {
         }
     }
 
-    /// Applies one view's choices (before `ToTensor`/`Normalize`).
-    pub fn apply(&self, img: &RgbImage, params: &ViewParams) -> RgbImage {
+    /// Applies one view's choices (before `ToTensor`/`Normalize`). A crop box outside the
+    /// image is an error.
+    pub fn apply(&self, img: &RgbImage, params: &ViewParams) -> Result<RgbImage> {
         let size = self.config.size;
-        let mut out = ops::resize_region(img, params.crop, size, size, self.config.filter);
+        let mut out = ops::resize_region(img, params.crop, size, size, self.config.filter)?;
         if let Some(j) = &params.jitter {
             for op in j.order {
                 out = match op {
@@ -406,7 +415,7 @@ impl TrainAugment {
         if params.flip {
             out = ops::hflip(&out);
         }
-        out
+        Ok(out)
     }
 
     /// The two batches of views for a training step (each B × 3 × size × size on `device`).
@@ -433,9 +442,8 @@ impl TrainAugment {
                 let mut rng = StdRng::seed_from_u64(seeds[i][which]);
                 let img = &images[i];
                 let params = self.sample(img.width(), img.height(), &mut rng);
-                let view = self.apply(img, &params);
-                ops::to_normalized_chw(&view, self.config.mean, self.config.std, out);
-                Ok(())
+                let view = self.apply(img, &params)?;
+                ops::to_normalized_chw(&view, self.config.mean, self.config.std, out)
             })
         };
         Ok((view(0)?, view(1)?))

@@ -10,13 +10,18 @@
 //! use msad::augment::ops::{self, CropBox, Filter};
 //!
 //! let img = RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 128]));
-//! let crop = ops::crop(&img, CropBox { top: 5, left: 10, height: 20, width: 20 });
+//! let crop = ops::crop(&img, CropBox { top: 5, left: 10, height: 20, width: 20 })?;
 //! let small = ops::resize(&crop, 8, 8, Filter::Bilinear);
 //! let jittered = ops::adjust_brightness(&ops::hflip(&small), 1.2);
 //! assert_eq!(jittered.dimensions(), (8, 8));
+//! // A box reaching outside the image is an error, not a panic.
+//! assert!(ops::crop(&img, CropBox { top: 25, left: 0, height: 10, width: 10 }).is_err());
+//! # Ok::<(), msad::Error>(())
 //! ```
 
 use image::{Rgb, RgbImage};
+
+use crate::{Error, Result};
 
 /// Resampling filters (PIL's `Image.BILINEAR` and `Image.BICUBIC`), antialiased when shrinking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -70,6 +75,29 @@ pub struct CropBox {
     pub height: u32,
     /// Columns.
     pub width: u32,
+}
+
+impl CropBox {
+    /// An error unless the box is non-empty and lies inside `img`.
+    pub fn check_inside(&self, img: &RgbImage) -> Result<()> {
+        let bottom = self.top as u64 + self.height as u64;
+        let right = self.left as u64 + self.width as u64;
+        if self.width == 0
+            || self.height == 0
+            || bottom > img.height() as u64
+            || right > img.width() as u64
+        {
+            return Err(Error::invalid(
+                "crop box",
+                format!(
+                    "{self:?} is empty or reaches outside the {}x{} image",
+                    img.width(),
+                    img.height()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -128,8 +156,21 @@ fn clip8(acc: i32) -> u8 {
 /// Resizes the `region` of `img` to `width` × `height` as PIL's `Image.resize` resizes the
 /// cropped image (torchvision's `resized_crop` crops first): a horizontal then a vertical pass,
 /// each in 22-bit fixed point with 8-bit intermediate rounding; a pass is skipped when its
-/// size does not change.
+/// size does not change. A `region` outside the image is an error; a zero output size gives an
+/// empty image.
 pub fn resize_region(
+    img: &RgbImage,
+    region: CropBox,
+    width: u32,
+    height: u32,
+    filter: Filter,
+) -> Result<RgbImage> {
+    region.check_inside(img)?;
+    Ok(resize_inside(img, region, width, height, filter))
+}
+
+/// [`resize_region`] for a region known to lie inside the image.
+fn resize_inside(
     img: &RgbImage,
     region: CropBox,
     width: u32,
@@ -216,7 +257,7 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
         height: img.height(),
         width: img.width(),
     };
-    resize_region(img, full, width, height, filter)
+    resize_inside(img, full, width, height, filter)
 }
 
 /// torchvision's `Resize(size)` for an int size: the shorter side becomes `size`, the longer
@@ -231,8 +272,13 @@ pub fn resize_shorter_side(img: &RgbImage, size: u32, filter: Filter) -> RgbImag
     resize(img, new_w, new_h, filter)
 }
 
-/// The pixels of `region` (which must lie inside the image).
-pub fn crop(img: &RgbImage, region: CropBox) -> RgbImage {
+/// The pixels of `region`; a region outside the image is an error.
+pub fn crop(img: &RgbImage, region: CropBox) -> Result<RgbImage> {
+    region.check_inside(img)?;
+    Ok(crop_inside(img, region))
+}
+
+fn crop_inside(img: &RgbImage, region: CropBox) -> RgbImage {
     RgbImage::from_fn(region.width, region.height, |x, y| {
         *img.get_pixel(region.left + x, region.top + y)
     })
@@ -253,7 +299,7 @@ pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     }
     let top = round_half_even((h - height) as f64 / 2.0) as u32;
     let left = round_half_even((w - width) as f64 / 2.0) as u32;
-    crop(
+    crop_inside(
         img,
         CropBox {
             top,
@@ -395,7 +441,14 @@ fn hsv_to_rgb([h, s, v]: [u8; 3]) -> [u8; 3] {
 
 /// PIL's `ImageFilter.GaussianBlur(radius=sigma)` (MoCo v2's blur): three passes of an
 /// extended box blur per direction (`ImagingGaussianBlur`, `BoxBlur.c`), 8-bit between passes.
+/// σ is clamped to [0, 1000] (beyond, the fixed-point sums would overflow); a σ that is not
+/// finite leaves the image as it is.
 pub fn gaussian_blur(img: &RgbImage, sigma: f32) -> RgbImage {
+    let sigma = if sigma.is_finite() {
+        sigma.clamp(0.0, 1000.0)
+    } else {
+        0.0
+    };
     let radius = box_blur_radius(sigma, 3);
     let (w, h) = (img.width() as usize, img.height() as usize);
     if radius == 0.0 || w == 0 || h == 0 {
@@ -507,10 +560,21 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// `ToTensor` then `Normalize(mean, std)`: CHW float32 values `(v / 255 − mean) / std`, written
-/// into `out` (length 3·H·W).
-pub fn to_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
-    let plane = (img.width() * img.height()) as usize;
-    assert_eq!(out.len(), 3 * plane, "output buffer of 3·H·W values");
+/// into `out`, which must hold 3·H·W values (an error otherwise).
+pub fn to_normalized_chw(
+    img: &RgbImage,
+    mean: [f32; 3],
+    std: [f32; 3],
+    out: &mut [f32],
+) -> Result<()> {
+    let plane = img.width() as usize * img.height() as usize;
+    if out.len() != 3 * plane {
+        return Err(Error::InvalidShape {
+            what: "normalisation output buffer".into(),
+            expected: format!("3 × {} × {} values", img.height(), img.width()),
+            found: vec![out.len()],
+        });
+    }
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
     for (i, p) in img.pixels().enumerate() {
@@ -518,4 +582,5 @@ pub fn to_normalized_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &mu
         g[i] = (p[1] as f32 / 255.0 - mean[1]) / std[1];
         b[i] = (p[2] as f32 / 255.0 - mean[2]) / std[2];
     }
+    Ok(())
 }

@@ -83,6 +83,42 @@ pub trait ImageSource: Send + Sync {
     fn name(&self, index: usize) -> String;
 }
 
+/// Images already in memory are a source as they are, so they can be fitted on and scored
+/// directly.
+///
+/// ```
+/// use image::RgbImage;
+/// use msad::data::ImageSource;
+///
+/// let images = vec![RgbImage::new(4, 4), RgbImage::new(8, 6)];
+/// let source: &dyn ImageSource = &images;
+/// assert_eq!(source.len(), 2);
+/// assert_eq!(source.get(1).unwrap().dimensions(), (8, 6));
+/// assert_eq!(source.name(1), "memory:1");
+/// assert!(source.get(2).is_err());
+/// ```
+impl ImageSource for Vec<RgbImage> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn get(&self, index: usize) -> Result<RgbImage> {
+        self.as_slice().get(index).cloned().ok_or_else(|| {
+            crate::Error::invalid(
+                "image index",
+                format!(
+                    "{index} is out of range for {} images in memory",
+                    self.len()
+                ),
+            )
+        })
+    }
+
+    fn name(&self, index: usize) -> String {
+        format!("memory:{index}")
+    }
+}
+
 /// The one-class protocol: train on normal images only, test on everything.
 pub struct OneClassSplit {
     /// Normal training images.

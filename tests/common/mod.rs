@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::Tensor;
 use msad::device::{Backend, SelectedDevice};
+use msad::encoder::ResNet;
 
 /// Every backend compiled into this build. wgpu must have an adapter (lavapipe on CPU-only
 /// machines, installed by .ci/run); set `MSAD_TEST_SKIP_WGPU=1` to leave it out locally.
@@ -102,4 +105,30 @@ pub fn rel_max_err(a: &[f32], b: &[f32]) -> f64 {
         .zip(b)
         .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
     if scale == 0.0 { err } else { err / scale }
+}
+
+/// Every float parameter with its module path, id, rank and values.
+#[derive(Default)]
+pub struct Params {
+    path: Vec<String>,
+    found: Vec<(String, ParamId, usize, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Params {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let values = msad::host::vec_from_tensor(param.val()).unwrap();
+        self.found.push((self.path.join("."), param.id, D, values));
+    }
+}
+
+pub fn params(model: &ResNet) -> Vec<(String, ParamId, usize, Vec<f32>)> {
+    let mut v = Params::default();
+    model.visit(&mut v);
+    v.found
 }
