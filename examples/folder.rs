@@ -111,7 +111,11 @@ fn run(args: Args) -> msad::Result<()> {
             (Some(dir), _) => (Some(Box::new(open(dir)?)), None),
             (None, Some(root)) => {
                 let category = args.category.as_deref().unwrap_or_default();
-                let split = MvtecAd::one_class(root, category, options)?;
+                let mvtec = MvtecAd::open(root, category, options)?;
+                for s in mvtec.skipped() {
+                    eprintln!("skipped {}: {}", s.path.display(), s.reason);
+                }
+                let split = mvtec.into_split()?;
                 (Some(split.train), Some((split.test, split.test_anomalous)))
             }
             (None, None) => (None, None),

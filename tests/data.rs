@@ -362,6 +362,17 @@ fn write_image_files(dir: &Path) -> Vec<(PathBuf, Option<RgbImage>)> {
     rgb.save(&tiff).unwrap();
     files.push((tiff, Some(rgb.clone())));
 
+    // A name that is not UTF-8 (Latin-1 "é") is listed like any other.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::OsStr::from_bytes(b"k_caf\xe9.png");
+        let latin1 = dir.join(name);
+        rgb.save_with_format(&latin1, image::ImageFormat::Png)
+            .unwrap();
+        files.push((latin1, Some(rgb.clone())));
+    }
+
     // Not listed: other extensions and hidden files.
     fs::write(dir.join("notes.txt"), "not an image").unwrap();
     fs::write(dir.join("._a_rgb.png"), "macOS resource fork").unwrap();

@@ -270,10 +270,10 @@ impl ImageSource for ImageFolder {
 
 /// Whether `path` has one of [`IMAGE_EXTENSIONS`] and is not hidden.
 fn is_image_file(path: &Path) -> bool {
+    // Names need not be UTF-8: a file named in another encoding is listed like any other.
     let hidden = path
         .file_name()
-        .and_then(|n| n.to_str())
-        .is_none_or(|n| n.starts_with('.'));
+        .is_none_or(|n| n.as_encoded_bytes().starts_with(b"."));
     let known = path
         .extension()
         .and_then(|e| e.to_str())
@@ -295,10 +295,7 @@ fn collect_images(
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
-        let hidden = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with('.'));
+        let hidden = entry.file_name().as_encoded_bytes().starts_with(b".");
         // `metadata` follows links; a dangling link is listed if it looks like an image, so
         // that reading it reports the problem.
         match std::fs::metadata(&path) {

@@ -136,8 +136,7 @@ impl MvtecAd {
         &self.train
     }
 
-    /// The test folders by name (`good`, then the defect types, in sorted order), each with
-    /// its images.
+    /// The test folders (`good` and the defect types) sorted by name, each with its images.
     pub fn test_folders(&self) -> impl Iterator<Item = (&str, &ImageFolder)> {
         self.test
             .iter()
