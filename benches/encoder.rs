@@ -36,6 +36,8 @@ fn encoder(c: &mut Criterion) {
         for (arch, size, batch) in cases {
             let model = ResNetConfig::from_arch(arch).init(device);
             let x = Tensor::<4>::random([batch, 3, size, size], Distribution::Default, device);
+            // Materialised, so that no backend regenerates it lazily inside the timed loop.
+            let x = Tensor::<4>::from_data(x.into_data(), device);
             // Warm up (kernel selection, allocation pools).
             let _ = msad::host::vec_from_tensor(model.forward(x.clone())).unwrap();
             group.throughput(Throughput::Elements(batch as u64));

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::augment::EvalTransform;
 use crate::data::ImageSource;
-use crate::encoder::ResNet;
+use crate::encoder::{BatchEmbedder, ResNet};
 use crate::{Error, Result};
 
 /// Decodes `indices` of `source` in parallel. An unreadable or zero-sized image is an error
@@ -67,11 +67,12 @@ pub fn embed_source(
     if let Some(empty) = nothing_to_embed(encoder, n, batch_size, device)? {
         return Ok(empty);
     }
+    let embedder = BatchEmbedder::new(encoder, device);
     let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
     for start in (0..n).step_by(batch_size) {
         let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let images = load_images(source, &indices)?;
-        parts.push(encoder.try_embed(eval.try_batch(&images, device)?)?);
+        parts.push(embedder.embed(eval.try_batch(&images, device)?)?);
     }
     Ok(Tensor::cat(parts, 0))
 }
@@ -99,9 +100,10 @@ pub fn embed_images(
             found: vec![images[i].height() as usize, images[i].width() as usize],
         });
     }
+    let embedder = BatchEmbedder::new(encoder, device);
     let parts = images
         .chunks(batch_size)
-        .map(|chunk| encoder.try_embed(eval.try_batch(chunk, device)?))
+        .map(|chunk| embedder.embed(eval.try_batch(chunk, device)?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(parts, 0))
 }

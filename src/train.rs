@@ -92,7 +92,9 @@ pub struct MscTrainerConfig {
 
 impl MscTrainerConfig {
     /// The same settings with training and evaluation images of `size` pixels (the training
-    /// crop, and a resize and crop to `size`): what 32 px runs on CPUs use.
+    /// crop, and a bicubic resize and crop to `size`, as the reference's ResNet-18 path
+    /// resamples): what 32 px runs on CPUs use. Set [`MscTrainerConfig::eval`] afterwards for
+    /// another filter.
     pub fn with_image_size(self, size: u32) -> Self {
         let augment = self.augment.clone().with_size(size);
         let eval = EvalTransform::new(size, size);

@@ -53,6 +53,39 @@ fn matches_torchvision_on_every_backend() {
 }
 
 #[test]
+fn the_host_engine_equals_the_tensor_path() {
+    // On CPU devices `forward` runs the host engine (folded BatchNorm, im2col + sgemm);
+    // `forward_tensor_ops` the backend's own operations. Odd sizes, several images, every
+    // block design, strides and downsampling included.
+    let cpu = backends()
+        .into_iter()
+        .filter(|d| d.backend() != msad::device::Backend::Wgpu);
+    for device in cpu {
+        let device = device.device();
+        for net in NETS {
+            let model = ResNet::from_torchvision(fixture("encoder", &format!("{net}.pth")), device)
+                .unwrap();
+            for [b, h, w] in [[3, 37, 29], [1, 1, 1], [2, 64, 64]] {
+                let values = common::splitmix_uniform((b * h * w) as u64, b * 3 * h * w);
+                let values: Vec<f32> = values.iter().map(|v| *v as f32 * 2.0).collect();
+                let x = Tensor::<4>::from_data(
+                    burn::tensor::TensorData::new(values, [b, 3, h, w]),
+                    device,
+                );
+                let fast = msad::host::vec_from_tensor(model.forward(x.clone())).unwrap();
+                let plain = msad::host::vec_from_tensor(model.forward_tensor_ops(x)).unwrap();
+                let scale = plain.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(&fast, &plain);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{net} {b}x{h}x{w} on {device:?}: {diff}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn safetensors_and_legacy_pickles_load_the_same_weights() {
     let device = &backends()[0];
     for file in ["narrow18.safetensors", "narrow18_legacy.pth"] {
