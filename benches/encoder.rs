@@ -2,7 +2,8 @@
 //!
 //! Cases, as the PyTorch reference figures were taken (eval mode, no grad, 2 threads):
 //! ResNet-18 at 32 px batch 64 and 224 px batch 32, ResNet-152 at 224 px batch 8.
-//! `scripts/bench_encoder.py` measures torchvision on the same machine.
+//! `scripts/bench_encoder.py` measures torchvision on the same machine. On CPU backends each
+//! case also runs `forward_tensor_ops` (the backend's own convolutions) for comparison.
 //! Set `MSAD_BENCH_WGPU=1` to add the wgpu backend.
 
 /// glibc's allocator hands large buffers back to the OS on every free, and the page faults of
@@ -45,6 +46,18 @@ fn encoder(c: &mut Criterion) {
             group.bench_function(id, |b| {
                 b.iter(|| msad::host::vec_from_tensor(model.forward(x.clone())).unwrap())
             });
+            // On CPU devices `forward` runs the host engine; this is the backend's own path.
+            if backend != Backend::Wgpu {
+                let id = BenchmarkId::new(
+                    format!("{arch}-{size}px-b{batch}-tensor-ops"),
+                    backend.name(),
+                );
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        msad::host::vec_from_tensor(model.forward_tensor_ops(x.clone())).unwrap()
+                    })
+                });
+            }
         }
     }
     group.finish();
