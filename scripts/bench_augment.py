@@ -12,32 +12,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image
 
-
-class GaussianBlur:
-    """MoCo v2's blur (as in the MSC reference code)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        import random
-
-        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-def moco(size):
-    return T.Compose([
-    T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-    T.RandomGrayscale(p=0.2),
-    T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
-    T.RandomHorizontalFlip(),
-    T.ToTensor(),
-    T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
+from side_by_side import moco
 
 
 MOCO = {224: moco(224), 32: moco(32)}

@@ -12,22 +12,9 @@ import time
 import numpy as np
 import torch
 import torchvision
-import torchvision.transforms as T
 from PIL import Image
 
-from side_by_side import GaussianBlur, NORMALIZE, contrastive_loss
-
-
-def moco(size):
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        NORMALIZE,
-    ])
+from side_by_side import contrastive_loss, moco
 
 
 def main():

@@ -35,6 +35,8 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 from sklearn.metrics import roc_auc_score
 
+from bench_loss import contrastive_loss  # the reference's loss, verbatim
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,15 +75,22 @@ class GaussianBlur:
 
 NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 EVAL = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), NORMALIZE])
-MOCO = T.Compose([
-    T.RandomResizedCrop(32, scale=(0.2, 1.0)),
-    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-    T.RandomGrayscale(p=0.2),
-    T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
-    T.RandomHorizontalFlip(),
-    T.ToTensor(),
-    NORMALIZE,
-])
+
+
+def moco(size):
+    """The reference's two-view training transform (MoCo v2) at `size` pixels."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        NORMALIZE,
+    ])
+
+
+MOCO = moco(32)
 
 
 class Model(torch.nn.Module):
@@ -93,19 +102,6 @@ class Model(torch.nn.Module):
 
     def forward(self, x):
         return F.normalize(self.backbone(x), dim=-1)
-
-
-def contrastive_loss(out_1, out_2, temperature=0.25):
-    out_1 = F.normalize(out_1, dim=-1)
-    out_2 = F.normalize(out_2, dim=-1)
-    bs = out_1.size(0)
-    out = torch.cat([out_1, out_2], dim=0)
-    sim_matrix = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
-    mask = (torch.ones_like(sim_matrix) - torch.eye(2 * bs)).bool()
-    sim_matrix = sim_matrix.masked_select(mask).view(2 * bs, -1)
-    pos_sim = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
-    pos_sim = torch.cat([pos_sim, pos_sim], dim=0)
-    return (-torch.log(pos_sim / sim_matrix.sum(dim=-1))).mean()
 
 
 def features(model, images):
