@@ -56,7 +56,10 @@ impl FoldedConv {
             burn::nn::PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
             _ => return Err(Error::Backend("host conv: unsupported padding".into())),
         };
+        // Padding k / 2 (torchvision's) keeps every output at least 1 × 1 for inputs of 1 × 1
+        // or more.
         if kh != kw
+            || pad != kh / 2
             || conv.stride[0] != conv.stride[1]
             || conv.dilation != [1, 1]
             || conv.groups != 1
@@ -316,10 +319,10 @@ impl HostEngine {
     /// `ResNet::forward` on host memory: B × 3 × H × W images to B × D pooled features.
     pub(crate) fn forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         let [b, c, h, w] = images.dims();
-        if c != self.stem.cin {
+        if b == 0 || h == 0 || w == 0 || c != self.stem.cin {
             return Err(Error::InvalidShape {
                 what: "images".into(),
-                expected: format!("[B, {}, H, W]", self.stem.cin),
+                expected: format!("[B, {}, H, W] with B, H, W ≥ 1", self.stem.cin),
                 found: vec![b, c, h, w],
             });
         }
@@ -383,5 +386,16 @@ mod tests {
             let diff = (fast - plain).abs().max().into_scalar::<f32>();
             assert!(diff <= 1e-5 * scale, "{arch:?}: {diff} (scale {scale})");
         }
+    }
+
+    #[test]
+    fn empty_batches_are_refused_not_panicked_on() {
+        let device = Device::flex();
+        let model = ResNetConfig::from_arch(Arch::Resnet18)
+            .with_stem_width(4)
+            .with_widths([4, 4, 4, 4])
+            .init(&device);
+        let empty = Tensor::<4>::zeros([0, 3, 8, 8], &device);
+        assert!(super::forward(&model, empty).is_err());
     }
 }
