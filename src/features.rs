@@ -29,7 +29,7 @@ use burn::tensor::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 
-use crate::augment::EvalTransform;
+use crate::augment::{EvalTransform, check_image_named};
 use crate::data::ImageSource;
 use crate::encoder::{BatchEmbedder, ResNet};
 use crate::{Error, Result};
@@ -41,13 +41,7 @@ pub fn load_images(source: &dyn ImageSource, indices: &[usize]) -> Result<Vec<Rg
         .par_iter()
         .map(|&i| {
             let image = source.get(i)?;
-            if image.width() == 0 || image.height() == 0 {
-                return Err(Error::InvalidShape {
-                    what: source.name(i),
-                    expected: "at least 1 × 1 pixels".into(),
-                    found: vec![image.height() as usize, image.width() as usize],
-                });
-            }
+            check_image_named(&image, || source.name(i))?;
             Ok(image)
         })
         .collect()
@@ -90,15 +84,8 @@ pub fn embed_images(
         return Ok(empty);
     }
     // Named by position in `images` (the batches below would name it within its batch).
-    if let Some(i) = images
-        .iter()
-        .position(|im| im.width() == 0 || im.height() == 0)
-    {
-        return Err(Error::InvalidShape {
-            what: format!("image {i}"),
-            expected: "at least 1 × 1 pixels".into(),
-            found: vec![images[i].height() as usize, images[i].width() as usize],
-        });
+    for (i, image) in images.iter().enumerate() {
+        check_image_named(image, || format!("image {i}"))?;
     }
     let embedder = BatchEmbedder::new(encoder, device);
     let parts = images

@@ -127,6 +127,21 @@ impl MscTrainerConfig {
     }
 }
 
+/// An error unless every test image has a label.
+fn check_labels(test: Evaluation<'_>) -> Result<()> {
+    if test.images.len() != test.anomalous.len() {
+        return Err(Error::invalid(
+            "test labels",
+            format!(
+                "{} images but {} labels",
+                test.images.len(),
+                test.anomalous.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Labelled test images for the per-epoch ROC-AUC.
 #[derive(Clone, Copy)]
 pub struct Evaluation<'a> {
@@ -250,19 +265,33 @@ impl MscTrainer {
         train: &dyn ImageSource,
         device: &Device,
     ) -> Result<Tensor<1>> {
+        Ok(self.center_of(self.train_features(encoder, train, device)?))
+    }
+
+    /// φ of the training images (evaluation transform): the center's input and the kNN bank.
+    fn train_features(
+        &self,
+        encoder: &ResNet,
+        train: &dyn ImageSource,
+        device: &Device,
+    ) -> Result<Tensor<2>> {
         if train.is_empty() {
             return Err(Error::invalid("training images", "none given"));
         }
         let eval = self.config.eval_for(encoder.config());
-        let phi = embed_source(encoder, train, &eval, self.config.eval_batch_size, device)?;
+        embed_source(encoder, train, &eval, self.config.eval_batch_size, device)
+    }
+
+    /// The mean of `phi`'s rows, unit-norm with `angular`.
+    fn center_of(&self, phi: Tensor<2>) -> Tensor<1> {
         let d = phi.dims()[1];
         let center = phi.mean_dim(0).reshape([d]);
-        Ok(if self.config.angular {
+        if self.config.angular {
             let norm = center.clone().square().sum().sqrt().clamp_min(1e-12);
             center / norm
         } else {
             center
-        })
+        }
     }
 
     /// kNN ROC-AUC of `test` against the features of `train`, with `encoder` as it is.
@@ -273,27 +302,30 @@ impl MscTrainer {
         test: Evaluation<'_>,
         device: &Device,
     ) -> Result<f64> {
-        if test.images.len() != test.anomalous.len() {
-            return Err(Error::invalid(
-                "test labels",
-                format!(
-                    "{} images but {} labels",
-                    test.images.len(),
-                    test.anomalous.len()
-                ),
-            ));
-        }
-        let eval = &self.config.eval_for(encoder.config());
-        let batch = self.config.eval_batch_size;
-        let bank = embed_source(encoder, train, eval, batch, device)?;
-        let knn = KnnScorer::new(bank, self.config.k.min(train.len()))?;
-        let scores = crate::host::vec_from_tensor(knn.score(embed_source(
+        check_labels(test)?;
+        let bank = self.train_features(encoder, train, device)?;
+        self.auroc_against(encoder, bank, test, device)
+    }
+
+    /// kNN ROC-AUC of `test` (labels already checked) against the features `bank`.
+    fn auroc_against(
+        &self,
+        encoder: &ResNet,
+        bank: Tensor<2>,
+        test: Evaluation<'_>,
+        device: &Device,
+    ) -> Result<f64> {
+        let rows = bank.dims()[0];
+        let knn = KnnScorer::new(bank, self.config.k.min(rows))?;
+        let eval = self.config.eval_for(encoder.config());
+        let queries = embed_source(
             encoder,
             test.images,
-            eval,
-            batch,
+            &eval,
+            self.config.eval_batch_size,
             device,
-        )?)?)?;
+        )?;
+        let scores = crate::host::vec_from_tensor(knn.score(queries)?)?;
         crate::metrics::roc_auc(&scores, test.anomalous)
     }
 
@@ -317,10 +349,15 @@ impl MscTrainer {
         }
         let plain = device.clone().without_autodiff();
         let encoder = encoder.valid().to_device(&plain);
-        let center = self.center(&encoder, train, &plain)?;
+        if let Some(t) = test {
+            check_labels(t)?;
+        }
+        // The pretrained features give both the center and the epoch-0 bank.
+        let phi = self.train_features(&encoder, train, &plain)?;
+        let center = self.center_of(phi.clone());
         let mut history = Vec::new();
         let auroc = test
-            .map(|t| self.evaluate(&encoder, train, t, &plain))
+            .map(|t| self.auroc_against(&encoder, phi, t, &plain))
             .transpose()?;
         history.push(EpochReport {
             epoch: 0,

@@ -43,10 +43,16 @@ const MAX_SIDE: u32 = 16384;
 /// The largest blur σ accepted (far beyond any image's size).
 const MAX_SIGMA: f64 = 1000.0;
 
+/// [`check_image_named`] as `image {index}`.
 fn check_image(img: &RgbImage, index: usize) -> Result<()> {
+    check_image_named(img, || format!("image {index}"))
+}
+
+/// An error naming the image (`what()`, called only on failure) when it has no pixels.
+pub(crate) fn check_image_named(img: &RgbImage, what: impl FnOnce() -> String) -> Result<()> {
     if img.width() == 0 || img.height() == 0 {
         return Err(Error::InvalidShape {
-            what: format!("image {index}"),
+            what: what(),
             expected: "at least 1 × 1 pixels".into(),
             found: vec![img.height() as usize, img.width() as usize],
         });

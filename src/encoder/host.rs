@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::ResNet;
 use super::block::ResidualBlock;
+use crate::host::vec_from_tensor;
 use crate::{Error, Result};
 
 /// Largest im2col buffer, in floats (32 MiB): wider convs are computed in column chunks.
@@ -45,10 +46,6 @@ struct FoldedConv {
     pad: usize,
 }
 
-fn host_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    crate::host::vec_from_tensor(t)
-}
-
 impl FoldedConv {
     fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
         let [cout, cin, kh, kw] = conv.weight.dims();
@@ -66,15 +63,15 @@ impl FoldedConv {
         {
             return Err(Error::Backend("host conv: unsupported layout".into()));
         }
-        let mut w = host_vec(conv.weight.val())?;
+        let mut w = vec_from_tensor(conv.weight.val())?;
         let conv_bias = match &conv.bias {
-            Some(b) => host_vec(b.val())?,
+            Some(b) => vec_from_tensor(b.val())?,
             None => vec![0.0; cout],
         };
-        let gamma = host_vec(bn.gamma.val())?;
-        let beta = host_vec(bn.beta.val())?;
-        let mean = host_vec(bn.running_mean.value())?;
-        let var = host_vec(bn.running_var.value())?;
+        let gamma = vec_from_tensor(bn.gamma.val())?;
+        let beta = vec_from_tensor(bn.beta.val())?;
+        let mean = vec_from_tensor(bn.running_mean.value())?;
+        let var = vec_from_tensor(bn.running_var.value())?;
         let per = cin * kh * kw;
         let mut bias = vec![0f32; cout];
         for o in 0..cout {
@@ -327,7 +324,7 @@ impl HostEngine {
             });
         }
         let device = images.device();
-        let nchw = host_vec(images)?;
+        let nchw = vec_from_tensor(images)?;
         // B × C × H × W → C × B × H × W.
         let plane = h * w;
         let mut data = vec![0f32; c * b * plane];
@@ -357,6 +354,11 @@ impl HostEngine {
             &device,
         ))
     }
+}
+
+/// Whether the host engine serves `device`: a CPU device without autodiff.
+pub(crate) fn serves(device: &burn::tensor::Device) -> bool {
+    !device.is_autodiff() && crate::device::is_host(device)
 }
 
 /// `ResNet::forward` on host memory, folding the weights for this one call.

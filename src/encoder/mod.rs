@@ -314,8 +314,7 @@ impl ResNet {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         // On CPU devices, without gradients, the host engine (folded BatchNorm, im2col + one
         // sgemm per conv) is several times faster than the backends' convolutions.
-        if !images.is_autodiff()
-            && crate::device::is_host(&images.device())
+        if host::serves(&images.device())
             && let Ok(features) = host::forward(self, images.clone())
         {
             return features;
@@ -380,7 +379,7 @@ pub(crate) struct BatchEmbedder<'a> {
 
 impl<'a> BatchEmbedder<'a> {
     pub(crate) fn new(model: &'a ResNet, device: &Device) -> Self {
-        let engine = (!device.is_autodiff() && crate::device::is_host(device))
+        let engine = host::serves(device)
             .then(|| host::HostEngine::new(model).ok())
             .flatten();
         Self { model, engine }
