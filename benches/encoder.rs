@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use burn::tensor::{Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use msad::device::Backend;
-use msad::encoder::{Arch, ResNetConfig};
+use msad::encoder::{Arch, InferenceEncoder, ResNetConfig};
 
 fn encoder(c: &mut Criterion) {
     let mut backends: Vec<Backend> = Backend::enabled()
@@ -45,6 +45,14 @@ fn encoder(c: &mut Criterion) {
             let id = BenchmarkId::new(format!("{arch}-{size}px-b{batch}"), backend.name());
             group.bench_function(id, |b| {
                 b.iter(|| msad::host::vec_from_tensor(model.forward(x.clone())).unwrap())
+            });
+            // The weights folded once, as for many batches (`features`, the `Detector`).
+            let prepared = InferenceEncoder::new(&model, device);
+            let id = BenchmarkId::new(format!("{arch}-{size}px-b{batch}-prepared"), backend.name());
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    msad::host::vec_from_tensor(prepared.try_forward(x.clone()).unwrap()).unwrap()
+                })
             });
             // On CPU devices `forward` runs the host engine; this is the backend's own path.
             if backend != Backend::Wgpu {

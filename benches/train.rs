@@ -1,6 +1,7 @@
 //! Training-step throughput (pairs of views per second): ResNet-18, two MoCo v2 views per image,
 //! the mean-shifted loss, backward and an SGD step, as `msad::train` runs them; at 32 px batch
-//! 64 and 224 px batch 16, on each enabled CPU backend. `scripts/bench_train.py` times the same
+//! 64 and 224 px batch 16, on each enabled CPU backend: the library's `TrainingSession::step`
+//! and the same step through burn's autodiff (`-autodiff`). `scripts/bench_train.py` times the same
 //! step in PyTorch.
 
 /// glibc's allocator hands large buffers back to the OS on every free, and the page faults of
@@ -18,6 +19,7 @@ use msad::augment::TrainAugmentConfig;
 use msad::device::Backend;
 use msad::encoder::{Arch, ResNetConfig};
 use msad::loss::MeanShiftedContrastiveLossConfig;
+use msad::train::{MscTrainer, MscTrainerConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -53,8 +55,28 @@ fn train(c: &mut Criterion) {
                 .init();
             let mut rng = StdRng::seed_from_u64(0);
             group.throughput(Throughput::Elements(batch as u64));
+            // The library's step (`TrainingSession`: on CPU devices, forward and backward on
+            // host memory).
+            let trainer = MscTrainer::new(
+                MscTrainerConfig::new()
+                    .with_image_size(size)
+                    .with_batch_size(batch),
+            )
+            .unwrap();
+            let encoder = ResNetConfig::from_arch(Arch::Resnet18).init(&device);
+            let mut session = trainer
+                .session(encoder, Tensor::<1>::zeros([512], &device), &device)
+                .unwrap();
             group.bench_function(
                 BenchmarkId::new(format!("resnet18-{size}px-b{batch}"), backend.name()),
+                |b| b.iter(|| session.step(&images, &mut rng).unwrap()),
+            );
+            // The same step through burn's autodiff and the backend's convolutions.
+            group.bench_function(
+                BenchmarkId::new(
+                    format!("resnet18-{size}px-b{batch}-autodiff"),
+                    backend.name(),
+                ),
                 |b| {
                     b.iter(|| {
                         let m = model.take().unwrap();

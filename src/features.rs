@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::augment::{EvalTransform, check_image_named};
 use crate::data::ImageSource;
-use crate::encoder::{BatchEmbedder, ResNet};
+use crate::encoder::{InferenceEncoder, ResNet};
 use crate::{Error, Result};
 
 /// Decodes `indices` of `source` in parallel. An unreadable or zero-sized image is an error
@@ -61,12 +61,12 @@ pub fn embed_source(
     if let Some(empty) = nothing_to_embed(encoder, n, batch_size, device)? {
         return Ok(empty);
     }
-    let embedder = BatchEmbedder::new(encoder, device);
+    let embedder = InferenceEncoder::new(encoder, device);
     let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
     for start in (0..n).step_by(batch_size) {
         let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
         let images = load_images(source, &indices)?;
-        parts.push(embedder.embed(eval.try_batch(&images, device)?)?);
+        parts.push(embedder.try_embed(eval.try_batch(&images, device)?)?);
     }
     Ok(Tensor::cat(parts, 0))
 }
@@ -87,10 +87,10 @@ pub fn embed_images(
     for (i, image) in images.iter().enumerate() {
         check_image_named(image, || format!("image {i}"))?;
     }
-    let embedder = BatchEmbedder::new(encoder, device);
+    let embedder = InferenceEncoder::new(encoder, device);
     let parts = images
         .chunks(batch_size)
-        .map(|chunk| embedder.embed(eval.try_batch(chunk, device)?))
+        .map(|chunk| embedder.try_embed(eval.try_batch(chunk, device)?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(parts, 0))
 }

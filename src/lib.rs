@@ -36,7 +36,8 @@
 //! - [`host`]: tensors to and from `ndarray` arrays.
 //! - [`npy`]: `.npy` input and output of float32 arrays.
 //! - [`features`]: φ over a whole image source, in batches.
-//! - [`train`]: the MSC fine-tuning loop, its settings and progress reports.
+//! - [`train`]: the MSC fine-tuning loop, its settings and progress reports, and single steps
+//!   ([`train::TrainingSession`]).
 //! - [`Detector`]: fit, score, threshold, save and load.
 //! - [`Error`], [`Result`]: the crate's error type.
 
@@ -54,6 +55,7 @@ pub mod knn;
 pub mod loss;
 pub mod metrics;
 pub mod npy;
+mod sgemm;
 pub mod train;
 
 pub use detector::Detector;

@@ -10,7 +10,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor};
 use msad::Error;
 use msad::encoder::weights::{Checkpoint, CheckpointFormat};
-use msad::encoder::{Arch, BlockKind, FreezePolicy, ResNet, ResNetConfig, Stage};
+use msad::encoder::{Arch, BlockKind, FreezePolicy, InferenceEncoder, ResNet, ResNetConfig, Stage};
 
 use common::{backends, fixture, max_abs_diff};
 
@@ -39,6 +39,30 @@ fn check_parity(model: &ResNet, net: &str, device: &msad::device::SelectedDevice
         de <= 1e-4,
         "{what} on {device}: embed differs from torchvision by {de}"
     );
+    // The same through an encoder prepared once for many calls.
+    let prepared = InferenceEncoder::new(model, device.device());
+    assert_eq!(
+        prepared.uses_host_engine(),
+        device.backend() != msad::device::Backend::Wgpu,
+        "{device}"
+    );
+    for _ in 0..2 {
+        let out = prepared.try_forward(input(device.device())).unwrap();
+        let df = max_abs_diff(
+            &msad::host::vec_from_tensor(out).unwrap(),
+            &expected(&format!("{net}_features")),
+        );
+        assert!(
+            df <= 1e-4,
+            "{what} on {device}: prepared forward off by {df}"
+        );
+        let out = prepared.try_embed(input(device.device())).unwrap();
+        let de = max_abs_diff(
+            &msad::host::vec_from_tensor(out).unwrap(),
+            &expected(&format!("{net}_embed")),
+        );
+        assert!(de <= 1e-4, "{what} on {device}: prepared embed off by {de}");
+    }
 }
 
 #[test]
@@ -346,6 +370,13 @@ fn images_without_three_channels_are_rejected() {
         .try_embed(Tensor::<4>::zeros([2, 1, 32, 32], &Device::flex()))
         .unwrap_err();
     assert!(matches!(err, Error::InvalidShape { ref found, .. } if found == &[2, 1, 32, 32]));
+    let prepared = InferenceEncoder::new(&model, &Device::flex());
+    for dims in [[2, 1, 32, 32], [0, 3, 32, 32], [1, 3, 0, 8]] {
+        let err = prepared
+            .try_embed(Tensor::<4>::zeros(dims, &Device::flex()))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidShape { ref found, .. } if found == &dims));
+    }
 }
 
 #[test]

@@ -192,6 +192,21 @@ pub enum ResidualBlock {
 }
 
 impl ResidualBlock {
+    /// The (conv, BatchNorm) pairs of the main path in forward order, and the shortcut's.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn conv_bn_pairs(
+        &self,
+    ) -> (Vec<(&Conv2d, &BatchNorm)>, Option<(&Conv2d, &BatchNorm)>) {
+        let (main, downsample) = match self {
+            Self::Basic(b) => (vec![(&b.conv1, &b.bn1), (&b.conv2, &b.bn2)], &b.downsample),
+            Self::Bottleneck(b) => (
+                vec![(&b.conv1, &b.bn1), (&b.conv2, &b.bn2), (&b.conv3, &b.bn3)],
+                &b.downsample,
+            ),
+        };
+        (main, downsample.as_ref().map(|d| (&d.conv, &d.bn)))
+    }
+
     pub(crate) fn new(
         kind: BlockKind,
         in_channels: usize,

@@ -1,10 +1,13 @@
 //! ResNet inference on host memory, for CPU devices without autodiff: each conv + BatchNorm
-//! pair folded into one conv with bias, computed as im2col + one sgemm (the `gemm` crate) over
+//! pair folded into one conv with bias, computed as im2col + one sgemm (`crate::sgemm`) over
 //! the whole batch, activations kept channel-major (C × B·H·W) so that a conv's output is
 //! directly the next conv's input. It replaces a chain of backend operations (each a fresh
 //! tensor and a pass over memory) where the backend's own convolutions are slow on small
 //! images; the results equal the tensor path's to float rounding (tests/encoder.rs checks both
 //! against torchvision).
+
+use std::cell::Cell;
+use std::ops::{Deref, DerefMut};
 
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
@@ -14,56 +17,130 @@ use rayon::prelude::*;
 use super::ResNet;
 use super::block::ResidualBlock;
 use crate::host::vec_from_tensor;
+use crate::sgemm::{Operand, sgemm};
 use crate::{Error, Result};
 
 /// Largest im2col buffer, in floats (32 MiB): wider convs are computed in column chunks.
-const IM2COL_FLOATS: usize = 8 << 20;
+pub(super) const IM2COL_FLOATS: usize = 8 << 20;
+
+thread_local! {
+    /// The im2col buffer, kept between convs and calls so that every conv does not fault in
+    /// fresh pages (at most `IM2COL_FLOATS` floats per thread that ran a conv).
+    static COLS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// The calling thread's im2col buffer, handed back when dropped (a nested user gets a fresh
+/// one; the larger is kept).
+pub(super) struct ColsBuffer(Vec<f32>);
+
+impl ColsBuffer {
+    pub(super) fn take() -> Self {
+        Self(COLS.take())
+    }
+}
+
+impl Deref for ColsBuffer {
+    type Target = Vec<f32>;
+
+    fn deref(&self) -> &Vec<f32> {
+        &self.0
+    }
+}
+
+impl DerefMut for ColsBuffer {
+    fn deref_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.0
+    }
+}
+
+impl Drop for ColsBuffer {
+    fn drop(&mut self) {
+        let mine = std::mem::take(&mut self.0);
+        let other = COLS.take();
+        COLS.set(if other.capacity() > mine.capacity() {
+            other
+        } else {
+            mine
+        });
+    }
+}
 
 /// Activations: `c` channels × `b` images × `h` × `w`, channel-major.
-struct Maps {
-    data: Vec<f32>,
-    c: usize,
-    b: usize,
-    h: usize,
-    w: usize,
+pub(super) struct Maps {
+    pub(super) data: Vec<f32>,
+    pub(super) c: usize,
+    pub(super) b: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
 }
 
 impl Maps {
-    fn plane(&self) -> usize {
+    /// Positions per channel: B·H·W.
+    pub(super) fn plane(&self) -> usize {
         self.b * self.h * self.w
+    }
+
+    /// From B × C × H × W row-major values (`dims` checked by the caller).
+    pub(super) fn from_nchw(nchw: &[f32], dims: [usize; 4]) -> Self {
+        let [b, c, h, w] = dims;
+        let plane = h * w;
+        let mut data = vec![0f32; c * b * plane];
+        for img in 0..b {
+            for ch in 0..c {
+                data[(ch * b + img) * plane..][..plane]
+                    .copy_from_slice(&nchw[(img * c + ch) * plane..][..plane]);
+            }
+        }
+        Self { data, c, b, h, w }
+    }
+
+    /// Global average pooling: B × C, row-major.
+    pub(super) fn global_average(&self) -> Vec<f32> {
+        let hw = self.h * self.w;
+        let mut pooled = vec![0f32; self.b * self.c];
+        for ch in 0..self.c {
+            for img in 0..self.b {
+                let s: f32 = self.data[(ch * self.b + img) * hw..][..hw].iter().sum();
+                pooled[img * self.c + ch] = s / hw as f32;
+            }
+        }
+        pooled
+    }
+
+    /// The gradient with respect to these maps of a loss whose gradient with respect to
+    /// [`Maps::global_average`] is `d` (B × C).
+    pub(super) fn global_average_backward(&self, d: &[f32]) -> Vec<f32> {
+        let hw = self.h * self.w;
+        let mut out = vec![0f32; self.data.len()];
+        out.par_chunks_mut(hw).enumerate().for_each(|(i, dst)| {
+            let (ch, img) = (i / self.b, i % self.b);
+            dst.fill(d[img * self.c + ch] / hw as f32);
+        });
+        out
     }
 }
 
 /// A conv with its BatchNorm folded in: `w` is Cout × (Cin·k·k) scaled per output channel,
 /// `bias` the BatchNorm shift.
-struct FoldedConv {
-    w: Vec<f32>,
+pub(super) struct FoldedConv {
+    pub(super) w: Vec<f32>,
     bias: Vec<f32>,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+    pub(super) cin: usize,
+    pub(super) cout: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
 }
 
 impl FoldedConv {
-    fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
-        let [cout, cin, kh, kw] = conv.weight.dims();
-        let pad = match conv.padding {
-            burn::nn::PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
-            _ => return Err(Error::Backend("host conv: unsupported padding".into())),
-        };
-        // Padding k / 2 (torchvision's) keeps every output at least 1 × 1 for inputs of 1 × 1
-        // or more.
-        if kh != kw
-            || pad != kh / 2
-            || conv.stride[0] != conv.stride[1]
-            || conv.dilation != [1, 1]
-            || conv.groups != 1
-        {
-            return Err(Error::Backend("host conv: unsupported layout".into()));
-        }
-        let mut w = vec_from_tensor(conv.weight.val())?;
+    pub(super) fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
+        Self::fold(conv, bn, vec_from_tensor(conv.weight.val())?)
+    }
+
+    /// [`FoldedConv::new`] with the conv's weights `w` already read.
+    pub(super) fn fold(conv: &Conv2d, bn: &BatchNorm, mut w: Vec<f32>) -> Result<Self> {
+        let (cin, cout, kh, stride, pad) = geometry(conv)?;
+        let kw = kh;
         let conv_bias = match &conv.bias {
             Some(b) => vec_from_tensor(b.val())?,
             None => vec![0.0; cout],
@@ -86,13 +163,13 @@ impl FoldedConv {
             cin,
             cout,
             k: kh,
-            stride: conv.stride[0],
+            stride,
             pad,
         })
     }
 
     /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
-    fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+    pub(super) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
         let (k, s, p) = (self.k, self.stride, self.pad);
         let ho = (x.h + 2 * p - k) / s + 1;
         let wo = (x.w + 2 * p - k) / s + 1;
@@ -118,7 +195,7 @@ impl FoldedConv {
         } else {
             (IM2COL_FLOATS / (kk * wo).max(1)).clamp(1, rows_total)
         };
-        let mut cols = Vec::new();
+        let mut cols = ColsBuffer::take();
         for r0 in (0..rows_total).step_by(rows_per_chunk) {
             let r1 = (r0 + rows_per_chunk).min(rows_total);
             let width = (r1 - r0) * wo;
@@ -129,32 +206,15 @@ impl FoldedConv {
                 im2col(x, k, s, p, ho, wo, r0, r1, &mut cols);
                 (&cols, width)
             };
-            // out[:, r0·wo .. r1·wo] = W (Cout × kk) · cols (kk × width)
-            // SAFETY: W is cout × kk row-major; rhs holds kk rows of `rhs_stride` floats of
-            // which the first `width` are read; dst rows of `n` floats, columns from r0·wo.
-            unsafe {
-                gemm::gemm(
-                    self.cout,
-                    width,
-                    kk,
-                    out.as_mut_ptr().add(r0 * wo),
-                    1,
-                    n as isize,
-                    true,
-                    self.w.as_ptr(),
-                    1,
-                    kk as isize,
-                    rhs.as_ptr(),
-                    1,
-                    rhs_stride as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
+            // out[:, r0·wo .. r1·wo] += W (Cout × kk) · cols (kk × width)
+            sgemm(
+                (self.cout, width, kk),
+                Operand::rows(&self.w, kk),
+                Operand::rows(rhs, rhs_stride),
+                &mut out[r0 * wo..],
+                n,
+                true,
+            );
         }
         if relu {
             out.par_chunks_mut(n.max(1))
@@ -170,9 +230,29 @@ impl FoldedConv {
     }
 }
 
+/// (C_in, C_out, k, stride, padding) of a conv the host engines cover: square kernel,
+/// torchvision's padding k / 2 on every side, no dilation or groups.
+fn geometry(conv: &Conv2d) -> Result<(usize, usize, usize, usize, usize)> {
+    let [cout, cin, kh, kw] = conv.weight.dims();
+    let pad = match conv.padding {
+        burn::nn::PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
+        _ => return Err(Error::Backend("host conv: unsupported padding".into())),
+    };
+    // Padding k / 2 keeps every output at least 1 × 1 for inputs of 1 × 1 or more.
+    if kh != kw
+        || pad != kh / 2
+        || conv.stride[0] != conv.stride[1]
+        || conv.dilation != [1, 1]
+        || conv.groups != 1
+    {
+        return Err(Error::Backend("host conv: unsupported layout".into()));
+    }
+    Ok((cin, cout, kh, conv.stride[0], pad))
+}
+
 /// Rows (ci, kh, kw) × columns (output rows r0..r1 of all images, `wo` positions each).
 #[allow(clippy::too_many_arguments)]
-fn im2col(
+pub(super) fn im2col(
     x: &Maps,
     k: usize,
     s: usize,
@@ -200,30 +280,52 @@ fn im2col(
                     continue;
                 }
                 let line = &src[(img * x.h + iy as usize) * x.w..][..x.w];
-                for (ox, v) in out_row.iter_mut().enumerate() {
-                    let ix = (ox * s + kx) as isize - p as isize;
-                    *v = if ix >= 0 && (ix as usize) < x.w {
-                        line[ix as usize]
+                let (lo, hi) = inside_columns(kx, s, p, x.w, wo);
+                out_row[..lo].fill(0.0);
+                out_row[hi..].fill(0.0);
+                if hi > lo {
+                    // Input column of output column ox: ox·s + kx − p.
+                    let first = lo * s + kx - p;
+                    if s == 1 {
+                        out_row[lo..hi].copy_from_slice(&line[first..first + hi - lo]);
                     } else {
-                        0.0
-                    };
+                        let inputs = line[first..].iter().step_by(s);
+                        for (v, x) in out_row[lo..hi].iter_mut().zip(inputs) {
+                            *v = *x;
+                        }
+                    }
                 }
             }
         });
 }
 
-/// 3x3 stride-2 max pooling with padding 1 (padding never wins: `-inf`).
-fn max_pool(x: &Maps) -> Maps {
+/// The output columns `lo..hi` whose input column ox·s + kx − p lies inside 0..w.
+pub(super) fn inside_columns(kx: usize, s: usize, p: usize, w: usize, wo: usize) -> (usize, usize) {
+    let lo = p.saturating_sub(kx).div_ceil(s).min(wo);
+    // The largest ox with ox·s + kx − p ≤ w − 1, plus one.
+    let hi = if w + p > kx {
+        ((w - 1 + p - kx) / s + 1).min(wo)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
+}
+
+/// 3x3 stride-2 max pooling with padding 1 (padding never wins: `-inf`), with the position of
+/// each maximum in its input plane (the first one on ties) for the backward.
+pub(super) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
     let ho = (x.h + 2 - 3) / 2 + 1;
     let wo = (x.w + 2 - 3) / 2 + 1;
     let mut out = vec![0f32; x.c * x.b * ho * wo];
+    let mut idx = vec![0u32; out.len()];
     out.par_chunks_mut(ho * wo)
+        .zip(idx.par_chunks_mut(ho * wo))
         .enumerate()
-        .for_each(|(plane, dst)| {
+        .for_each(|(plane, (dst, at))| {
             let src = &x.data[plane * x.h * x.w..(plane + 1) * x.h * x.w];
             for oy in 0..ho {
                 for ox in 0..wo {
-                    let mut m = f32::NEG_INFINITY;
+                    let (mut m, mut best) = (f32::NEG_INFINITY, 0usize);
                     for ky in 0..3 {
                         let iy = (oy * 2 + ky) as isize - 1;
                         if iy < 0 || iy >= x.h as isize {
@@ -232,21 +334,26 @@ fn max_pool(x: &Maps) -> Maps {
                         for kx in 0..3 {
                             let ix = (ox * 2 + kx) as isize - 1;
                             if ix >= 0 && (ix as usize) < x.w {
-                                m = m.max(src[iy as usize * x.w + ix as usize]);
+                                let i = iy as usize * x.w + ix as usize;
+                                if src[i] > m {
+                                    (m, best) = (src[i], i);
+                                }
                             }
                         }
                     }
                     dst[oy * wo + ox] = m;
+                    at[oy * wo + ox] = best as u32;
                 }
             }
         });
-    Maps {
+    let pooled = Maps {
         data: out,
         c: x.c,
         b: x.b,
         h: ho,
         w: wo,
-    }
+    };
+    (pooled, idx)
 }
 
 /// A residual block with its convs folded: main path, then the shortcut (if any).
@@ -257,27 +364,13 @@ struct FoldedBlock {
 
 impl FoldedBlock {
     fn new(block: &ResidualBlock) -> Result<Self> {
-        let fold_ds = |ds: &Option<super::block::Downsample>| {
-            ds.as_ref()
-                .map(|d| FoldedConv::new(&d.conv, &d.bn))
-                .transpose()
-        };
-        Ok(match block {
-            ResidualBlock::Basic(b) => Self {
-                convs: vec![
-                    FoldedConv::new(&b.conv1, &b.bn1)?,
-                    FoldedConv::new(&b.conv2, &b.bn2)?,
-                ],
-                downsample: fold_ds(&b.downsample)?,
-            },
-            ResidualBlock::Bottleneck(b) => Self {
-                convs: vec![
-                    FoldedConv::new(&b.conv1, &b.bn1)?,
-                    FoldedConv::new(&b.conv2, &b.bn2)?,
-                    FoldedConv::new(&b.conv3, &b.bn3)?,
-                ],
-                downsample: fold_ds(&b.downsample)?,
-            },
+        let (main, shortcut) = block.conv_bn_pairs();
+        Ok(Self {
+            convs: main
+                .into_iter()
+                .map(|(c, b)| FoldedConv::new(c, b))
+                .collect::<Result<_>>()?,
+            downsample: shortcut.map(|(c, b)| FoldedConv::new(c, b)).transpose()?,
         })
     }
 
@@ -324,31 +417,13 @@ impl HostEngine {
             });
         }
         let device = images.device();
-        let nchw = vec_from_tensor(images)?;
-        // B × C × H × W → C × B × H × W.
-        let plane = h * w;
-        let mut data = vec![0f32; c * b * plane];
-        for img in 0..b {
-            for ch in 0..c {
-                data[(ch * b + img) * plane..][..plane]
-                    .copy_from_slice(&nchw[(img * c + ch) * plane..][..plane]);
-            }
-        }
-        let x = Maps { data, c, b, h, w };
+        let x = Maps::from_nchw(&vec_from_tensor(images)?, [b, c, h, w]);
         let x = self.stem.forward(&x, None, true);
         let x = self
             .blocks
             .iter()
-            .fold(max_pool(&x), |x, block| block.forward(x));
-        // Global average pooling, to B × C.
-        let hw = x.h * x.w;
-        let mut pooled = vec![0f32; x.b * x.c];
-        for ch in 0..x.c {
-            for img in 0..x.b {
-                let s: f32 = x.data[(ch * x.b + img) * hw..][..hw].iter().sum();
-                pooled[img * x.c + ch] = s / hw as f32;
-            }
-        }
+            .fold(max_pool(&x).0, |x, block| block.forward(x));
+        let pooled = x.global_average();
         Ok(Tensor::from_data(
             TensorData::new(pooled, [x.b, x.c]),
             &device,
@@ -387,6 +462,29 @@ mod tests {
             let scale = plain.clone().abs().max().into_scalar::<f32>().max(1.0);
             let diff = (fast - plain).abs().max().into_scalar::<f32>();
             assert!(diff <= 1e-5 * scale, "{arch:?}: {diff} (scale {scale})");
+        }
+    }
+
+    #[test]
+    fn inside_columns_are_exactly_the_in_bounds_ones() {
+        for k in [1, 3, 7] {
+            let p = k / 2;
+            for s in [1, 2, 3] {
+                for w in 1..12 {
+                    let wo = (w + 2 * p - k) / s + 1;
+                    for kx in 0..k {
+                        let inside: Vec<usize> = (0..wo)
+                            .filter(|ox| (ox * s + kx) >= p && ox * s + kx - p < w)
+                            .collect();
+                        let (lo, hi) = super::inside_columns(kx, s, p, w, wo);
+                        assert_eq!(
+                            (lo..hi).collect::<Vec<_>>(),
+                            inside,
+                            "k{k} s{s} w{w} kx{kx}"
+                        );
+                    }
+                }
+            }
         }
     }
 

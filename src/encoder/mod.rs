@@ -6,7 +6,9 @@
 //! running statistics, also on an autodiff device, as the reference keeps the model in eval mode.
 //!
 //! Weights come from torchvision checkpoints ([`ResNet::from_torchvision`], [`weights`]); which
-//! parameters train is set by a [`FreezePolicy`].
+//! parameters train is set by a [`FreezePolicy`]. On CPU devices, inference runs a host engine
+//! (BatchNorm folded into the convs, im2col + sgemm); an [`InferenceEncoder`] prepares it once
+//! for many batches.
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor};
@@ -24,6 +26,7 @@
 mod block;
 mod freeze;
 mod host;
+mod host_grad;
 pub mod weights;
 
 pub use block::{BasicBlock, BlockKind, Bottleneck, Downsample, ResidualBlock};
@@ -42,6 +45,9 @@ use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::{Error, Result};
+
+pub(crate) use host::serves as host_engine_serves;
+pub(crate) use host_grad::HostGradEngine;
 
 /// The torchvision ResNets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -370,28 +376,58 @@ impl ResNet {
     }
 }
 
-/// φ of many batches with one set of weights: on CPU devices without autodiff the folded
-/// host engine is built once rather than per batch.
-pub(crate) struct BatchEmbedder<'a> {
+/// A [`ResNet`] prepared for many forward passes with the same weights: on CPU devices
+/// (without autodiff) the weights are read back and folded into the host engine once, here,
+/// instead of on every [`ResNet::forward`] call. Elsewhere it runs the module itself. Results
+/// equal [`ResNet::forward`]'s; build a new one after the weights change.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use msad::encoder::{Arch, InferenceEncoder, ResNetConfig};
+///
+/// # fn main() -> msad::Result<()> {
+/// let device = Device::flex();
+/// let config = ResNetConfig::from_arch(Arch::Resnet18).with_stem_width(8).with_widths([8, 8, 8, 8]);
+/// let model = config.try_init(&device)?;
+/// let encoder = InferenceEncoder::new(&model, &device);
+/// for _ in 0..3 {
+///     let images = Tensor::<4>::random([2, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+///     assert_eq!(encoder.try_embed(images)?.dims(), [2, 8]);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub struct InferenceEncoder<'a> {
     model: &'a ResNet,
     engine: Option<host::HostEngine>,
 }
 
-impl<'a> BatchEmbedder<'a> {
-    pub(crate) fn new(model: &'a ResNet, device: &Device) -> Self {
+impl<'a> InferenceEncoder<'a> {
+    /// `model` prepared for inputs on `device`.
+    pub fn new(model: &'a ResNet, device: &Device) -> Self {
         let engine = host::serves(device)
             .then(|| host::HostEngine::new(model).ok())
             .flatten();
         Self { model, engine }
     }
 
-    /// [`ResNet::try_embed`] of one batch.
-    pub(crate) fn embed(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+    /// [`ResNet::try_forward`]: the pooled features, B × D.
+    pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         check_images(&images)?;
         match &self.engine {
-            Some(engine) if !images.is_autodiff() => Ok(l2_normalize(engine.forward(images)?)),
-            _ => Ok(self.model.embed(images)),
+            Some(engine) if !images.is_autodiff() => engine.forward(images),
+            _ => Ok(self.model.forward(images)),
         }
+    }
+
+    /// [`ResNet::try_embed`]: φ, the L2-normalised features.
+    pub fn try_embed(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        self.try_forward(images).map(l2_normalize)
+    }
+
+    /// Whether the host engine serves this encoder (CPU devices).
+    pub fn uses_host_engine(&self) -> bool {
+        self.engine.is_some()
     }
 }
 

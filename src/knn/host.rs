@@ -1,10 +1,11 @@
-//! Exact kNN on host memory: tiled sgemm (the `gemm` crate) with the top-k selection fused
-//! into the tile loop, spread over rayon threads.
+//! Exact kNN on host memory: tiled sgemm (`crate::sgemm`), each tile followed by the top-k
+//! selection over its rows, spread over rayon threads.
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::DEFAULT_TILE_BYTES;
+use crate::sgemm::{Operand, sgemm, sgemm_serial};
 use crate::{Error, Result};
 
 /// The k nearest bank rows of every query, by squared L2 distance, for features held in host
@@ -151,75 +152,81 @@ impl HostKnnScorer {
             return Vec::new();
         }
         let d = self.d;
-        let threads = rayon::current_num_threads().max(1);
         let elems = (self.tile_bytes / 4).max(1);
-        // 1024 × 1024 tiles: one sgemm each (large enough to amortise the packing of both
-        // operands), its 4 MiB distance tile still in cache when the top-k pass reads it.
-        let per_thread = (elems / threads).max(1);
-        let qt = q.min(1024).min(per_thread);
-        let q_tiles = q.div_ceil(qt);
-        let mut nt = self.n.min(1024).min((per_thread / qt).max(1));
-        if q_tiles < threads {
-            // Few queries (single-query latency): split the bank across threads instead.
-            let per_query_tile = threads.div_ceil(q_tiles);
-            nt = nt.min(self.n.div_ceil(per_query_tile)).max(1);
-        }
-        let b_tiles = self.n.div_ceil(nt);
         let q_sq: Vec<f32> = queries.chunks_exact(d).map(dot_self).collect();
-
-        let partial: Vec<(usize, Vec<TopK>)> = (0..q_tiles * b_tiles)
-            .into_par_iter()
-            .map(|item| {
-                let (qi, bi) = (item / b_tiles, item % b_tiles);
-                let (q0, q1) = (qi * qt, ((qi + 1) * qt).min(q));
-                let (b0, b1) = (bi * nt, ((bi + 1) * nt).min(self.n));
-                let (m, n) = (q1 - q0, b1 - b0);
-                let mut dots = vec![0.0f32; m * n];
-                // dots (m × n, row-major) = Q[q0..q1] · B[b0..b1]ᵀ
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        d,
-                        dots.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        queries[q0 * d..].as_ptr(),
-                        1,
-                        d as isize,
-                        self.bank[b0 * d..].as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                let lists = (0..m)
-                    .map(|r| {
-                        let mut top = TopK::new(self.k);
-                        let qs = q_sq[q0 + r];
-                        for (c, dot) in dots[r * n..(r + 1) * n].iter().enumerate() {
-                            let dist = (qs + self.bank_sq[b0 + c] - 2.0 * dot).max(0.0);
-                            top.push(dist, b0 + c);
-                        }
-                        top
-                    })
-                    .collect();
-                (qi, lists)
-            })
-            .collect();
-
         let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
-        for (qi, lists) in partial {
-            for (r, list) in lists.into_iter().enumerate() {
-                let target = &mut merged[qi * qt + r];
-                for (dist, i) in list.items {
-                    target.push(dist, i);
+        let threads = rayon::current_num_threads().max(1);
+        if crate::sgemm::library() != "openblas" || q < 16 * threads {
+            // Tiles of up to 1024 × 1024, spread over the threads, each one product on its
+            // thread (large enough to amortise the packing of both operands) whose 4 MiB of
+            // distances are still in cache when the top-k pass reads them.
+            let per_thread = (elems / threads).max(1);
+            let qt = q.min(1024).min(per_thread);
+            let q_tiles = q.div_ceil(qt);
+            let mut nt = self.n.min(1024).min((per_thread / qt).max(1));
+            if q_tiles < threads {
+                // Few queries (single-query latency): split the bank across threads instead.
+                let per_query_tile = threads.div_ceil(q_tiles);
+                nt = nt.min(self.n.div_ceil(per_query_tile)).max(1);
+            }
+            let b_tiles = self.n.div_ceil(nt);
+            let partial: Vec<(usize, Vec<TopK>)> = (0..q_tiles * b_tiles)
+                .into_par_iter()
+                .map(|item| {
+                    let (qi, bi) = (item / b_tiles, item % b_tiles);
+                    let (q0, m) = (qi * qt, qt.min(q - qi * qt));
+                    let (b0, n) = (bi * nt, nt.min(self.n - bi * nt));
+                    let mut dots = vec![0.0f32; m * n];
+                    sgemm_serial(
+                        (m, n, d),
+                        Operand::rows(&queries[q0 * d..], d),
+                        Operand::transposed(&self.bank[b0 * d..], d),
+                        &mut dots,
+                        n,
+                        false,
+                    );
+                    let tops = (0..m)
+                        .map(|r| {
+                            let mut top = TopK::new(self.k);
+                            self.push_row(&mut top, q_sq[q0 + r], &dots[r * n..][..n], b0);
+                            top
+                        })
+                        .collect();
+                    (q0, tops)
+                })
+                .collect();
+            for (q0, tops) in partial {
+                for (target, top) in merged[q0..].iter_mut().zip(tops) {
+                    for (dist, i) in top.items {
+                        target.push(dist, i);
+                    }
+                }
+            }
+        } else {
+            // With OpenBLAS, which threads one large product better than the per-thread tiles:
+            // tiles of up to 2048 queries × as many bank rows as the budget allows, one product
+            // each on all threads, then the top-k pass over the tile's rows in parallel.
+            let qt = q.min(2048).min(elems);
+            let nt = self.n.min((elems / qt).max(1));
+            let mut dots = vec![0.0f32; qt * nt];
+            for q0 in (0..q).step_by(qt) {
+                let m = qt.min(q - q0);
+                for b0 in (0..self.n).step_by(nt) {
+                    let n = nt.min(self.n - b0);
+                    // dots (m × n, row-major) = Q[q0..q0 + m] · B[b0..b0 + n]ᵀ
+                    sgemm(
+                        (m, n, d),
+                        Operand::rows(&queries[q0 * d..], d),
+                        Operand::transposed(&self.bank[b0 * d..], d),
+                        &mut dots,
+                        n,
+                        false,
+                    );
+                    merged[q0..q0 + m]
+                        .par_iter_mut()
+                        .zip(&q_sq[q0..q0 + m])
+                        .zip(dots.par_chunks(n))
+                        .for_each(|((top, &qs), row)| self.push_row(top, qs, row, b0));
                 }
             }
         }
@@ -237,6 +244,14 @@ impl HostKnnScorer {
                 exact
             })
             .collect()
+    }
+
+    /// Offers the bank rows `b0..b0 + row.len()` to `top`, given their dot products with a
+    /// query of squared norm `qs`.
+    fn push_row(&self, top: &mut TopK, qs: f32, row: &[f32], b0: usize) {
+        for (c, (dot, bs)) in row.iter().zip(&self.bank_sq[b0..]).enumerate() {
+            top.push((qs + bs - 2.0 * dot).max(0.0), b0 + c);
+        }
     }
 
     fn exact_distance(&self, query: &[f32], row: usize) -> f32 {

@@ -1,4 +1,4 @@
-//! NT-Xent value and closed-form gradient on host memory: three sgemm calls (the `gemm` crate)
+//! NT-Xent value and closed-form gradient on host memory: two matrix products (`crate::sgemm`)
 //! and a few vectorised passes over the rows. Used when the features live on a CPU device,
 //! where it replaces a chain of tensor operations (each a fresh allocation and a pass over
 //! memory) by one computation.
@@ -6,6 +6,8 @@
 use std::cell::RefCell;
 
 use rayon::prelude::*;
+
+use crate::sgemm::{Operand, sgemm, sgemm_serial};
 
 /// The loss and, when asked, dL/dx for the 2B rows (x₁ then x₂; 2B × D, row-major).
 pub(super) struct Output {
@@ -118,7 +120,14 @@ fn compute(
         }
     }
     let mut grad = vec![0f32; n * d];
-    matmul(n, d, n, &mut grad, &sym, n, theta, d);
+    sgemm(
+        (n, d, n),
+        Operand::rows(&sym, n),
+        Operand::rows(theta, d),
+        &mut grad,
+        d,
+        false,
+    );
     // Back through normalize — (g − θ⟨θ, g⟩) / ‖u‖, or g / eps where the norm was clamped —
     // then the angular term 2 (x − c) / B.
     let ang = if angular { 2.0 / b as f32 } else { 0.0 };
@@ -159,9 +168,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// θ θᵀ (n × n) for θ (n × d, row-major). The output is small and the inner dimension long,
-/// which sgemm does not split across threads: each thread takes a slice of the columns and the
-/// partial products are summed.
+/// which the `gemm` crate does not split across threads: there, each thread takes a slice of
+/// the columns and the partial products are summed.
 fn gram(theta: &[f32], n: usize, d: usize) -> Vec<f32> {
+    if crate::sgemm::library() == "openblas" {
+        // OpenBLAS threads this shape well by itself.
+        let mut s = vec![0f32; n * n];
+        sgemm(
+            (n, n, d),
+            Operand::rows(theta, d),
+            Operand::transposed(theta, d),
+            &mut s,
+            n,
+            false,
+        );
+        return s;
+    }
     let parts = (2 * rayon::current_num_threads()).clamp(1, d.div_ceil(256));
     let width = d.div_ceil(parts);
     let partial: Vec<Vec<f32>> = (0..parts)
@@ -171,30 +193,15 @@ fn gram(theta: &[f32], n: usize, d: usize) -> Vec<f32> {
             let k1 = (k0 + width).min(d);
             let mut out = vec![0f32; n * n];
             if k1 > k0 {
-                // SAFETY: columns k0..k1 of the n × d row-major `theta`; `out` is n × n.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        n,
-                        k1 - k0,
-                        out.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        theta[k0..].as_ptr(),
-                        1,
-                        d as isize,
-                        theta[k0..].as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                // Columns k0..k1 of the n × d row-major θ, times their transpose.
+                sgemm_serial(
+                    (n, n, k1 - k0),
+                    Operand::rows(&theta[k0..], d),
+                    Operand::transposed(&theta[k0..], d),
+                    &mut out,
+                    n,
+                    false,
+                );
             }
             out
         })
@@ -205,48 +212,4 @@ fn gram(theta: &[f32], n: usize, d: usize) -> Vec<f32> {
         s.iter_mut().zip(part).for_each(|(a, b)| *a += b);
     }
     s
-}
-
-/// dst (m × n) = lhs (m × k, row stride `lhs_rs`) · rhs (k × n, row stride `rhs_rs`), all
-/// row-major.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    lhs: &[f32],
-    lhs_rs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-) {
-    assert!(
-        dst.len() >= m * n
-            && lhs.len() >= (m - 1) * lhs_rs + k
-            && rhs.len() >= (k - 1) * rhs_rs + n
-    );
-    // SAFETY: the assert above bounds every index the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
 }

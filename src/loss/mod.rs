@@ -114,6 +114,21 @@ impl MeanShiftedContrastiveLoss {
             .loss(phi1, phi2, Some(c.without_autodiff()), self.angular))
     }
 
+    /// The loss and its gradient with respect to φ for features on host memory: `phi` holds
+    /// the B rows of the first view then the B rows of the second (2B × D, row-major), `center`
+    /// is c (D). Shapes are the caller's to check.
+    pub(crate) fn value_and_grad_host(
+        &self,
+        phi: &[f32],
+        center: &[f32],
+        b: usize,
+        d: usize,
+    ) -> (f64, Vec<f32>) {
+        let inv_tau = (1.0 / self.kernel.temperature) as f32;
+        let out = host_kernel::nt_xent(phi, Some(center), b, d, inv_tau, self.angular, true);
+        (out.value, out.grad.unwrap_or_default())
+    }
+
     /// The temperature τ.
     pub fn temperature(&self) -> f64 {
         self.kernel.temperature
