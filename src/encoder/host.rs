@@ -356,73 +356,119 @@ pub(super) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
     (pooled, idx)
 }
 
-/// A residual block with its convs folded: main path, then the shortcut (if any).
-struct FoldedBlock {
-    convs: Vec<FoldedConv>,
-    downsample: Option<FoldedConv>,
+/// A conv with its BatchNorm as the host engines compute it.
+pub(super) trait HostLayer: Sized {
+    /// The layer, or an error for layouts the engines do not cover.
+    fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self>;
+    /// BN(conv(x)) (+ residual) (then ReLU).
+    fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps;
 }
 
-impl FoldedBlock {
-    fn new(block: &ResidualBlock) -> Result<Self> {
+impl HostLayer for FoldedConv {
+    fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
+        FoldedConv::new(conv, bn)
+    }
+
+    fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+        FoldedConv::forward(self, x, residual, relu)
+    }
+}
+
+/// A residual block on the host: its convs in order, then the shortcut (if any).
+pub(super) struct HostBlock<L> {
+    pub(super) convs: Vec<L>,
+    pub(super) downsample: Option<L>,
+}
+
+impl<L: HostLayer> HostBlock<L> {
+    pub(super) fn new(block: &ResidualBlock) -> Result<Self> {
         let (main, shortcut) = block.conv_bn_pairs();
         Ok(Self {
             convs: main
                 .into_iter()
-                .map(|(c, b)| FoldedConv::new(c, b))
+                .map(|(c, b)| L::new(c, b))
                 .collect::<Result<_>>()?,
-            downsample: shortcut.map(|(c, b)| FoldedConv::new(c, b)).transpose()?,
+            downsample: shortcut.map(|(c, b)| L::new(c, b)).transpose()?,
         })
     }
 
-    fn forward(&self, x: Maps) -> Maps {
-        let shortcut = self.downsample.as_ref().map(|d| d.forward(&x, None, false));
-        let (last, inner) = self.convs.split_last().expect("blocks have convs");
-        let mut out = None;
-        for conv in inner {
-            out = Some(conv.forward(out.as_ref().unwrap_or(&x), None, true));
+    /// The block's output and, when `keep`, the outputs (after ReLU) of all but its last conv
+    /// (a backward pass needs them); otherwise each is dropped once used.
+    pub(super) fn forward(&self, x: &Maps, keep: bool) -> (Maps, Vec<Maps>) {
+        let shortcut = self.downsample.as_ref().map(|d| d.forward(x, None, false));
+        let (last, first) = self.convs.split_last().expect("blocks have convs");
+        let mut inner: Vec<Maps> = Vec::with_capacity(first.len());
+        for conv in first {
+            let y = conv.forward(inner.last().unwrap_or(x), None, true);
+            if !keep {
+                inner.clear();
+            }
+            inner.push(y);
         }
-        let input = out.as_ref().unwrap_or(&x);
-        last.forward(input, Some(shortcut.as_ref().unwrap_or(&x)), true)
+        let out = last.forward(
+            inner.last().unwrap_or(x),
+            Some(shortcut.as_ref().unwrap_or(x)),
+            true,
+        );
+        if !keep {
+            inner.clear();
+        }
+        (out, inner)
+    }
+}
+
+/// A ResNet's layers as a host engine computes them: the stem, then every block in order.
+pub(super) struct HostNet<L> {
+    pub(super) stem: L,
+    pub(super) blocks: Vec<HostBlock<L>>,
+}
+
+impl<L: HostLayer> HostNet<L> {
+    /// The net's layers, or an error for layouts the engines do not cover.
+    pub(super) fn new(model: &ResNet) -> Result<Self> {
+        let blocks = [&model.layer1, &model.layer2, &model.layer3, &model.layer4]
+            .into_iter()
+            .flatten()
+            .map(HostBlock::new)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            stem: L::new(&model.conv1, &model.bn1)?,
+            blocks,
+        })
     }
 }
 
 /// The whole net folded for host inference: build once, run on many batches.
 pub(crate) struct HostEngine {
-    stem: FoldedConv,
-    blocks: Vec<FoldedBlock>,
+    net: HostNet<FoldedConv>,
 }
 
 impl HostEngine {
     /// The folded net, or an error for layouts the engine does not cover.
     pub(crate) fn new(model: &ResNet) -> Result<Self> {
-        let blocks = [&model.layer1, &model.layer2, &model.layer3, &model.layer4]
-            .into_iter()
-            .flatten()
-            .map(FoldedBlock::new)
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            stem: FoldedConv::new(&model.conv1, &model.bn1)?,
-            blocks,
+            net: HostNet::new(model)?,
         })
     }
 
     /// `ResNet::forward` on host memory: B × 3 × H × W images to B × D pooled features.
     pub(crate) fn forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         let [b, c, h, w] = images.dims();
-        if b == 0 || h == 0 || w == 0 || c != self.stem.cin {
+        if b == 0 || h == 0 || w == 0 || c != self.net.stem.cin {
             return Err(Error::InvalidShape {
                 what: "images".into(),
-                expected: format!("[B, {}, H, W] with B, H, W ≥ 1", self.stem.cin),
+                expected: format!("[B, {}, H, W] with B, H, W ≥ 1", self.net.stem.cin),
                 found: vec![b, c, h, w],
             });
         }
         let device = images.device();
         let x = Maps::from_nchw(&vec_from_tensor(images)?, [b, c, h, w]);
-        let x = self.stem.forward(&x, None, true);
+        let x = self.net.stem.forward(&x, None, true);
         let x = self
+            .net
             .blocks
             .iter()
-            .fold(max_pool(&x).0, |x, block| block.forward(x));
+            .fold(max_pool(&x).0, |x, block| block.forward(&x, false).0);
         let pooled = x.global_average();
         Ok(Tensor::from_data(
             TensorData::new(pooled, [x.b, x.c]),

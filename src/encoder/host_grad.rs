@@ -19,8 +19,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::ResNet;
-use super::block::ResidualBlock;
-use super::host::{ColsBuffer, FoldedConv, IM2COL_FLOATS, Maps, im2col, inside_columns, max_pool};
+use super::host::{
+    ColsBuffer, FoldedConv, HostBlock, HostLayer, HostNet, IM2COL_FLOATS, Maps, im2col,
+    inside_columns, max_pool,
+};
 use crate::host::vec_from_tensor;
 use crate::sgemm::{Operand, sgemm};
 use crate::{Error, Result};
@@ -94,11 +96,6 @@ impl ConvBn {
             weight_dims: conv.weight.dims(),
             folded,
         })
-    }
-
-    /// BN(conv(x)) (+ residual) (then ReLU).
-    fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
-        self.folded.forward(x, residual, relu)
     }
 
     /// Backward from `g`, the gradient with respect to the BatchNorm's output
@@ -304,51 +301,30 @@ fn relu_backward(mut g: Vec<f32>, y: &[f32]) -> Vec<f32> {
     g
 }
 
-/// A residual block: its convs in order and the shortcut.
-struct Block {
-    convs: Vec<ConvBn>,
-    downsample: Option<ConvBn>,
-}
-
 /// What a block's backward needs from its forward (its input and output are kept by the
 /// caller): the outputs (after ReLU) of all but the last conv.
 struct BlockTape {
     inner: Vec<Maps>,
 }
 
-impl Block {
-    fn new(block: &ResidualBlock) -> Result<Self> {
-        let (main, shortcut) = block.conv_bn_pairs();
-        Ok(Self {
-            convs: main
-                .into_iter()
-                .map(|(c, b)| ConvBn::new(c, b))
-                .collect::<Result<_>>()?,
-            downsample: shortcut.map(|(c, b)| ConvBn::new(c, b)).transpose()?,
-        })
+impl HostLayer for ConvBn {
+    fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
+        ConvBn::new(conv, bn)
     }
 
+    fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+        self.folded.forward(x, residual, relu)
+    }
+}
+
+type Block = HostBlock<ConvBn>;
+
+impl HostBlock<ConvBn> {
     fn trains(&self) -> bool {
         self.convs
             .iter()
             .chain(&self.downsample)
             .any(|l| l.ids.is_some())
-    }
-
-    fn forward(&self, x: &Maps) -> (Maps, BlockTape) {
-        let shortcut = self.downsample.as_ref().map(|d| d.forward(x, None, false));
-        let (last, first) = self.convs.split_last().expect("blocks have convs");
-        let mut inner: Vec<Maps> = Vec::with_capacity(first.len());
-        for conv in first {
-            let y = conv.forward(inner.last().unwrap_or(x), None, true);
-            inner.push(y);
-        }
-        let out = last.forward(
-            inner.last().unwrap_or(x),
-            Some(shortcut.as_ref().unwrap_or(x)),
-            true,
-        );
-        (out, BlockTape { inner })
     }
 
     /// From the gradient with respect to the block's output `out`, given its input `x`.
@@ -423,15 +399,8 @@ impl HostGradEngine {
     /// The net with its current weights, or an error for layouts the engine does not cover
     /// (the caller then uses autodiff).
     pub(crate) fn new(model: &ResNet) -> Result<Self> {
-        let blocks = [&model.layer1, &model.layer2, &model.layer3, &model.layer4]
-            .into_iter()
-            .flatten()
-            .map(Block::new)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            stem: ConvBn::new(&model.conv1, &model.bn1)?,
-            blocks,
-        })
+        let HostNet { stem, blocks } = HostNet::new(model)?;
+        Ok(Self { stem, blocks })
     }
 
     /// φ, the L2-normalised pooled features (B × D, row-major), of `images`
@@ -452,9 +421,9 @@ impl HostGradEngine {
         let mut acts = vec![pooled];
         let mut tapes = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let (out, tape) = block.forward(acts.last().expect("the pooled input"));
+            let (out, inner) = block.forward(acts.last().expect("the pooled input"), true);
             acts.push(out);
-            tapes.push(tape);
+            tapes.push(BlockTape { inner });
         }
         let mut phi = acts.last().expect("the pooled input").global_average();
         let d = phi.len() / b;
