@@ -21,7 +21,7 @@ use crate::sgemm::{Operand, sgemm};
 use crate::{Error, Result};
 
 /// Largest im2col buffer, in floats (32 MiB): wider convs are computed in column chunks.
-pub(super) const IM2COL_FLOATS: usize = 8 << 20;
+const IM2COL_FLOATS: usize = 8 << 20;
 
 thread_local! {
     /// The im2col buffer, kept between convs and calls so that every conv does not fault in
@@ -168,11 +168,28 @@ impl FoldedConv {
         })
     }
 
-    /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
-    pub(super) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+    /// For input `x`: output rows (one image row of `wo` positions each) per im2col chunk,
+    /// the output height and width, and whether the conv reads `x` directly (1x1, stride 1,
+    /// no padding: no im2col).
+    pub(super) fn chunking(&self, x: &Maps) -> (usize, usize, usize, bool) {
         let (k, s, p) = (self.k, self.stride, self.pad);
         let ho = (x.h + 2 * p - k) / s + 1;
         let wo = (x.w + 2 * p - k) / s + 1;
+        let kk = self.cin * k * k;
+        let direct = k == 1 && s == 1 && p == 0;
+        let rows_total = x.b * ho;
+        let rows = if direct {
+            rows_total
+        } else {
+            (IM2COL_FLOATS / (kk * wo).max(1)).clamp(1, rows_total)
+        };
+        (rows, ho, wo, direct)
+    }
+
+    /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
+    pub(super) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        let (rows_per_chunk, ho, wo, direct) = self.chunking(x);
         let n = x.b * ho * wo;
         let kk = self.cin * k * k;
         // The output starts as bias (+ residual); the products accumulate onto it.
@@ -187,14 +204,8 @@ impl FoldedConv {
                 None => row.fill(b),
             }
         });
-        let direct = k == 1 && s == 1 && p == 0;
         // Columns per chunk, whole output rows (one image row of `wo` positions) at a time.
         let rows_total = x.b * ho;
-        let rows_per_chunk = if direct {
-            rows_total
-        } else {
-            (IM2COL_FLOATS / (kk * wo).max(1)).clamp(1, rows_total)
-        };
         let mut cols = ColsBuffer::take();
         for r0 in (0..rows_total).step_by(rows_per_chunk) {
             let r1 = (r0 + rows_per_chunk).min(rows_total);

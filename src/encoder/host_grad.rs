@@ -20,8 +20,7 @@ use rayon::prelude::*;
 
 use super::ResNet;
 use super::host::{
-    ColsBuffer, FoldedConv, HostBlock, HostLayer, HostNet, IM2COL_FLOATS, Maps, im2col,
-    inside_columns, max_pool,
+    ColsBuffer, FoldedConv, HostBlock, HostLayer, HostNet, Maps, im2col, inside_columns, max_pool,
 };
 use crate::host::vec_from_tensor;
 use crate::sgemm::{Operand, sgemm};
@@ -138,29 +137,12 @@ impl ConvBn {
         (grads, dx)
     }
 
-    /// Output rows per chunk (one image row of `wo` positions each) and the output size.
-    fn chunking(&self, x: &Maps) -> (usize, usize, usize, bool) {
-        let c = &self.folded;
-        let (k, s, p) = (c.k, c.stride, c.pad);
-        let ho = (x.h + 2 * p - k) / s + 1;
-        let wo = (x.w + 2 * p - k) / s + 1;
-        let kk = c.cin * k * k;
-        let direct = k == 1 && s == 1 && p == 0;
-        let rows_total = x.b * ho;
-        let rows = if direct {
-            rows_total
-        } else {
-            (IM2COL_FLOATS / (kk * wo).max(1)).clamp(1, rows_total)
-        };
-        (rows, ho, wo, direct)
-    }
-
     /// G (C_out × C_in·k·k) = g · colsᵀ (`dz` is g), accumulated over column chunks.
     fn weight_grad(&self, x: &Maps, dz: &[f32]) -> Vec<f32> {
         let c = &self.folded;
         let kk = c.cin * c.k * c.k;
         let n = dz.len() / c.cout;
-        let (rows, ho, wo, direct) = self.chunking(x);
+        let (rows, ho, wo, direct) = self.folded.chunking(x);
         let mut dw = vec![0f32; c.cout * kk];
         let mut cols = ColsBuffer::take();
         for (i, r0) in (0..x.b * ho).step_by(rows).enumerate() {
@@ -190,7 +172,7 @@ impl ConvBn {
         let c = &self.folded;
         let kk = c.cin * c.k * c.k;
         let n = dz.len() / c.cout;
-        let (rows, ho, wo, direct) = self.chunking(x);
+        let (rows, ho, wo, direct) = self.folded.chunking(x);
         let mut dx = Maps {
             data: vec![0f32; x.data.len()],
             c: x.c,
