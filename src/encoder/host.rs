@@ -279,32 +279,40 @@ pub(super) fn im2col(
     cols.par_chunks_mut(width)
         .enumerate()
         .for_each(|(row, dst)| {
-            let ci = row / (k * k);
-            let ky = (row / k) % k;
-            let kx = row % k;
+            let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
             let src = &x.data[ci * plane..(ci + 1) * plane];
-            for (r, out_row) in (r0..r1).zip(dst.chunks_exact_mut(wo)) {
-                let (img, oy) = (r / ho, r % ho);
-                let iy = (oy * s + ky) as isize - p as isize;
-                if iy < 0 || iy >= x.h as isize {
+            // The same output columns read inside the input on every row of this (ci, ky, kx).
+            let (lo, hi) = inside_columns(kx, s, p, x.w, wo);
+            // Where hi > lo, lo·s + kx ≥ p.
+            let first = (lo * s + kx).saturating_sub(p);
+            let (mut img, mut oy) = (r0 / ho, r0 % ho);
+            for out_row in dst.chunks_exact_mut(wo) {
+                let iy = (oy * s + ky).wrapping_sub(p);
+                if iy >= x.h {
                     out_row.fill(0.0);
-                    continue;
-                }
-                let line = &src[(img * x.h + iy as usize) * x.w..][..x.w];
-                let (lo, hi) = inside_columns(kx, s, p, x.w, wo);
-                out_row[..lo].fill(0.0);
-                out_row[hi..].fill(0.0);
-                if hi > lo {
-                    // Input column of output column ox: ox·s + kx − p.
-                    let first = lo * s + kx - p;
-                    if s == 1 {
-                        out_row[lo..hi].copy_from_slice(&line[first..first + hi - lo]);
-                    } else {
+                } else {
+                    let line = &src[(img * x.h + iy) * x.w..][..x.w];
+                    out_row[..lo].fill(0.0);
+                    out_row[hi..].fill(0.0);
+                    // Input column of output column ox: ox·s + kx − p. An element-wise loop
+                    // rather than `copy_from_slice`: the runs are short on small maps, where a
+                    // call to memmove per run cost more than the copy.
+                    if hi > lo && s == 1 {
+                        let inputs = &line[first..first + hi - lo];
+                        out_row[lo..hi]
+                            .iter_mut()
+                            .zip(inputs)
+                            .for_each(|(v, x)| *v = *x);
+                    } else if hi > lo {
                         let inputs = line[first..].iter().step_by(s);
                         for (v, x) in out_row[lo..hi].iter_mut().zip(inputs) {
                             *v = *x;
                         }
                     }
+                }
+                oy += 1;
+                if oy == ho {
+                    (img, oy) = (img + 1, 0);
                 }
             }
         });
@@ -322,6 +330,12 @@ pub(super) fn inside_columns(kx: usize, s: usize, p: usize, w: usize, wo: usize)
     (lo, hi.max(lo))
 }
 
+/// The taps k (of 0..3) of output position o whose input position 2·o + k − 1 lies in 0..len.
+fn taps(o: usize, len: usize) -> std::ops::Range<usize> {
+    let start = usize::from(o == 0);
+    start..3.min(len + 1 - 2 * o).max(start)
+}
+
 /// 3x3 stride-2 max pooling with padding 1 (padding never wins: `-inf`), with the position of
 /// each maximum in its input plane (the first one on ties) for the backward.
 pub(super) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
@@ -335,25 +349,22 @@ pub(super) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
         .for_each(|(plane, (dst, at))| {
             let src = &x.data[plane * x.h * x.w..(plane + 1) * x.h * x.w];
             for oy in 0..ho {
-                for ox in 0..wo {
+                // The taps inside the input: rows 2·oy − 1 + ky, columns 2·ox − 1 + kx.
+                let ky = taps(oy, x.h);
+                let (dst, at) = (&mut dst[oy * wo..][..wo], &mut at[oy * wo..][..wo]);
+                for (ox, (d, a)) in dst.iter_mut().zip(at.iter_mut()).enumerate() {
+                    let kx = taps(ox, x.w);
                     let (mut m, mut best) = (f32::NEG_INFINITY, 0usize);
-                    for ky in 0..3 {
-                        let iy = (oy * 2 + ky) as isize - 1;
-                        if iy < 0 || iy >= x.h as isize {
-                            continue;
-                        }
-                        for kx in 0..3 {
-                            let ix = (ox * 2 + kx) as isize - 1;
-                            if ix >= 0 && (ix as usize) < x.w {
-                                let i = iy as usize * x.w + ix as usize;
-                                if src[i] > m {
-                                    (m, best) = (src[i], i);
-                                }
+                    for iy in (2 * oy + ky.start - 1)..(2 * oy + ky.end - 1) {
+                        let row = iy * x.w;
+                        for ix in (2 * ox + kx.start - 1)..(2 * ox + kx.end - 1) {
+                            if src[row + ix] > m {
+                                (m, best) = (src[row + ix], row + ix);
                             }
                         }
                     }
-                    dst[oy * wo + ox] = m;
-                    at[oy * wo + ox] = best as u32;
+                    *d = m;
+                    *a = best as u32;
                 }
             }
         });

@@ -234,20 +234,32 @@ fn col2im(
             for ky in 0..k {
                 for kx in 0..k {
                     let row = &cols[((ci * k + ky) * k + kx) * width..][..width];
-                    for (r, src) in (r0..r1).zip(row.chunks_exact(wo)) {
-                        let (img, oy) = (r / ho, r % ho);
-                        let iy = (oy * s + ky) as isize - p as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let line = &mut dst[(img * h + iy as usize) * w..][..w];
-                        let (lo, hi) = inside_columns(kx, s, p, w, wo);
-                        if hi > lo {
-                            let first = lo * s + kx - p;
-                            let targets = line[first..].iter_mut().step_by(s);
-                            for (t, v) in targets.zip(&src[lo..hi]) {
-                                *t += v;
+                    // The same output columns land inside the input on every row.
+                    let (lo, hi) = inside_columns(kx, s, p, w, wo);
+                    if hi == lo {
+                        continue;
+                    }
+                    let first = lo * s + kx - p;
+                    let (mut img, mut oy) = (r0 / ho, r0 % ho);
+                    for src in row.chunks_exact(wo) {
+                        let iy = (oy * s + ky).wrapping_sub(p);
+                        if iy < h {
+                            let line = &mut dst[(img * h + iy) * w..][..w];
+                            if s == 1 {
+                                line[first..first + hi - lo]
+                                    .iter_mut()
+                                    .zip(&src[lo..hi])
+                                    .for_each(|(t, v)| *t += v);
+                            } else {
+                                let targets = line[first..].iter_mut().step_by(s);
+                                for (t, v) in targets.zip(&src[lo..hi]) {
+                                    *t += v;
+                                }
                             }
+                        }
+                        oy += 1;
+                        if oy == ho {
+                            (img, oy) = (img + 1, 0);
                         }
                     }
                 }

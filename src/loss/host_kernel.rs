@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::sgemm::{Operand, sgemm, sgemm_serial};
+use crate::sgemm::{Operand, sgemm};
 
 /// The loss and, when asked, dL/dx for the 2B rows (x₁ then x₂; 2B × D, row-major).
 pub(super) struct Output {
@@ -51,49 +51,51 @@ fn compute(
 ) -> Output {
     let n = 2 * b;
     let row = |i: usize| &x[i * d..(i + 1) * d];
-    // θ = (x − c) / max(‖x − c‖, eps), one pass per row.
-    let mut norm = vec![0f32; n];
-    let mut live = vec![false; n];
-    let mut squares = 0f64;
-    for (i, t) in theta.chunks_exact_mut(d).enumerate() {
-        match center {
-            Some(c) => {
-                for ((t, x), c) in t.iter_mut().zip(row(i)).zip(c) {
-                    *t = x - c;
+    // θ = (x − c) / max(‖x − c‖, eps), one task per row: (clamped norm, ‖x − c‖²).
+    let norms: Vec<(f32, f32)> = theta
+        .par_chunks_exact_mut(d)
+        .enumerate()
+        .map(|(i, t)| {
+            match center {
+                Some(c) => {
+                    for ((t, x), c) in t.iter_mut().zip(row(i)).zip(c) {
+                        *t = x - c;
+                    }
                 }
+                None => t.copy_from_slice(row(i)),
             }
-            None => t.copy_from_slice(row(i)),
-        }
-        let ss = dot(t, t);
-        squares += ss as f64;
-        let raw = ss.sqrt();
-        live[i] = raw > super::NORM_EPS;
-        norm[i] = raw.max(super::NORM_EPS);
-        let inv = 1.0 / norm[i];
-        t.iter_mut().for_each(|v| *v *= inv);
-    }
-    let mut s = gram(theta, n, d);
+            let ss = dot(t, t);
+            let norm = ss.sqrt().max(super::NORM_EPS);
+            let inv = 1.0 / norm;
+            t.iter_mut().for_each(|v| *v *= inv);
+            (norm, ss)
+        })
+        .collect();
+    let mut s = vec![0f32; n * n];
+    gram(theta, n, d, &mut s);
 
-    // Off-diagonal log-sum-exp per row of the scaled similarities.
-    let mut value = 0f64;
-    let mut lse = vec![0f32; n];
-    for i in 0..n {
-        let off_diagonal = || {
-            s[i * n..(i + 1) * n]
-                .iter()
-                .enumerate()
-                .filter(move |(j, _)| *j != i)
-                .map(|(_, v)| v * inv_tau)
-        };
-        let m = off_diagonal().fold(f32::NEG_INFINITY, f32::max);
-        let z: f32 = off_diagonal().map(|v| (v - m).exp()).sum();
-        lse[i] = m + z.ln();
-        let pos = s[i * n + (i + b) % n] * inv_tau;
-        value += lse[i] as f64 - pos as f64;
-    }
-    value /= n as f64;
+    // Per row i: the off-diagonal softmax of the scaled similarities, overwriting S (0 on the
+    // diagonal), and its log-sum-exp less the positive pair's logit.
+    let terms: Vec<f64> = s
+        .par_chunks_exact_mut(n)
+        .enumerate()
+        .map(|(i, r)| {
+            let pos = r[(i + b) % n] * inv_tau;
+            r[i] = f32::NEG_INFINITY;
+            let m = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * inv_tau;
+            let mut z = 0f32;
+            for v in r.iter_mut() {
+                *v = (*v * inv_tau - m).exp();
+                z += *v;
+            }
+            let inv_z = 1.0 / z;
+            r.iter_mut().for_each(|v| *v *= inv_z);
+            (m + z.ln()) as f64 - pos as f64
+        })
+        .collect();
+    let mut value = terms.iter().sum::<f64>() / n as f64;
     if angular {
-        value += squares / b as f64;
+        value += norms.iter().map(|&(_, ss)| ss as f64).sum::<f64>() / b as f64;
     }
     if !with_grad {
         return Output { value, grad: None };
@@ -101,24 +103,14 @@ fn compute(
 
     // dL/dS = (P − Π) / 2B with P the off-diagonal softmax and Π the positive pairs;
     // dL/dθ = (dL/dS + dL/dSᵀ) θ / τ.
-    for i in 0..n {
-        for j in 0..n {
-            let v = &mut s[i * n + j];
-            *v = if i == j {
-                0.0
-            } else {
-                (*v * inv_tau - lse[i]).exp()
-            };
-        }
-    }
     let scale = inv_tau / n as f32;
     let mut sym = vec![0f32; n * n];
-    for i in 0..n {
-        for j in 0..n {
+    sym.par_chunks_exact_mut(n).enumerate().for_each(|(i, r)| {
+        for (j, v) in r.iter_mut().enumerate() {
             let positive = if j == (i + b) % n { 2.0 } else { 0.0 };
-            sym[i * n + j] = (s[i * n + j] + s[j * n + i] - positive) * scale;
+            *v = (s[i * n + j] + s[j * n + i] - positive) * scale;
         }
-    }
+    });
     let mut grad = vec![0f32; n * d];
     sgemm(
         (n, d, n),
@@ -131,18 +123,32 @@ fn compute(
     // Back through normalize — (g − θ⟨θ, g⟩) / ‖u‖, or g / eps where the norm was clamped —
     // then the angular term 2 (x − c) / B.
     let ang = if angular { 2.0 / b as f32 } else { 0.0 };
-    for (i, g) in grad.chunks_exact_mut(d).enumerate() {
+    let theta = &*theta;
+    grad.par_chunks_exact_mut(d).enumerate().for_each(|(i, g)| {
         let t = &theta[i * d..(i + 1) * d];
-        let radial = if live[i] { dot(t, g) } else { 0.0 };
-        let inv = 1.0 / norm[i];
-        for (j, (gv, tv)) in g.iter_mut().zip(t).enumerate() {
+        let (norm, ss) = norms[i];
+        let radial = if ss.sqrt() > super::NORM_EPS {
+            dot(t, g)
+        } else {
+            0.0
+        };
+        let inv = 1.0 / norm;
+        for (gv, tv) in g.iter_mut().zip(t) {
             *gv = (*gv - tv * radial) * inv;
-            if angular {
-                let u = row(i)[j] - center.map_or(0.0, |c| c[j]);
-                *gv += u * ang;
+        }
+        if angular {
+            // u = x − c = θ·‖u‖ where the norm was not clamped; recomputed to stay exact.
+            let x = row(i);
+            match center {
+                Some(c) => g
+                    .iter_mut()
+                    .zip(x)
+                    .zip(c)
+                    .for_each(|((gv, x), c)| *gv += (x - c) * ang),
+                None => g.iter_mut().zip(x).for_each(|(gv, x)| *gv += x * ang),
             }
         }
-    }
+    });
     Output {
         value,
         grad: Some(grad),
@@ -167,49 +173,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// θ θᵀ (n × n) for θ (n × d, row-major). The output is small and the inner dimension long,
-/// which the `gemm` crate does not split across threads: there, each thread takes a slice of
-/// the columns and the partial products are summed.
-fn gram(theta: &[f32], n: usize, d: usize) -> Vec<f32> {
-    if crate::sgemm::library() == "openblas" {
-        // OpenBLAS threads this shape well by itself.
-        let mut s = vec![0f32; n * n];
-        sgemm(
-            (n, n, d),
-            Operand::rows(theta, d),
-            Operand::transposed(theta, d),
-            &mut s,
-            n,
-            false,
-        );
-        return s;
-    }
-    let parts = (2 * rayon::current_num_threads()).clamp(1, d.div_ceil(256));
-    let width = d.div_ceil(parts);
-    let partial: Vec<Vec<f32>> = (0..parts)
-        .into_par_iter()
-        .map(|p| {
-            let k0 = (p * width).min(d);
-            let k1 = (k0 + width).min(d);
-            let mut out = vec![0f32; n * n];
-            if k1 > k0 {
-                // Columns k0..k1 of the n × d row-major θ, times their transpose.
-                sgemm_serial(
-                    (n, n, k1 - k0),
-                    Operand::rows(&theta[k0..], d),
-                    Operand::transposed(&theta[k0..], d),
-                    &mut out,
-                    n,
-                    false,
-                );
-            }
-            out
-        })
-        .collect();
-    let mut parts = partial.into_iter();
-    let mut s = parts.next().unwrap_or_else(|| vec![0f32; n * n]);
-    for part in parts {
-        s.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-    }
-    s
+/// S = θ θᵀ (n × n, both triangles) for θ (n × d, row-major).
+fn gram(theta: &[f32], n: usize, d: usize, s: &mut [f32]) {
+    sgemm(
+        (n, n, d),
+        Operand::rows(theta, d),
+        Operand::transposed(theta, d),
+        s,
+        n,
+        false,
+    );
 }
