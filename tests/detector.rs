@@ -35,9 +35,17 @@ fn fit_score_save_load_round_trip() {
     let auroc = msad::metrics::roc_auc(&scores, &split.test_anomalous).unwrap();
     assert!(auroc > 0.5, "ROC-AUC {auroc}");
 
-    // In-memory images score as the source does.
+    // In-memory images score as the source does. Up to float rounding: a batch of 20 and the
+    // source's batches give the products different shapes, and OpenBLAS (feature `openblas`)
+    // may then sum in another order.
     let images: Vec<_> = (0..20).map(|i| split.test.get(i).unwrap()).collect();
-    assert_eq!(detector.score(&images).unwrap(), scores[..20].to_vec());
+    let in_memory = detector.score(&images).unwrap();
+    for (i, (a, b)) in in_memory.iter().zip(&scores[..20]).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+            "image {i}: {a} vs {b}"
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     detector.save(dir.path()).unwrap();

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::ResNet;
 use super::block::ResidualBlock;
+use super::winograd::{self, WinogradFilter};
 use crate::host::vec_from_tensor;
 use crate::sgemm::{Operand, sgemm};
 use crate::{Error, Result};
@@ -124,6 +125,8 @@ impl Maps {
 /// `bias` the BatchNorm shift.
 pub(super) struct FoldedConv {
     pub(super) w: Vec<f32>,
+    /// `w` transformed for F(2×2, 3×3), for 3x3 stride-1 padding-1 convs.
+    winograd: Option<WinogradFilter>,
     bias: Vec<f32>,
     pub(super) cin: usize,
     pub(super) cout: usize,
@@ -157,8 +160,11 @@ impl FoldedConv {
             w[o * per..(o + 1) * per].iter_mut().for_each(|v| *v *= s);
             bias[o] = (conv_bias[o] - mean[o]) * s + beta[o];
         }
+        let winograd =
+            (kh == 3 && stride == 1 && pad == 1).then(|| WinogradFilter::new(&w, cout, cin));
         Ok(Self {
             w,
+            winograd,
             bias,
             cin,
             cout,
@@ -186,25 +192,13 @@ impl FoldedConv {
         (rows, ho, wo, direct)
     }
 
-    /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
-    pub(super) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+    /// `out` (C_out × B·H·W) += the conv of `x`, as im2col + one product per column chunk
+    /// (whole output rows, one image row of `wo` positions, at a time).
+    fn accumulate_im2col(&self, x: &Maps, out: &mut [f32]) {
         let (k, s, p) = (self.k, self.stride, self.pad);
         let (rows_per_chunk, ho, wo, direct) = self.chunking(x);
         let n = x.b * ho * wo;
         let kk = self.cin * k * k;
-        // The output starts as bias (+ residual); the products accumulate onto it.
-        let mut out = vec![0f32; self.cout * n];
-        out.par_chunks_mut(n).enumerate().for_each(|(o, row)| {
-            let b = self.bias[o];
-            match residual {
-                Some(r) => {
-                    let res = &r.data[o * n..(o + 1) * n];
-                    row.iter_mut().zip(res).for_each(|(v, r)| *v = b + r);
-                }
-                None => row.fill(b),
-            }
-        });
-        // Columns per chunk, whole output rows (one image row of `wo` positions) at a time.
         let rows_total = x.b * ho;
         let mut cols = ColsBuffer::take();
         for r0 in (0..rows_total).step_by(rows_per_chunk) {
@@ -226,6 +220,35 @@ impl FoldedConv {
                 n,
                 true,
             );
+        }
+    }
+
+    /// Whether the conv of `x` runs as F(2×2, 3×3) rather than im2col.
+    pub(super) fn uses_winograd(&self, x: &Maps) -> bool {
+        self.winograd.is_some() && winograd::pays(x.h, x.w)
+    }
+
+    /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
+    pub(super) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
+        let (_, ho, wo, _) = self.chunking(x);
+        let n = x.b * ho * wo;
+        // The output starts as bias (+ residual); the products accumulate onto it.
+        let mut out = vec![0f32; self.cout * n];
+        out.par_chunks_mut(n).enumerate().for_each(|(o, row)| {
+            let b = self.bias[o];
+            match residual {
+                Some(r) => {
+                    let res = &r.data[o * n..(o + 1) * n];
+                    row.iter_mut().zip(res).for_each(|(v, r)| *v = b + r);
+                }
+                None => row.fill(b),
+            }
+        });
+        match &self.winograd {
+            Some(filter) if self.uses_winograd(x) => {
+                winograd::accumulate(&x.data, winograd::Shape::of(x), filter, &mut out)
+            }
+            _ => self.accumulate_im2col(x, &mut out),
         }
         if relu {
             out.par_chunks_mut(n.max(1))
@@ -379,7 +402,7 @@ pub(super) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
 }
 
 /// A conv with its BatchNorm as the host engines compute it.
-pub(super) trait HostLayer: Sized {
+pub(super) trait HostLayer: Sized + Send {
     /// The layer, or an error for layouts the engines do not cover.
     fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self>;
     /// BN(conv(x)) (+ residual) (then ReLU).
@@ -448,9 +471,14 @@ pub(super) struct HostNet<L> {
 impl<L: HostLayer> HostNet<L> {
     /// The net's layers, or an error for layouts the engines do not cover.
     pub(super) fn new(model: &ResNet) -> Result<Self> {
-        let blocks = [&model.layer1, &model.layer2, &model.layer3, &model.layer4]
-            .into_iter()
-            .flatten()
+        // Reading and folding the weights is a pass over all of them: one block per task.
+        let blocks: Vec<&ResidualBlock> =
+            [&model.layer1, &model.layer2, &model.layer3, &model.layer4]
+                .into_iter()
+                .flatten()
+                .collect();
+        let blocks = blocks
+            .into_par_iter()
             .map(HostBlock::new)
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

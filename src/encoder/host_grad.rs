@@ -22,6 +22,7 @@ use super::ResNet;
 use super::host::{
     ColsBuffer, FoldedConv, HostBlock, HostLayer, HostNet, Maps, im2col, inside_columns, max_pool,
 };
+use super::winograd::{self, Shape, WinogradFilter};
 use crate::host::vec_from_tensor;
 use crate::sgemm::{Operand, sgemm};
 use crate::{Error, Result};
@@ -180,6 +181,17 @@ impl ConvBn {
             h: x.h,
             w: x.w,
         };
+        if c.uses_winograd(x) {
+            // A 3x3 stride-1 padding-1 conv's input gradient is the conv of g with the
+            // kernels turned over and the channels swapped: F(2×2, 3×3) again.
+            let adjoint = WinogradFilter::adjoint(&c.w, c.cout, c.cin);
+            let g = Shape {
+                c: c.cout,
+                ..Shape::of(x)
+            };
+            winograd::accumulate(dz, g, &adjoint, &mut dx.data);
+            return dx;
+        }
         if direct {
             sgemm(
                 (kk, n, c.cout),

@@ -28,6 +28,7 @@ mod freeze;
 mod host;
 mod host_grad;
 pub mod weights;
+mod winograd;
 
 pub use block::{BasicBlock, BlockKind, Bottleneck, Downsample, ResidualBlock};
 pub use freeze::{FreezePolicy, Stage};

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""msad and PyTorch side by side, interleaved: each round times PyTorch for a few seconds and
+then msad's `throughput` example right after, so that both see the same machine. On a shared
+VM the speed drifts by a third within minutes, and figures taken minutes apart compare the
+machine, not the code. Prints one line per round with the ratio msad / PyTorch.
+
+    cargo build --release --features openblas --example throughput
+    .venv/bin/python scripts/bench_interleaved.py [--rounds 4] [--cases encoder-r18-32 train-224]
+
+Cases: encoder-r18-32 (batch 64), encoder-r18-224 (32), encoder-r152-224 (8), train-32 (64),
+train-224 (16); the shapes of `cargo bench --bench encoder` / `--bench train`.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from side_by_side import contrastive_loss, moco  # noqa: E402
+
+CASES = {
+    "encoder-r18-32": ("encoder", "resnet18", 32, 64, 40),
+    "encoder-r18-224": ("encoder", "resnet18", 224, 32, 4),
+    "encoder-r152-224": ("encoder", "resnet152", 224, 8, 3),
+    "train-32": ("train", "resnet18", 32, 64, 6),
+    "train-224": ("train", "resnet18", 224, 16, 3),
+}
+
+
+def torch_step(work, arch, size, batch):
+    """One batch of PyTorch's side, as scripts/bench_encoder.py and bench_train.py time it."""
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    model.fc = torch.nn.Identity()
+    if work == "encoder":
+        x = torch.randn(batch, 3, size, size)
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+        return step
+    src = 32 if size <= 32 else 256
+    x, y = np.meshgrid(np.arange(src), np.arange(src))
+    images = [Image.fromarray(np.stack([(x * 3 + i) % 256, (y * 5) % 256, (x ^ y) % 256], -1)
+                              .astype(np.uint8)) for i in range(batch)]
+    transform = moco(size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, weight_decay=5e-5)
+    center = torch.zeros(512)
+
+    def step():
+        x1 = torch.stack([transform(im) for im in images])
+        x2 = torch.stack([transform(im) for im in images])
+        out = torch.nn.functional.normalize(model(torch.cat([x1, x2])), dim=-1)
+        loss = contrastive_loss(out[:batch] - center, out[batch:] - center)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=6.0, help="PyTorch time per round")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--binary", default="target/release/examples/throughput")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; msad: {args.binary}")
+    for name in args.cases:
+        work, arch, size, batch, iters = CASES[name]
+        step = torch_step(work, arch, size, batch)
+        step()  # warm-up
+        ratios = []
+        for _ in range(args.rounds):
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds or runs < 2:
+                step()
+                runs += 1
+            reference = runs * batch / (time.perf_counter() - start)
+            cmd = [args.binary, work, "--arch", arch, "--size", str(size), "--batch", str(batch),
+                   "--iters", str(iters)]
+            ours = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            ratios.append(ours / reference)
+            print(f"{name}: torch {reference:.2f}  msad {ours:.2f}  ratio {ours / reference:.2f}",
+                  flush=True)
+        print(f"{name}: ratio min {min(ratios):.2f}, median {np.median(ratios):.2f}, "
+              f"max {max(ratios):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
