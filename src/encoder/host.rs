@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::ops::{Deref, DerefMut};
+use std::sync::OnceLock;
 
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
@@ -125,8 +126,8 @@ impl Maps {
 /// `bias` the BatchNorm shift.
 pub(super) struct FoldedConv {
     pub(super) w: Vec<f32>,
-    /// `w` transformed for F(2×2, 3×3), for 3x3 stride-1 padding-1 convs.
-    winograd: Option<WinogradFilter>,
+    /// `w` transformed for F(2×2, 3×3), made on first use by a map where it pays.
+    winograd: OnceLock<WinogradFilter>,
     bias: Vec<f32>,
     pub(super) cin: usize,
     pub(super) cout: usize,
@@ -160,11 +161,9 @@ impl FoldedConv {
             w[o * per..(o + 1) * per].iter_mut().for_each(|v| *v *= s);
             bias[o] = (conv_bias[o] - mean[o]) * s + beta[o];
         }
-        let winograd =
-            (kh == 3 && stride == 1 && pad == 1).then(|| WinogradFilter::new(&w, cout, cin));
         Ok(Self {
             w,
-            winograd,
+            winograd: OnceLock::new(),
             bias,
             cin,
             cout,
@@ -225,7 +224,7 @@ impl FoldedConv {
 
     /// Whether the conv of `x` runs as F(2×2, 3×3) rather than im2col.
     pub(super) fn uses_winograd(&self, x: &Maps) -> bool {
-        self.winograd.is_some() && winograd::pays(x.h, x.w)
+        self.k == 3 && self.stride == 1 && self.pad == 1 && winograd::pays(x.h, x.w)
     }
 
     /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
@@ -244,11 +243,13 @@ impl FoldedConv {
                 None => row.fill(b),
             }
         });
-        match &self.winograd {
-            Some(filter) if self.uses_winograd(x) => {
-                winograd::accumulate(&x.data, winograd::Shape::of(x), filter, &mut out)
-            }
-            _ => self.accumulate_im2col(x, &mut out),
+        if self.uses_winograd(x) {
+            let filter = self
+                .winograd
+                .get_or_init(|| WinogradFilter::new(&self.w, self.cout, self.cin));
+            winograd::accumulate(&x.data, winograd::Shape::of(x), filter, &mut out);
+        } else {
+            self.accumulate_im2col(x, &mut out);
         }
         if relu {
             out.par_chunks_mut(n.max(1))

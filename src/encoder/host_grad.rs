@@ -144,6 +144,9 @@ impl ConvBn {
         let kk = c.cin * c.k * c.k;
         let n = dz.len() / c.cout;
         let (rows, ho, wo, direct) = self.folded.chunking(x);
+        if c.uses_winograd(x) {
+            return winograd::kernel_gradient(&x.data, Shape::of(x), dz, c.cout);
+        }
         let mut dw = vec![0f32; c.cout * kk];
         let mut cols = ColsBuffer::take();
         for (i, r0) in (0..x.b * ho).step_by(rows).enumerate() {
@@ -557,7 +560,8 @@ mod tests {
     }
 
     /// Every trainable parameter's gradient equals burn's autodiff through the tensor path, for
-    /// basic blocks and bottlenecks, strides, downsampling, odd sizes, and with frozen stages.
+    /// basic blocks and bottlenecks, strides, downsampling, odd sizes, frozen stages, and
+    /// convs on im2col and on F(2×2, 3×3).
     #[test]
     fn gradients_equal_autodiff() {
         let plain = Device::flex();
@@ -571,6 +575,9 @@ mod tests {
                 [2, 16, 16],
             ),
             ("narrow18", FreezePolicy::through(Stage::Stem), [2, 9, 9]),
+            // Large enough (15 × 13 after the stem) for layer1's convs to run as F(2×2, 3×3).
+            ("narrow18", FreezePolicy::NONE, [2, 57, 51]),
+            ("narrow50", FreezePolicy::NONE, [1, 57, 51]),
         ] {
             // torchvision-layout fixtures with non-trivial BatchNorm statistics.
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

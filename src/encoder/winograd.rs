@@ -82,10 +82,11 @@ impl WinogradFilter {
 
 /// Whether F(2×2, 3×3) pays for an h × w map: its 16 multiplications per 2×2 tile (tiles
 /// overhanging an odd map included) must be at most two thirds of im2col's 9 per output, and
-/// the map must hold a few tiles (tiny products cost more in calls than they save).
+/// the map must hold enough tiles: on the 8×8 and smaller maps of 32 px images the transforms
+/// and the 16 small products cost what they save (measured with `examples/throughput`).
 pub(super) fn pays(h: usize, w: usize) -> bool {
     let tiles = h.div_ceil(2) * w.div_ceil(2);
-    h * w >= 16 && 16 * tiles <= 6 * h * w
+    h * w >= 144 && 16 * tiles <= 6 * h * w
 }
 
 /// The shape of channel-major maps (C × B × H × W) read from a plain slice.
@@ -256,6 +257,101 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
         });
 }
 
+/// The gradient of a 3x3, stride-1, padding-1 convolution with respect to its kernels:
+/// C_out × C_in × 3 × 3 (row-major) for input `x` (shape `x`, values `data`) and the gradient
+/// `dy` (C_out × B·H·W) of its output. The adjoint of F(2×2, 3×3) in the kernels: with
+/// V = Bᵀ d B per tile and Ŷ = A dy Aᵀ (dy the 2×2 output block, zero outside the map),
+/// dU[ξ] = Σ_tiles Ŷ[ξ] V[ξ]ᵀ (16 products, C_out × C_in each) and dg = Gᵀ dU G.
+pub(super) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -> Vec<f32> {
+    assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
+    assert_eq!(dy.len(), cout * x.plane(), "winograd: gradient size");
+    let cin = x.c;
+    let tw = x.w.div_ceil(2);
+    let tile_rows = x.b * x.h.div_ceil(2);
+    let per_row = 16 * (cin + cout) * tw;
+    let rows_per_chunk = (BUFFER_FLOATS / per_row).clamp(1, tile_rows);
+    let mut du = vec![0f32; 16 * cout * cin];
+    let mut buffer = ColsBuffer::take();
+    for (i, r0) in (0..tile_rows).step_by(rows_per_chunk).enumerate() {
+        let r1 = (r0 + rows_per_chunk).min(tile_rows);
+        let nt = (r1 - r0) * tw;
+        buffer.resize(16 * (cin + cout) * nt, 0.0);
+        let (v, yh) = buffer.split_at_mut(16 * cin * nt);
+        transform_input(data, x, r0..r1, v);
+        transform_output_gradient(dy, x, r0..r1, yh);
+        // dU[ξ] (C_out × C_in) += Ŷ[ξ] (C_out × nt) · V[ξ]ᵀ (nt × C_in)
+        for xi in 0..16 {
+            sgemm(
+                (cout, cin, nt),
+                Operand::rows(&yh[xi * nt..], 16 * nt),
+                Operand::transposed(&v[xi * nt..], 16 * nt),
+                &mut du[xi * cout * cin..],
+                cin,
+                i > 0,
+            );
+        }
+    }
+    // dg = Gᵀ dU G per kernel.
+    let plane = cout * cin;
+    let mut dg = vec![0f32; plane * 9];
+    dg.par_chunks_mut(9).enumerate().for_each(|(k, g)| {
+        let u = |r: usize, c: usize| du[(r * 4 + c) * plane + k];
+        // Gᵀ dU: 3 × 4.
+        let mut q = [[0f32; 4]; 3];
+        for (c, col) in (0..4).map(|c| (c, [u(0, c), u(1, c), u(2, c), u(3, c)])) {
+            q[0][c] = col[0] + 0.5 * (col[1] + col[2]);
+            q[1][c] = 0.5 * (col[1] - col[2]);
+            q[2][c] = 0.5 * (col[1] + col[2]) + col[3];
+        }
+        for (a, row) in q.iter().enumerate() {
+            g[a * 3] = row[0] + 0.5 * (row[1] + row[2]);
+            g[a * 3 + 1] = 0.5 * (row[1] - row[2]);
+            g[a * 3 + 2] = 0.5 * (row[1] + row[2]) + row[3];
+        }
+    });
+    dg
+}
+
+/// Ŷ (C_out × 16 × nt): A dy Aᵀ for every tile of the tile rows `rows` of every channel of
+/// `dy` (shaped as `x` but C_out channels), dy the 2×2 block at rows 2·ty.., columns 2·tx..
+/// (zero outside the map).
+fn transform_output_gradient(dy: &[f32], x: Shape, rows: std::ops::Range<usize>, yh: &mut [f32]) {
+    let (h, w) = (x.h, x.w);
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let nt = rows.len() * tw;
+    let plane = x.plane();
+    yh.par_chunks_mut(16 * nt)
+        .zip(dy.par_chunks(plane))
+        .for_each(|(out, src)| {
+            // Map rows padded on the right to 2·tw columns (zero beyond w).
+            let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
+            for (k, tile_row) in rows.clone().enumerate() {
+                let (img, ty) = (tile_row / th, tile_row % th);
+                for (r, dr) in d.iter_mut().enumerate() {
+                    let oy = 2 * ty + r;
+                    if oy < h {
+                        dr[..w].copy_from_slice(&src[(img * h + oy) * w..][..w]);
+                    } else {
+                        dr[..w].fill(0.0);
+                    }
+                }
+                let at = k * tw;
+                for tx in 0..tw {
+                    let (a, b) = (d[0][2 * tx], d[0][2 * tx + 1]);
+                    let (c, e) = (d[1][2 * tx], d[1][2 * tx + 1]);
+                    // A dy: 4 × 2 (rows dy0, dy0 + dy1, dy0 − dy1, −dy1).
+                    let p = [[a, b], [a + c, b + e], [a - c, b - e], [-c, -e]];
+                    for (i, [p0, p1]) in p.into_iter().enumerate() {
+                        let row = [p0, p0 + p1, p0 - p1, -p1];
+                        for (j, value) in row.into_iter().enumerate() {
+                            out[(i * 4 + j) * nt + at + tx] = value;
+                        }
+                    }
+                }
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -358,9 +454,44 @@ mod tests {
         );
     }
 
+    /// The kernel gradient equals im2col's, G = dy · colsᵀ, on odd and even maps.
+    #[test]
+    fn kernel_gradient_equals_the_im2col_one() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for &(b, cin, cout, h, w) in &[(2, 3, 4, 8, 8), (3, 2, 5, 7, 5), (1, 4, 2, 4, 6)] {
+            let x = Maps {
+                data: random(&mut rng, cin * b * h * w),
+                c: cin,
+                b,
+                h,
+                w,
+            };
+            let dy = random(&mut rng, cout * b * h * w);
+            let n = x.plane();
+            let mut cols = vec![0f32; cin * 9 * n];
+            im2col(&x, 3, 1, 1, h, w, 0, b * h, &mut cols);
+            let mut want = vec![0f32; cout * cin * 9];
+            sgemm(
+                (cout, cin * 9, n),
+                Operand::rows(&dy, n),
+                Operand::transposed(&cols, n),
+                &mut want,
+                cin * 9,
+                false,
+            );
+            let got = kernel_gradient(&x.data, Shape::of(&x), &dy, cout);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{b}x{cin}x{h}x{w} -> {cout} at {i}: {g} vs {w}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn pays_only_where_tiles_fit() {
-        assert!(pays(56, 56) && pays(8, 8) && pays(7, 7) && pays(4, 4));
-        assert!(!pays(1, 1) && !pays(2, 2) && !pays(3, 3));
+        assert!(pays(56, 56) && pays(14, 14) && pays(13, 13) && pays(28, 12));
+        assert!(!pays(8, 8) && !pays(7, 7) && !pays(1, 1) && !pays(3, 3));
     }
 }
