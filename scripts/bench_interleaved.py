@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from side_by_side import contrastive_loss, moco  # noqa: E402
+from bench_train import training_step  # noqa: E402
 
 CASES = {
     "encoder-r18-32": ("encoder", "resnet18", 32, 64, 40),
@@ -36,32 +35,15 @@ CASES = {
 
 def torch_step(work, arch, size, batch):
     """One batch of PyTorch's side, as scripts/bench_encoder.py and bench_train.py time it."""
+    if work == "train":
+        return training_step(size, batch)
     model = getattr(torchvision.models, arch)(weights=None).eval()
     model.fc = torch.nn.Identity()
-    if work == "encoder":
-        x = torch.randn(batch, 3, size, size)
-
-        def step():
-            with torch.inference_mode():
-                model(x)
-
-        return step
-    src = 32 if size <= 32 else 256
-    x, y = np.meshgrid(np.arange(src), np.arange(src))
-    images = [Image.fromarray(np.stack([(x * 3 + i) % 256, (y * 5) % 256, (x ^ y) % 256], -1)
-                              .astype(np.uint8)) for i in range(batch)]
-    transform = moco(size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5, weight_decay=5e-5)
-    center = torch.zeros(512)
+    x = torch.randn(batch, 3, size, size)
 
     def step():
-        x1 = torch.stack([transform(im) for im in images])
-        x2 = torch.stack([transform(im) for im in images])
-        out = torch.nn.functional.normalize(model(torch.cat([x1, x2])), dim=-1)
-        loss = contrastive_loss(out[:batch] - center, out[batch:] - center)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with torch.inference_mode():
+            model(x)
 
     return step
 

@@ -385,7 +385,7 @@ impl HostBlock<ConvBn> {
 }
 
 /// The net on host memory for one training step: built from the current weights, then
-/// [`HostGradEngine::forward`] and [`HostGradEngine::backward`] once each.
+/// [`HostGradEngine::embed`] and [`HostGradEngine::backward`] once each.
 pub(crate) struct HostGradEngine {
     stem: ConvBn,
     blocks: Vec<Block>,

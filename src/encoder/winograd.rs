@@ -2,9 +2,11 @@
 //! (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2×2 block
 //! of outputs comes from a 4×4 block of inputs with 16 multiplications per channel pair
 //! instead of 36, so the products (`crate::sgemm`, 16 of them, one per position of the 4×4
-//! transformed block) are 2.25 times smaller than im2col's. Used by the host engines for most
-//! of a ResNet's convolutions (and, with the kernel turned over, for their input gradients);
-//! results equal im2col's to float rounding (the tests below compare the two).
+//! transformed block) are 2.25 times smaller than im2col's. The host engines use it for a
+//! ResNet's 3x3 stride-1 convs on maps of 12x12 and larger ([`pays`]): the forward pass, and in
+//! training the input gradient (the kernels turned over, [`WinogradFilter::adjoint`]) and the
+//! kernel gradient ([`kernel_gradient`], the adjoint in the kernels). Results equal im2col's to
+//! float rounding (the tests below compare the two).
 //!
 //! With d a 4×4 input block and g a 3×3 kernel, the 2×2 output block is
 //! Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A, with
@@ -20,7 +22,7 @@ use crate::sgemm::{Operand, sgemm};
 /// convs are computed in chunks of tiles.
 const BUFFER_FLOATS: usize = 8 << 20;
 
-/// A 3x3 kernel bank transformed for F(2×2, 3×3): U[ξ] (C_out × C_in) for each of the 16
+/// A 3x3 kernel bank transformed for F(2×2, 3×3): U\[ξ\] (C_out × C_in) for each of the 16
 /// positions ξ of the 4×4 block.
 pub(super) struct WinogradFilter {
     u: Vec<f32>,
@@ -261,7 +263,7 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
 /// C_out × C_in × 3 × 3 (row-major) for input `x` (shape `x`, values `data`) and the gradient
 /// `dy` (C_out × B·H·W) of its output. The adjoint of F(2×2, 3×3) in the kernels: with
 /// V = Bᵀ d B per tile and Ŷ = A dy Aᵀ (dy the 2×2 output block, zero outside the map),
-/// dU[ξ] = Σ_tiles Ŷ[ξ] V[ξ]ᵀ (16 products, C_out × C_in each) and dg = Gᵀ dU G.
+/// dU\[ξ\] = Σ_tiles Ŷ\[ξ\] V\[ξ\]ᵀ (16 products, C_out × C_in each) and dg = Gᵀ dU G.
 pub(super) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -> Vec<f32> {
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(dy.len(), cout * x.plane(), "winograd: gradient size");
