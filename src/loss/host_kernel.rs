@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::sgemm::{Operand, sgemm};
+use crate::sgemm::{Operand, sgemm, sgemm_serial};
 
 /// The loss and, when asked, dL/dx for the 2B rows (x₁ then x₂; 2B × D, row-major).
 pub(super) struct Output {
@@ -71,8 +71,7 @@ fn compute(
             (norm, ss)
         })
         .collect();
-    let mut s = vec![0f32; n * n];
-    gram(theta, n, d, &mut s);
+    let mut s = gram(theta, n, d);
 
     // Per row i: the off-diagonal softmax of the scaled similarities, overwriting S (0 on the
     // diagonal), and its log-sum-exp less the positive pair's logit.
@@ -173,14 +172,49 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// S = θ θᵀ (n × n, both triangles) for θ (n × d, row-major).
-fn gram(theta: &[f32], n: usize, d: usize, s: &mut [f32]) {
-    sgemm(
-        (n, n, d),
-        Operand::rows(theta, d),
-        Operand::transposed(theta, d),
-        s,
-        n,
-        false,
-    );
+/// θ θᵀ (n × n) for θ (n × d, row-major). The output is small and the inner dimension long,
+/// which the `gemm` crate does not split across threads: there, each thread takes a slice of
+/// the columns and the partial products are summed.
+fn gram(theta: &[f32], n: usize, d: usize) -> Vec<f32> {
+    if crate::sgemm::library() == "openblas" {
+        // OpenBLAS threads this shape well by itself.
+        let mut s = vec![0f32; n * n];
+        sgemm(
+            (n, n, d),
+            Operand::rows(theta, d),
+            Operand::transposed(theta, d),
+            &mut s,
+            n,
+            false,
+        );
+        return s;
+    }
+    let parts = (2 * rayon::current_num_threads()).clamp(1, d.div_ceil(256));
+    let width = d.div_ceil(parts);
+    let partial: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let k0 = (p * width).min(d);
+            let k1 = (k0 + width).min(d);
+            let mut out = vec![0f32; n * n];
+            if k1 > k0 {
+                // Columns k0..k1 of the n × d row-major θ, times their transpose.
+                sgemm_serial(
+                    (n, n, k1 - k0),
+                    Operand::rows(&theta[k0..], d),
+                    Operand::transposed(&theta[k0..], d),
+                    &mut out,
+                    n,
+                    false,
+                );
+            }
+            out
+        })
+        .collect();
+    let mut parts = partial.into_iter();
+    let mut s = parts.next().unwrap_or_else(|| vec![0f32; n * n]);
+    for part in parts {
+        s.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    s
 }
