@@ -321,16 +321,18 @@ pub(super) fn im2col(
                     // Input column of output column ox: ox·s + kx − p. An element-wise loop
                     // rather than `copy_from_slice`: the runs are short on small maps, where a
                     // call to memmove per run cost more than the copy.
-                    if hi > lo && s == 1 {
-                        let inputs = &line[first..first + hi - lo];
-                        out_row[lo..hi]
-                            .iter_mut()
-                            .zip(inputs)
-                            .for_each(|(v, x)| *v = *x);
-                    } else if hi > lo {
-                        let inputs = line[first..].iter().step_by(s);
-                        for (v, x) in out_row[lo..hi].iter_mut().zip(inputs) {
-                            *v = *x;
+                    if hi > lo {
+                        if s == 1 {
+                            let inputs = &line[first..first + hi - lo];
+                            out_row[lo..hi]
+                                .iter_mut()
+                                .zip(inputs)
+                                .for_each(|(v, x)| *v = *x);
+                        } else {
+                            let inputs = line[first..].iter().step_by(s);
+                            for (v, x) in out_row[lo..hi].iter_mut().zip(inputs) {
+                                *v = *x;
+                            }
                         }
                     }
                 }

@@ -121,20 +121,7 @@ pub(super) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(x.c, f.cin, "winograd: input channels");
     assert_eq!(out.len(), f.cout * x.plane(), "winograd: output size");
-    let (th, tw) = (x.h.div_ceil(2), x.w.div_ceil(2));
-    // Chunks of whole tile rows (one image, one tile row: `tw` tiles).
-    let tile_rows = x.b * th;
-    let per_row = 16 * (f.cin + f.cout) * tw;
-    let rows_per_chunk = (BUFFER_FLOATS / per_row).clamp(1, tile_rows);
-    let mut buffer = ColsBuffer::take();
-    for r0 in (0..tile_rows).step_by(rows_per_chunk) {
-        let r1 = (r0 + rows_per_chunk).min(tile_rows);
-        let nt = (r1 - r0) * tw;
-        buffer.resize(16 * (f.cin + f.cout) * nt, 0.0);
-        // V: C_in × 16 × nt and M: C_out × 16 × nt, so that each channel's task owns one
-        // contiguous slice; the products read and write them with a row stride of 16·nt.
-        let (v, m) = buffer.split_at_mut(16 * f.cin * nt);
-        transform_input(data, x, r0..r1, v);
+    by_chunks(data, x, f.cout, |rows, nt, v, m| {
         // M[ξ] (C_out × nt) = U[ξ] (C_out × C_in) · V[ξ] (C_in × nt)
         for xi in 0..16 {
             sgemm(
@@ -146,7 +133,32 @@ pub(super) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [
                 false,
             );
         }
-        transform_output(m, x, r0..r1, out);
+        transform_output(m, x, rows, out);
+    });
+}
+
+/// Runs `each` over the tiles of `x` in chunks of whole tile rows (one image, one tile row:
+/// ⌈w/2⌉ tiles each) sized to the buffer: with the tile rows, their number of tiles nt, V
+/// (C_in × 16 × nt, the transformed input) and a C_out × 16 × nt scratch. Each channel's task
+/// owns one contiguous slice of either; the products read and write them with a row stride of
+/// 16·nt.
+fn by_chunks(
+    data: &[f32],
+    x: Shape,
+    cout: usize,
+    mut each: impl FnMut(std::ops::Range<usize>, usize, &[f32], &mut [f32]),
+) {
+    let tw = x.w.div_ceil(2);
+    let tile_rows = x.b * x.h.div_ceil(2);
+    let rows_per_chunk = (BUFFER_FLOATS / (16 * (x.c + cout) * tw)).clamp(1, tile_rows);
+    let mut buffer = ColsBuffer::take();
+    for r0 in (0..tile_rows).step_by(rows_per_chunk) {
+        let r1 = (r0 + rows_per_chunk).min(tile_rows);
+        let nt = (r1 - r0) * tw;
+        buffer.resize(16 * (x.c + cout) * nt, 0.0);
+        let (v, scratch) = buffer.split_at_mut(16 * x.c * nt);
+        transform_input(data, x, r0..r1, v);
+        each(r0..r1, nt, v, scratch);
     }
 }
 
@@ -268,19 +280,10 @@ pub(super) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(dy.len(), cout * x.plane(), "winograd: gradient size");
     let cin = x.c;
-    let tw = x.w.div_ceil(2);
-    let tile_rows = x.b * x.h.div_ceil(2);
-    let per_row = 16 * (cin + cout) * tw;
-    let rows_per_chunk = (BUFFER_FLOATS / per_row).clamp(1, tile_rows);
     let mut du = vec![0f32; 16 * cout * cin];
-    let mut buffer = ColsBuffer::take();
-    for (i, r0) in (0..tile_rows).step_by(rows_per_chunk).enumerate() {
-        let r1 = (r0 + rows_per_chunk).min(tile_rows);
-        let nt = (r1 - r0) * tw;
-        buffer.resize(16 * (cin + cout) * nt, 0.0);
-        let (v, yh) = buffer.split_at_mut(16 * cin * nt);
-        transform_input(data, x, r0..r1, v);
-        transform_output_gradient(dy, x, r0..r1, yh);
+    by_chunks(data, x, cout, |rows, nt, v, yh| {
+        let first = rows.start == 0;
+        transform_output_gradient(dy, x, rows, yh);
         // dU[ξ] (C_out × C_in) += Ŷ[ξ] (C_out × nt) · V[ξ]ᵀ (nt × C_in)
         for xi in 0..16 {
             sgemm(
@@ -289,10 +292,10 @@ pub(super) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
                 Operand::transposed(&v[xi * nt..], 16 * nt),
                 &mut du[xi * cout * cin..],
                 cin,
-                i > 0,
+                !first,
             );
         }
-    }
+    });
     // dg = Gᵀ dU G per kernel.
     let plane = cout * cin;
     let mut dg = vec![0f32; plane * 9];
