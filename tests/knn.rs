@@ -62,6 +62,17 @@ const CASES: &[Case] = &[
         duplicates: true,
         seed: 4,
     },
+    // Several blocks of queries and D above the CPU micro-kernel's column block of 256, none
+    // of N, Q, D a multiple of its panel sizes.
+    Case {
+        n: 150,
+        q: 401,
+        d: 521,
+        k: 2,
+        tile_bytes: 64 << 20,
+        duplicates: false,
+        seed: 6,
+    },
     // A single query.
     Case {
         n: 1000,

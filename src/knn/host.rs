@@ -5,6 +5,7 @@ use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::DEFAULT_TILE_BYTES;
+use super::packed::{Kernel, MR, NR, PackedB, pack_a};
 use crate::sgemm::{Operand, sgemm, sgemm_serial};
 use crate::{Error, Result};
 
@@ -15,6 +16,11 @@ use crate::{Error, Result};
 /// `IndexFlatL2`), the k smallest kept per query without sorting whole rows, and the distances
 /// of the k winners recomputed exactly as Σ (q − b)² in f64 before they are returned. Memory
 /// beyond the bank and the output is bounded by the tile budget.
+///
+/// On x86-64 CPUs with AVX2 and FMA, unless the `openblas` feature is on, the products run on
+/// the scorer's own micro-kernel instead: the bank is packed once into its layout when the
+/// scorer is made (a second copy of the bank), each task packs its block of up to 192 queries,
+/// and each tile of dot products (up to 192 × 128) is selected from while still in cache.
 ///
 /// ```
 /// use ndarray::array;
@@ -32,6 +38,8 @@ use crate::{Error, Result};
 pub struct HostKnnScorer {
     bank: Vec<f32>,
     bank_sq: Vec<f32>,
+    /// The bank in the fused kernel's layout, where the CPU runs that kernel.
+    packed: Option<PackedB>,
     n: usize,
     d: usize,
     k: usize,
@@ -66,9 +74,16 @@ impl HostKnnScorer {
 
     pub(crate) fn from_checked(bank: Vec<f32>, n: usize, d: usize, k: usize) -> Self {
         let bank_sq = bank.chunks_exact(d).map(dot_self).collect();
+        // OpenBLAS's own kernel is as fast as the packed one on the products, and its
+        // threaded matrix-vector path faster for single queries: the packed copy is only
+        // made where the products would otherwise run on the `gemm` crate.
+        let packed = Kernel::detect()
+            .filter(|_| crate::sgemm::library() != "openblas")
+            .map(|kernel| PackedB::from_rows(&bank, n, d, kernel));
         Self {
             bank,
             bank_sq,
+            packed,
             n,
             d,
             k,
@@ -77,7 +92,8 @@ impl HostKnnScorer {
     }
 
     /// Caps the memory of the distance tiles in flight (all threads together), in bytes.
-    /// Default [`DEFAULT_TILE_BYTES`]. At least one bank row per query tile is always used.
+    /// Default [`DEFAULT_TILE_BYTES`]. At least one bank row per query tile is always used
+    /// (one 6 × 16 tile on the packed micro-kernel).
     pub fn with_tile_bytes(mut self, bytes: usize) -> Self {
         self.tile_bytes = bytes.max(4);
         self
@@ -156,7 +172,10 @@ impl HostKnnScorer {
         let q_sq: Vec<f32> = queries.chunks_exact(d).map(dot_self).collect();
         let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
         let threads = rayon::current_num_threads().max(1);
-        if crate::sgemm::library() != "openblas" || q < 16 * threads {
+        let packed = self.packed.as_ref().filter(|_| q >= MR * threads);
+        if let Some(packed) = packed {
+            self.search_packed(packed, queries, q, &q_sq, &mut merged);
+        } else if crate::sgemm::library() != "openblas" || q < 16 * threads {
             // Tiles of up to 1024 × 1024, spread over the threads, each one product on its
             // thread (large enough to amortise the packing of both operands) whose 4 MiB of
             // distances are still in cache when the top-k pass reads them.
@@ -195,13 +214,7 @@ impl HostKnnScorer {
                     (q0, tops)
                 })
                 .collect();
-            for (q0, tops) in partial {
-                for (target, top) in merged[q0..].iter_mut().zip(tops) {
-                    for (dist, i) in top.items {
-                        target.push(dist, i);
-                    }
-                }
-            }
+            merge(&mut merged, partial);
         } else {
             // With OpenBLAS, which threads one large product better than the per-thread tiles:
             // tiles of up to 2048 queries × as many bank rows as the budget allows, one product
@@ -246,11 +259,95 @@ impl HostKnnScorer {
             .collect()
     }
 
+    /// The fused path: each task packs a block of up to 192 queries once, then walks its share
+    /// of the packed bank in tiles of up to 128 rows, each tile's dot products (at most 96 KiB,
+    /// less under a tight budget) offered to the top-k while they are still in cache. With
+    /// fewer query blocks than threads (single queries), the bank is split across threads.
+    fn search_packed(
+        &self,
+        packed: &PackedB,
+        queries: &[f32],
+        q: usize,
+        q_sq: &[f32],
+        merged: &mut [TopK],
+    ) {
+        const TILE_QUERIES: usize = 192;
+        const TILE_BANK_ROWS: usize = 128;
+        let d = self.d;
+        let threads = rayon::current_num_threads().max(1);
+        let per_thread = (self.tile_bytes / 4 / threads).max(1);
+        let panels = packed.panel_count();
+        // Tile sizes in panels: at least one of each.
+        let mut cols = (TILE_BANK_ROWS / NR).min(panels);
+        let rows = (TILE_QUERIES / MR)
+            .min(q.div_ceil(MR))
+            .min(per_thread / (MR * NR * cols))
+            .max(1);
+        cols = cols.min(per_thread / (MR * NR * rows)).max(1);
+        let q_blocks = q.div_ceil(rows * MR);
+        let splits = match q_blocks < threads {
+            true => threads.div_ceil(q_blocks).min(panels.div_ceil(cols)),
+            false => 1,
+        };
+        let per_split = panels.div_ceil(splits);
+        let ldc = cols * NR;
+        let partial: Vec<(usize, Vec<TopK>)> = (0..q_blocks * splits)
+            .into_par_iter()
+            .map(|item| {
+                let (qi, si) = (item / splits, item % splits);
+                let q0 = qi * rows * MR;
+                let m = (rows * MR).min(q - q0);
+                let (s0, s1) = (si * per_split, ((si + 1) * per_split).min(panels));
+                let mut a = Vec::new();
+                pack_a(&queries[q0 * d..(q0 + m) * d], m, d, &mut a);
+                let a_panels = m.div_ceil(MR);
+                let mut dots = vec![0f32; a_panels * MR * ldc];
+                let mut tops: Vec<TopK> = (0..m).map(|_| TopK::new(self.k)).collect();
+                for p0 in (s0..s1).step_by(cols) {
+                    let count = cols.min(s1 - p0);
+                    packed.product(&a, a_panels, (p0, count), &mut dots, ldc);
+                    let b0 = p0 * NR;
+                    let width = (count * NR).min(self.n - b0);
+                    for (r, top) in tops.iter_mut().enumerate() {
+                        self.push_row(top, q_sq[q0 + r], &dots[r * ldc..][..width], b0);
+                    }
+                }
+                (q0, tops)
+            })
+            .collect();
+        merge(merged, partial);
+    }
+
     /// Offers the bank rows `b0..b0 + row.len()` to `top`, given their dot products with a
-    /// query of squared norm `qs`.
+    /// query of squared norm `qs`. Blocks of 64 whose least distance cannot enter a full `top`
+    /// are passed over after one vectorised pass; the distance is the same expression in both
+    /// passes, so the skip is exact.
     fn push_row(&self, top: &mut TopK, qs: f32, row: &[f32], b0: usize) {
-        for (c, (dot, bs)) in row.iter().zip(&self.bank_sq[b0..]).enumerate() {
-            top.push((qs + bs - 2.0 * dot).max(0.0), b0 + c);
+        let distance = |dot: f32, bs: f32| (qs + bs - 2.0 * dot).max(0.0);
+        let bank_sq = &self.bank_sq[b0..b0 + row.len()];
+        for (block, (dots, sq)) in row.chunks(64).zip(bank_sq.chunks(64)).enumerate() {
+            if let Some(worst) = top.worst() {
+                let mut lanes = [f32::INFINITY; 8];
+                let (d8, s8) = (dots.chunks_exact(8), sq.chunks_exact(8));
+                let tail = d8
+                    .remainder()
+                    .iter()
+                    .zip(s8.remainder())
+                    .fold(f32::INFINITY, |m, (&dot, &bs)| m.min(distance(dot, bs)));
+                for (d8, s8) in d8.zip(s8) {
+                    for ((lane, &dot), &bs) in lanes.iter_mut().zip(d8).zip(s8) {
+                        let v = distance(dot, bs);
+                        *lane = if v < *lane { v } else { *lane };
+                    }
+                }
+                if lanes.iter().fold(tail, |m, &v| m.min(v)) > worst {
+                    continue;
+                }
+            }
+            let first = b0 + block * 64;
+            for (c, (&dot, &bs)) in dots.iter().zip(sq).enumerate() {
+                top.push(distance(dot, bs), first + c);
+            }
         }
     }
 
@@ -264,6 +361,17 @@ impl HostKnnScorer {
                 t * t
             })
             .sum::<f64>() as f32
+    }
+}
+
+/// Folds each task's per-query top-k (`(first query, tops)`) into `merged`.
+fn merge(merged: &mut [TopK], partial: Vec<(usize, Vec<TopK>)>) {
+    for (q0, tops) in partial {
+        for (target, top) in merged[q0..].iter_mut().zip(tops) {
+            for (dist, i) in top.items {
+                target.push(dist, i);
+            }
+        }
     }
 }
 
@@ -315,6 +423,12 @@ impl TopK {
             k,
             items: Vec::with_capacity(k + 1),
         }
+    }
+
+    /// The largest distance kept, once `k` are kept.
+    #[inline]
+    fn worst(&self) -> Option<f32> {
+        (self.items.len() == self.k).then(|| self.items[self.k - 1].0)
     }
 
     #[inline]

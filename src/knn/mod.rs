@@ -22,6 +22,7 @@
 
 mod host;
 mod kmeans;
+mod packed;
 
 pub use host::HostKnnScorer;
 pub use kmeans::KMeansConfig;
