@@ -1,6 +1,8 @@
 //! Exact kNN on host memory: tiled sgemm (`crate::sgemm`), each tile followed by the top-k
 //! selection over its rows, spread over rayon threads.
 
+use std::sync::OnceLock;
+
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
@@ -18,8 +20,8 @@ use crate::{Error, Result};
 /// beyond the bank and the output is bounded by the tile budget.
 ///
 /// On x86-64 CPUs with AVX2 and FMA, unless the `openblas` feature is on, the products run on
-/// the scorer's own micro-kernel instead: the bank is packed once into its layout when the
-/// scorer is made (a second copy of the bank), each task packs its block of up to 192 queries,
+/// the scorer's own micro-kernel instead: the bank is packed once into its layout by the first
+/// search of 12 or more queries (a second copy of the bank, kept with the scorer), each task packs its block of up to 192 queries,
 /// and each tile of dot products (up to 192 × 128) is selected from while still in cache.
 ///
 /// ```
@@ -38,8 +40,10 @@ use crate::{Error, Result};
 pub struct HostKnnScorer {
     bank: Vec<f32>,
     bank_sq: Vec<f32>,
-    /// The bank in the fused kernel's layout, where the CPU runs that kernel.
-    packed: Option<PackedB>,
+    /// The micro-kernel the packed path runs on, where it is used.
+    kernel: Option<Kernel>,
+    /// The bank in that kernel's layout, made by the first search that uses it.
+    packed: OnceLock<PackedB>,
     n: usize,
     d: usize,
     k: usize,
@@ -77,13 +81,12 @@ impl HostKnnScorer {
         // OpenBLAS's own kernel is as fast as the packed one on the products, and its
         // threaded matrix-vector path faster for single queries: the packed copy is only
         // made where the products would otherwise run on the `gemm` crate.
-        let packed = Kernel::detect()
-            .filter(|_| crate::sgemm::library() != "openblas")
-            .map(|kernel| PackedB::from_rows(&bank, n, d, kernel));
+        let kernel = Kernel::detect().filter(|_| crate::sgemm::library() != "openblas");
         Self {
             bank,
             bank_sq,
-            packed,
+            kernel,
+            packed: OnceLock::new(),
             n,
             d,
             k,
@@ -172,7 +175,10 @@ impl HostKnnScorer {
         let q_sq: Vec<f32> = queries.chunks_exact(d).map(dot_self).collect();
         let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
         let threads = rayon::current_num_threads().max(1);
-        let packed = self.packed.as_ref().filter(|_| q >= MR * threads);
+        let packed = self.kernel.filter(|_| q >= MR * threads).map(|kernel| {
+            self.packed
+                .get_or_init(|| PackedB::from_rows(&self.bank, self.n, self.d, kernel))
+        });
         if let Some(packed) = packed {
             self.search_packed(packed, queries, q, &q_sq, &mut merged);
         } else if crate::sgemm::library() != "openblas" || q < 16 * threads {
@@ -285,9 +291,10 @@ impl HostKnnScorer {
             .max(1);
         cols = cols.min(per_thread / (MR * NR * rows)).max(1);
         let q_blocks = q.div_ceil(rows * MR);
-        let splits = match q_blocks < threads {
-            true => threads.div_ceil(q_blocks).min(panels.div_ceil(cols)),
-            false => 1,
+        let splits = if q_blocks < threads {
+            threads.div_ceil(q_blocks).min(panels.div_ceil(cols))
+        } else {
+            1
         };
         let per_split = panels.div_ceil(splits);
         let ldc = cols * NR;
@@ -298,8 +305,7 @@ impl HostKnnScorer {
                 let q0 = qi * rows * MR;
                 let m = (rows * MR).min(q - q0);
                 let (s0, s1) = (si * per_split, ((si + 1) * per_split).min(panels));
-                let mut a = Vec::new();
-                pack_a(&queries[q0 * d..(q0 + m) * d], m, d, &mut a);
+                let a = pack_a(&queries[q0 * d..(q0 + m) * d], m, d);
                 let a_panels = m.div_ceil(MR);
                 let mut dots = vec![0f32; a_panels * MR * ldc];
                 let mut tops: Vec<TopK> = (0..m).map(|_| TopK::new(self.k)).collect();

@@ -22,8 +22,7 @@ const KC: usize = 256;
 pub(super) enum Kernel {
     /// AVX2 + FMA intrinsics (x86-64 CPUs that have both).
     Avx2Fma,
-    /// Plain Rust, to test the fast kernel against (other CPUs take the general sgemm path,
-    /// which is faster than this kernel there).
+    /// Plain Rust, to test the fast kernel against.
     #[cfg_attr(not(test), allow(dead_code))]
     Portable,
 }
@@ -116,11 +115,11 @@ impl PackedB {
     }
 }
 
-/// `rows` (r × k, row-major) as the ⌈r / 6⌉ panels of a left operand, into `out` (cleared).
-pub(super) fn pack_a(rows: &[f32], r: usize, k: usize, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(r.div_ceil(MR) * k * MR, 0.0);
-    pack_into(rows, r, k, MR, out);
+/// `rows` (r × k, row-major) as the ⌈r / 6⌉ panels of a left operand.
+pub(super) fn pack_a(rows: &[f32], r: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0; r.div_ceil(MR) * k * MR];
+    pack_into(rows, r, k, MR, &mut out);
+    out
 }
 
 /// Row i of `rows` goes to panel i / width, lane i % width: `out[(p·k + kk)·width + lane]`.
@@ -236,8 +235,7 @@ mod tests {
             // A (m × k) and the rows of Bᵀ (n × k).
             let (a, bt) = (filled(m * k, 1), filled(n * k, 2));
             for kernel in kernels.into_iter().flatten() {
-                let mut packed_a = Vec::new();
-                pack_a(&a, m, k, &mut packed_a);
+                let packed_a = pack_a(&a, m, k);
                 let a_panels = m.div_ceil(MR);
                 let packed = PackedB::from_rows(&bt, n, k, kernel);
                 let panels = packed.panel_count();
