@@ -50,11 +50,13 @@ pub mod device;
 pub mod encoder;
 mod error;
 pub mod features;
+mod gram;
 pub mod host;
 pub mod knn;
 pub mod loss;
 pub mod metrics;
 pub mod npy;
+mod packed_product;
 mod sgemm;
 pub mod train;
 

@@ -1,5 +1,5 @@
 //! Single-precision matrix products on host memory, for the CPU kernels (the inference and
-//! training engines, the loss, the kNN scorer).
+//! training engines, the kNN scorer; the loss where the CPU lacks AVX2 and FMA).
 //!
 //! By default the products run on the pure-Rust `gemm` crate. With the `openblas` feature they
 //! run on the system's OpenBLAS (`cblas_sgemm`; Debian: `apt install libopenblas-dev`), which

@@ -7,7 +7,7 @@ use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::DEFAULT_TILE_BYTES;
-use super::packed::{Kernel, MR, NR, PackedB, pack_a};
+use crate::packed_product::{Kernel, MR, NR, PackedB, pack_a};
 use crate::sgemm::{Operand, sgemm, sgemm_serial};
 use crate::{Error, Result};
 

@@ -22,7 +22,6 @@
 
 mod host;
 mod kmeans;
-mod packed;
 
 pub use host::HostKnnScorer;
 pub use kmeans::KMeansConfig;

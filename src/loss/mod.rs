@@ -275,13 +275,14 @@ impl NtXent {
         let inv_tau = (1.0 / self.temperature) as f32;
         let out = host_kernel::nt_xent(&x, center.as_deref(), b, d, inv_tau, angular, with_grad);
         let value = Tensor::from_data(TensorData::new(vec![out.value as f32], [1]), &device);
-        let grads = out.grad.map(|mut g1| {
-            // Two owned buffers rather than two views of one tensor, for the same reason.
-            let g2 = g1.split_off(b * d);
-            (
-                Tensor::from_data(TensorData::new(g1, [b, d]), &device),
-                Tensor::from_data(TensorData::new(g2, [b, d]), &device),
-            )
+        let grads = out.grad.map(|g| {
+            // The two halves are views of one buffer: nothing reads them back, and splitting
+            // the buffer would copy half of it.
+            let [g1, g2] = halves(
+                Tensor::from_data(TensorData::new(g, [2 * b, d]), &device),
+                b,
+            );
+            (g1, g2)
         });
         (value, grads)
     }

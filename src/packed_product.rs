@@ -1,8 +1,11 @@
-//! The kNN scorer's own matrix product: a 6 × 16 register-blocked micro-kernel (AVX2 and FMA
-//! on x86-64, detected at run time) on packed panels. The bank is packed once per scorer (a
-//! general sgemm packs it again for every product), and each tile of dot products is small
-//! enough for the top-k pass to read while it is still in cache (a general sgemm writes the
-//! whole distance tile to memory first).
+//! The crate's own matrix product: a 6 × 16 register-blocked micro-kernel (AVX2 and FMA on
+//! x86-64, detected at run time) on packed panels, run on the calling thread.
+//!
+//! - The kNN scorer packs its bank once (a general sgemm packs it again for every product),
+//!   and each tile of dot products is small enough for the top-k pass to read while it is
+//!   still in cache (a general sgemm writes the whole distance tile to memory first).
+//! - The loss kernel gives each thread a slice of the feature columns and runs both of its
+//!   products there, with no thread pool inside the product to wake and join.
 //!
 //! The left operand A (m × k) is packed into ⌈m / 6⌉ panels of 6 rows ([`pack_a`]), the right
 //! operand into ⌈n / 16⌉ panels of 16 output columns ([`PackedB`]), each stored k-major.
@@ -10,16 +13,16 @@
 use rayon::prelude::*;
 
 /// Rows of A per micro-tile.
-pub(super) const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Output columns per micro-tile (two AVX registers of 8 lanes).
-pub(super) const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 /// Inner-dimension columns per pass over a micro-tile: one 16 × 256 panel of B (16 KiB) stays
 /// in the L1 cache while the panels of A stream past it.
 const KC: usize = 256;
 
 /// Which micro-kernel computes the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Kernel {
+pub(crate) enum Kernel {
     /// AVX2 + FMA intrinsics (x86-64 CPUs that have both).
     Avx2Fma,
     /// Plain Rust, to test the fast kernel against.
@@ -30,7 +33,7 @@ pub(super) enum Kernel {
 impl Kernel {
     /// The fastest kernel this CPU runs, or `None` when only the portable one is available
     /// (the general sgemm path is faster than the portable kernel there).
-    pub(super) fn detect() -> Option<Self> {
+    pub(crate) fn detect() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
@@ -43,7 +46,7 @@ impl Kernel {
 /// The right operand of C = A · B (k × n) as ⌈n / 16⌉ panels of 16 columns, each stored
 /// k-major (k × 16), the last panel padded with zero columns.
 #[derive(Clone, Debug)]
-pub(super) struct PackedB {
+pub(crate) struct PackedB {
     panels: Vec<f32>,
     n: usize,
     k: usize,
@@ -54,9 +57,18 @@ impl PackedB {
     /// B = xᵀ for `x` (n × k, row-major): the products become A · xᵀ (the kNN's dot products
     /// of queries with bank rows). [`Kernel::Avx2Fma`] must only be passed where
     /// [`Kernel::detect`] returned it.
-    pub(super) fn from_rows(x: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
+    pub(crate) fn from_rows(x: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         let mut panels = vec![0.0; n.div_ceil(NR) * k * NR];
-        pack_into(x, n, k, NR, &mut panels);
+        let pack = |(p, panel): (usize, &mut [f32])| pack_panel(x, n, k, p * NR, panel);
+        if k > 0 && n * k >= 1 << 20 {
+            // Large banks: one panel per task.
+            panels
+                .par_chunks_exact_mut(k * NR)
+                .enumerate()
+                .for_each(pack);
+        } else if k > 0 {
+            panels.chunks_exact_mut(k * NR).enumerate().for_each(pack);
+        }
         Self {
             panels,
             n,
@@ -66,7 +78,7 @@ impl PackedB {
     }
 
     /// Number of 16-column panels.
-    pub(super) fn panel_count(&self) -> usize {
+    pub(crate) fn panel_count(&self) -> usize {
         self.n.div_ceil(NR)
     }
 
@@ -76,7 +88,7 @@ impl PackedB {
     ///
     /// # Panics
     /// When `a` or `c` is too short for the shape (a bug in the caller, never user input).
-    pub(super) fn product(
+    pub(crate) fn product(
         &self,
         a: &[f32],
         a_panels: usize,
@@ -101,13 +113,17 @@ impl PackedB {
                 for ip in 0..a_panels {
                     let a = &a[(ip * k + k0) * MR..][..kc * MR];
                     let out = &mut c[ip * MR * ldc + jp * NR..];
+                    // Checked once above rather than per tile, as `Kernel::tile` does: this
+                    // loop runs millions of tiles in a kNN search.
                     match self.kernel {
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2 and FMA
                         // (`Kernel::detect`); the slices hold kc × 6, kc × 16 and 6 rows of
                         // `ldc` ≥ 16 floats (asserted above).
-                        Kernel::Avx2Fma => unsafe { avx2::kernel(kc, a, b, out, ldc, k0 > 0) },
-                        _ => portable_kernel(kc, a, b, out, ldc, k0 > 0),
+                        Kernel::Avx2Fma => unsafe {
+                            avx2::kernel(kc, a, (b, NR), (out, ldc), k0 > 0)
+                        },
+                        _ => portable_kernel(kc, a, (b, NR), (out, ldc), k0 > 0),
                     }
                 }
             }
@@ -115,35 +131,86 @@ impl PackedB {
     }
 }
 
-/// `rows` (r × k, row-major) as the ⌈r / 6⌉ panels of a left operand.
-pub(super) fn pack_a(rows: &[f32], r: usize, k: usize) -> Vec<f32> {
+impl Kernel {
+    /// The 6 × 16 micro-tile `c` (+)= a · b over `kc` inner columns: `a` is one packed panel of
+    /// A ([`pack_a`]; kc × 6), `b` = (data, ldb) holds kc rows of 16 columns `ldb` apart (one
+    /// panel of [`PackedB`] with ldb = 16, or a row-major matrix), `c` = (data, ldc) six rows
+    /// of 16 `ldc` apart. Adds to `c` when `accumulate`, else overwrites it.
+    ///
+    /// # Panics
+    /// When a slice is too short for the shape (a bug in the caller, never user input).
+    #[inline]
+    pub(crate) fn tile(
+        self,
+        kc: usize,
+        a: &[f32],
+        (b, ldb): (&[f32], usize),
+        (c, ldc): (&mut [f32], usize),
+        accumulate: bool,
+    ) {
+        assert!(a.len() >= kc * MR, "micro-tile: A too short");
+        assert!(
+            ldb >= NR && (kc == 0 || b.len() >= (kc - 1) * ldb + NR),
+            "micro-tile: B too short"
+        );
+        assert!(
+            ldc >= NR && c.len() >= (MR - 1) * ldc + NR,
+            "micro-tile: output too short"
+        );
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2 and FMA
+            // (`Kernel::detect`); the slices hold what the kernel reads and writes (asserted
+            // above).
+            Kernel::Avx2Fma => unsafe { avx2::kernel(kc, a, (b, ldb), (c, ldc), accumulate) },
+            _ => portable_kernel(kc, a, (b, ldb), (c, ldc), accumulate),
+        }
+    }
+}
+
+/// `rows` (r × k, row-major) as the ⌈r / 6⌉ panels of a left operand, packed on the calling
+/// thread.
+pub(crate) fn pack_a(rows: &[f32], r: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0.0; r.div_ceil(MR) * k * MR];
-    pack_into(rows, r, k, MR, &mut out);
+    if k > 0 {
+        for (p, panel) in out.chunks_exact_mut(k * MR).enumerate() {
+            pack_panel(rows, r, k, p * MR, panel);
+        }
+    }
     out
 }
 
-/// Row i of `rows` goes to panel i / width, lane i % width: `out[(p·k + kk)·width + lane]`.
-fn pack_into(rows: &[f32], r: usize, k: usize, width: usize, out: &mut [f32]) {
-    if k == 0 {
-        return;
-    }
-    out.par_chunks_exact_mut(k * width)
-        .enumerate()
-        .for_each(|(p, panel)| {
-            let first = p * width;
-            for lane in 0..width.min(r - first) {
-                let row = &rows[(first + lane) * k..][..k];
-                for (slot, &v) in panel.iter_mut().skip(lane).step_by(width).zip(row) {
-                    *slot = v;
-                }
+/// Rows `first..first + w` of `rows` (r × k, row-major; rows past r stay zero) into `panel`
+/// (k × w, w = panel.len() / k): `panel[kk·w + lane] = rows[first + lane][kk]`. The inner
+/// dimension goes in blocks of 8, so that each row is read 32 bytes at a time and each block
+/// of the panel written whole.
+fn pack_panel(rows: &[f32], r: usize, k: usize, first: usize, panel: &mut [f32]) {
+    let w = panel.len() / k;
+    let lanes = w.min(r - first);
+    let rows = &rows[first * k..(first + lanes) * k];
+    const BLOCK: usize = 8;
+    for (b, block) in panel.chunks_mut(BLOCK * w).enumerate() {
+        let k0 = b * BLOCK;
+        let depth = block.len() / w;
+        for (lane, row) in rows.chunks_exact(k).enumerate() {
+            for (t, &v) in row[k0..k0 + depth].iter().enumerate() {
+                block[t * w + lane] = v;
             }
-        });
+        }
+    }
 }
 
 /// The 6 × 16 micro-tile c (+)= a · bᵀ over `kc` columns, in plain Rust.
-fn portable_kernel(kc: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, accumulate: bool) {
+fn portable_kernel(
+    kc: usize,
+    a: &[f32],
+    (b, ldb): (&[f32], usize),
+    (c, ldc): (&mut [f32], usize),
+    accumulate: bool,
+) {
     let mut acc = [[0f32; NR]; MR];
-    for (ak, bk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+    for (kk, ak) in a.chunks_exact(MR).take(kc).enumerate() {
+        let bk = &b[kk * ldb..][..NR];
         for (row, &x) in acc.iter_mut().zip(ak) {
             for (v, &y) in row.iter_mut().zip(bk) {
                 *v += x * y;
@@ -167,27 +234,27 @@ mod avx2 {
 
     use super::{MR, NR};
 
-    /// The 6 × 16 micro-tile c (+)= a · bᵀ over `kc` columns: twelve 8-lane accumulators, per
+    /// The 6 × 16 micro-tile c (+)= a · b over `kc` columns: twelve 8-lane accumulators, per
     /// column two loads of b, six broadcasts of a and twelve FMAs.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` must hold kc × 6 floats, `b` kc × 16, and `c` six
-    /// rows `ldc` ≥ 16 apart.
+    /// The CPU must have AVX2 and FMA; `a` must hold kc × 6 floats, `b` kc rows of 16 floats
+    /// `ldb` apart, and `c` six rows of 16 floats `ldc` apart.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(
         kc: usize,
         a: &[f32],
-        b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
+        (b, ldb): (&[f32], usize),
+        (c, ldc): (&mut [f32], usize),
         accumulate: bool,
     ) {
-        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+        debug_assert!(a.len() >= kc * MR && (kc == 0 || b.len() >= (kc - 1) * ldb + NR));
         debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
         let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
         let mut acc: [[__m256; 2]; MR] = [[_mm256_setzero_ps(); 2]; MR];
-        // SAFETY (whole body): the reads stay within kc × 6 floats of `a` and kc × 16 of `b`,
-        // the writes within six rows of 16 floats `ldc` apart in `c` (the caller's contract).
+        // SAFETY (whole body): the reads stay within kc × 6 floats of `a` and kc rows of 16
+        // floats `ldb` apart in `b`, the writes within six rows of 16 floats `ldc` apart in `c`
+        // (the caller's contract).
         unsafe {
             for _ in 0..kc {
                 let b0 = _mm256_loadu_ps(pb);
@@ -198,7 +265,7 @@ mod avx2 {
                     row[1] = _mm256_fmadd_ps(x, b1, row[1]);
                 }
                 pa = pa.add(MR);
-                pb = pb.add(NR);
+                pb = pb.wrapping_add(ldb);
             }
             let pc = c.as_mut_ptr();
             for (r, row) in acc.iter().enumerate() {
@@ -231,7 +298,13 @@ mod tests {
     #[test]
     fn products_equal_the_naive_product() {
         let kernels = [Some(Kernel::Portable), Kernel::detect()];
-        for (m, n, k) in [(1, 1, 1), (13, 37, 300), (6, 16, 256), (20, 50, 520)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (13, 37, 300),
+            (6, 16, 256),
+            (20, 50, 520),
+            (7, 700, 1500),
+        ] {
             // A (m × k) and the rows of Bᵀ (n × k).
             let (a, bt) = (filled(m * k, 1), filled(n * k, 2));
             for kernel in kernels.into_iter().flatten() {
