@@ -4,8 +4,9 @@
 //! - The kNN scorer packs its bank once (a general sgemm packs it again for every product),
 //!   and each tile of dot products is small enough for the top-k pass to read while it is
 //!   still in cache (a general sgemm writes the whole distance tile to memory first).
-//! - The loss kernel gives each thread a slice of the feature columns and runs both of its
-//!   products there, with no thread pool inside the product to wake and join.
+//! - The loss kernel gives each thread a slice of the feature columns and runs its gradient
+//!   product there ([`Kernel::tile`] on panels of the slice read in place), with no thread
+//!   pool inside the product to wake and join.
 //!
 //! The left operand A (m × k) is packed into ⌈m / 6⌉ panels of 6 rows ([`pack_a`]), the right
 //! operand into ⌈n / 16⌉ panels of 16 output columns ([`PackedB`]), each stored k-major.
