@@ -1,7 +1,8 @@
 //! The Gram matrix u uᵀ of a few long rows (the loss's 2B × D shifted features): tiles of
 //! 3 × 4 dot products, each an 8-lane FMA accumulator running along the rows, on and above
-//! the diagonal only. The rows are read where they lie, with no packing: every load feeds
-//! three or four FMAs, as many as in the outer-product kernel of `crate::packed_product`.
+//! the diagonal only. The rows are read where they lie, with no packing: seven loads feed
+//! twelve FMAs (the outer-product kernel of `crate::packed_product` needs eight, on packed
+//! panels).
 
 use crate::packed_product::Kernel;
 

@@ -201,7 +201,8 @@ fn pack_panel(rows: &[f32], r: usize, k: usize, first: usize, panel: &mut [f32])
     }
 }
 
-/// The 6 × 16 micro-tile c (+)= a · bᵀ over `kc` columns, in plain Rust.
+/// The 6 × 16 micro-tile c (+)= a · b over `kc` columns, in plain Rust (b: kc rows of 16
+/// floats `ldb` apart).
 fn portable_kernel(
     kc: usize,
     a: &[f32],

@@ -13,8 +13,9 @@
 //! 3. each thread writes M u for its columns (`crate::packed_product`'s 6 × 16 micro-kernel,
 //!    its panels of u read in place).
 //!
-//! All of it runs on rayon's pool, entered once per call: two parallel passes and one join,
-//! with no thread pool inside a product to wake and join. CPUs without AVX2 and FMA (and other
+//! All of it runs on rayon's pool, entered once per call: the threads join after the products
+//! of step 1 and after each pass of step 2, and no thread pool inside a product has to be
+//! woken and joined. CPUs without AVX2 and FMA (and other
 //! architectures) run the same passes with the `gemm` crate's serial products.
 
 use std::ops::Range;
@@ -50,9 +51,14 @@ pub(super) fn nt_xent(
     angular: bool,
     with_grad: bool,
 ) -> Output {
+    assert!(
+        b > 0 && d > 0 && x.len() == 2 * b * d,
+        "loss kernel: {} floats for 2 × {b} rows of {d} (callers check the shapes)",
+        x.len()
+    );
+    let products = Products::detect();
     // On a pool thread from the start, so that the caller sleeps once instead of at every
     // join, and the first slice of each phase does not contend with the pool's threads.
-    let products = Products::detect();
     rayon::scope(|_| compute(products, x, center, b, d, inv_tau, angular, with_grad))
 }
 
@@ -71,13 +77,17 @@ fn compute(
     let parts = column_parts(d, rayon::current_num_threads());
 
     // 1. Per slice of columns: u = x − c there and its part of G.
-    let slices: Vec<(Shifted, Vec<f32>)> = on_threads(parts.clone(), |cols| {
+    let (slices, grams): (Vec<Shifted>, Vec<Vec<f32>>) = on_threads(parts.clone(), |cols| {
         let u = Shifted::new(x, center, n, d, cols);
         let gram = products.gram(&u);
         (u, gram)
-    });
-    let mut gram = vec![0f32; n * n];
-    for (_, part) in &slices {
+    })
+    .into_iter()
+    .unzip();
+    // The parts summed into the first, the others freed.
+    let mut grams = grams.into_iter();
+    let mut gram = grams.next().unwrap_or_else(|| vec![0f32; n * n]);
+    for part in grams {
         gram.iter_mut().zip(part).for_each(|(g, p)| *g += p);
     }
 
@@ -105,7 +115,7 @@ fn compute(
         }
     }
     let work: Vec<_> = outputs.into_iter().zip(&slices).collect();
-    on_threads(work, |(mut out, (u, _))| left.multiply(u, &mut out));
+    on_threads(work, |(mut out, u)| left.multiply(u, &mut out));
     Output {
         value,
         grad: Some(grad),
@@ -207,7 +217,7 @@ impl Softmax {
     /// With dL/dS = (P − Π) / 2B (Π the positive pairs), dL/dθ = A θ for the symmetric
     /// A = (dL/dS + dL/dSᵀ) / τ, and back through θ = u / ‖u‖:
     /// dL/duᵢ = (Σⱼ Aᵢⱼ uⱼ / ‖uⱼ‖ − θᵢ ⟨θᵢ, dL/dθᵢ⟩) / ‖uᵢ‖, where ⟨θᵢ, dL/dθᵢ⟩ = Σⱼ Aᵢⱼ Sᵢⱼ
-    /// (0 where the norm was clamped). So Mᵢⱼ = Aᵢⱼ / (‖uᵢ‖ ‖uⱼ‖) off the diagonal, and the
+    /// (the radial term is dropped where the norm was clamped). So Mᵢⱼ = Aᵢⱼ / (‖uᵢ‖ ‖uⱼ‖) off the diagonal, and the
     /// diagonal (where A is 0) carries the radial and angular terms.
     fn gradient_matrix(&self, angular: f32) -> Vec<f32> {
         let (n, b) = (self.n, self.b);
@@ -282,9 +292,10 @@ fn exp_nonpositive(x: f32) -> f32 {
 }
 
 /// Columns `cols` of x − c (n rows), row-major with the rows `stride` apart and zeros in
-/// between: the stride is a multiple of 16 plus 16, so that every 16-column panel lies inside a
-/// row and reading one down the rows does not hit the same cache set each time (as a stride of
-/// a multiple of 4 KiB would).
+/// between: the stride is an odd number of 64-byte lines, at least the width rounded up to 16
+/// floats, so that every 16-column panel lies inside a row and reading one down the rows walks
+/// through all the L1 cache's sets (a stride of a multiple of 4 KiB would hit one set, 8 ways,
+/// on every row).
 struct Shifted {
     data: Vec<f32>,
     n: usize,
@@ -295,7 +306,8 @@ struct Shifted {
 impl Shifted {
     fn new(x: &[f32], center: Option<&[f32]>, n: usize, d: usize, cols: Range<usize>) -> Self {
         let width = cols.len();
-        let stride = width.next_multiple_of(NR) + NR;
+        let lines = width.div_ceil(NR) | 1;
+        let stride = lines * NR;
         let mut data = Vec::with_capacity(n * stride);
         for i in 0..n {
             let x = &x[i * d..][cols.clone()];
@@ -371,7 +383,8 @@ impl Left {
         match self {
             Self::Packed(kernel, a) => {
                 // One 6 × 16 tile at a time into a buffer that stays in L1, then copied out:
-                // the panel of u (n rows of 16) is read from L1 by every row panel of M.
+                // the panel of u (n rows of 16 floats) is read by every row panel of M, from
+                // L1 while n is at most a few hundred (batches up to about 250).
                 let mut tile = [0f32; MR * NR];
                 for j0 in (0..w).step_by(NR) {
                     let cols = NR.min(w - j0);
@@ -418,6 +431,35 @@ mod tests {
             for pair in parts.windows(2) {
                 assert_eq!(pair[0].end, pair[1].start, "{d} {threads}: {parts:?}");
                 assert_eq!(pair[0].len() % NR, 0, "{d} {threads}: {parts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn shifted_rows_are_an_odd_number_of_cache_lines_apart() {
+        for width in [1, 16, 17, 1000, 1008, 1024, 2048] {
+            let (n, d) = (3, width + 5);
+            let x: Vec<f32> = (0..n * d).map(|i| i as f32).collect();
+            let c = vec![1f32; d];
+            let u = Shifted::new(&x, Some(&c), n, d, 2..2 + width);
+            assert!(
+                u.stride >= width.next_multiple_of(NR),
+                "{width}: {}",
+                u.stride
+            );
+            assert_eq!(u.stride % NR, 0, "{width}");
+            assert_eq!((u.stride / NR) % 2, 1, "{width}: {}", u.stride);
+            assert_eq!(u.data.len(), n * u.stride);
+            for i in 0..n {
+                let row = &u.data[i * u.stride..(i + 1) * u.stride];
+                for (j, &v) in row.iter().enumerate() {
+                    let want = if j < width {
+                        x[i * d + 2 + j] - 1.0
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(v, want, "{width}: row {i} column {j}");
+                }
             }
         }
     }

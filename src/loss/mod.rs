@@ -116,7 +116,7 @@ impl MeanShiftedContrastiveLoss {
 
     /// The loss and its gradient with respect to φ for features on host memory: `phi` holds
     /// the B rows of the first view then the B rows of the second (2B × D, row-major), `center`
-    /// is c (D). Shapes are the caller's to check.
+    /// is c (D). Shapes are the caller's to check (the kernel panics on a mismatch).
     pub(crate) fn value_and_grad_host(
         &self,
         phi: &[f32],
