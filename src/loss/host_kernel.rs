@@ -15,8 +15,8 @@
 //!
 //! All of it runs on rayon's pool, entered once per call: the threads join after the products
 //! of step 1 and after each pass of step 2, and no thread pool inside a product has to be
-//! woken and joined. CPUs without AVX2 and FMA (and other
-//! architectures) run the same passes with the `gemm` crate's serial products.
+//! woken and joined. CPUs without AVX2 and FMA (and other architectures) run the same passes
+//! with the `gemm` crate's serial products.
 
 use std::ops::Range;
 
@@ -217,16 +217,19 @@ impl Softmax {
     /// With dL/dS = (P − Π) / 2B (Π the positive pairs), dL/dθ = A θ for the symmetric
     /// A = (dL/dS + dL/dSᵀ) / τ, and back through θ = u / ‖u‖:
     /// dL/duᵢ = (Σⱼ Aᵢⱼ uⱼ / ‖uⱼ‖ − θᵢ ⟨θᵢ, dL/dθᵢ⟩) / ‖uᵢ‖, where ⟨θᵢ, dL/dθᵢ⟩ = Σⱼ Aᵢⱼ Sᵢⱼ
-    /// (the radial term is dropped where the norm was clamped). So Mᵢⱼ = Aᵢⱼ / (‖uᵢ‖ ‖uⱼ‖) off the diagonal, and the
-    /// diagonal (where A is 0) carries the radial and angular terms.
+    /// (the radial term is dropped where the norm was clamped). So Mᵢⱼ = Aᵢⱼ / (‖uᵢ‖ ‖uⱼ‖)
+    /// off the diagonal, and the diagonal (where A is 0) carries the radial and angular terms.
     fn gradient_matrix(&self, angular: f32) -> Vec<f32> {
         let (n, b) = (self.n, self.b);
         let scale = self.inv_tau / n as f32;
-        // A = (P + Pᵀ) · scale first, the positive pairs after.
         let mut m = vec![0f32; n * n];
         let p = &self.probabilities;
-        let rows = m.par_chunks_exact_mut(n).with_min_len(ROWS_PER_TASK);
-        rows.enumerate().for_each(|(i, row)| {
+        let rows = m
+            .par_chunks_exact_mut(n)
+            .zip(self.cosines.par_chunks_exact(n))
+            .with_min_len(ROWS_PER_TASK);
+        rows.enumerate().for_each(|(i, (row, s))| {
+            // Row i of A: (P + Pᵀ) · scale, less the positive pair.
             for (j, v) in row.iter_mut().enumerate() {
                 *v = p[j * n + i];
             }
@@ -234,12 +237,6 @@ impl Softmax {
                 *v = (*v + p) * scale;
             }
             row[(i + b) % n] -= 2.0 * scale;
-        });
-        let rows = m
-            .par_chunks_exact_mut(n)
-            .zip(self.cosines.par_chunks_exact(n))
-            .with_min_len(ROWS_PER_TASK);
-        rows.enumerate().for_each(|(i, (row, s))| {
             let radial = dot(row, s);
             let inv = self.inv_norms[i];
             for (v, inv_j) in row.iter_mut().zip(&self.inv_norms) {
