@@ -12,9 +12,11 @@
 //! The log-sum-exp runs on the off-diagonal maximum, so no temperature overflows. Forward and
 //! backward are one closed-form computation: the value and the exact gradients with respect to
 //! φ′ and φ″ are computed together without an autodiff graph (two matrix products and a few
-//! row operations), then handed to the autodiff graph through a surrogate whose value is the
-//! loss and whose gradient is exactly those gradients. The center is a constant: it receives no
-//! gradient.
+//! row operations). On the CPU backends (flex, ndarray) this is one backend operation, read in
+//! place from the tensors' memory, whose backward step hands the kept gradients to φ′ and φ″.
+//! On other backends (wgpu) the same formulas run as tensor operations and enter the autodiff
+//! graph through a surrogate whose value is the loss and whose gradient is exactly those
+//! gradients. The center is a constant: it receives no gradient.
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor, Distribution};
@@ -34,9 +36,13 @@
 //! ```
 
 mod host_kernel;
+// The extension macro names the deprecated `NdArray` backend in code it generates.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+#[allow(deprecated)]
+mod host_op;
 
 use burn::config::Config;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::{Error, Result};
 
@@ -125,7 +131,16 @@ impl MeanShiftedContrastiveLoss {
         d: usize,
     ) -> (f64, Vec<f32>) {
         let inv_tau = (1.0 / self.kernel.temperature) as f32;
-        let out = host_kernel::nt_xent(phi, Some(center), b, d, inv_tau, self.angular, true);
+        let views = phi.split_at(phi.len() / 2);
+        let out = host_kernel::nt_xent(
+            [views.0, views.1],
+            Some(center),
+            b,
+            d,
+            inv_tau,
+            self.angular,
+            true,
+        );
         (out.value, out.grad.unwrap_or_default())
     }
 
@@ -230,17 +245,26 @@ impl NtXent {
         center: Option<Tensor<2>>,
         angular: bool,
     ) -> Tensor<1> {
+        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        if crate::device::is_host(&x1.device()) {
+            let shifted = center.is_some();
+            // Not read unshifted: any tensor of the device will do.
+            let center =
+                center.unwrap_or_else(|| Tensor::zeros([1, 1], &x1.device().without_autodiff()));
+            let options = host_op::HostLossOptions {
+                inv_tau: (1.0 / self.temperature) as f32,
+                shifted,
+                angular,
+            };
+            return host_op::loss(x1, x2, center, options);
+        }
         let tracked = x1.is_autodiff() || x2.is_autodiff();
         let (p1, p2) = (x1.clone().without_autodiff(), x2.clone().without_autodiff());
-        let (value, grads) = if crate::device::is_host(&p1.device()) {
-            self.value_and_grad_host(p1, p2, center, angular, tracked)
-        } else {
-            let (u1, u2) = match center {
-                Some(c) => (p1 - c.clone(), p2 - c),
-                None => (p1, p2),
-            };
-            self.value_and_grad(u1, u2, angular, tracked)
+        let (u1, u2) = match center {
+            Some(c) => (p1 - c.clone(), p2 - c),
+            None => (p1, p2),
         };
+        let (value, grads) = self.value_and_grad(u1, u2, angular, tracked);
         let Some((g1, g2)) = grads else {
             return value;
         };
@@ -248,43 +272,6 @@ impl NtXent {
         // (s − s is exactly 0) and its gradient with respect to x1, x2 is exactly g1, g2.
         let s = (x1 * g1.autodiff()).sum() + (x2 * g2.autodiff()).sum();
         value.autodiff() + s.clone() - s.detach()
-    }
-
-    /// [`NtXent::value_and_grad`] on host memory for CPU devices, from the unshifted views and
-    /// the center: one fused computation instead of a chain of tensor operations.
-    #[allow(clippy::type_complexity)]
-    fn value_and_grad_host(
-        &self,
-        x1: Tensor<2>,
-        x2: Tensor<2>,
-        center: Option<Tensor<2>>,
-        angular: bool,
-        with_grad: bool,
-    ) -> (Tensor<1>, Option<(Tensor<2>, Tensor<2>)>) {
-        let [b, d] = x1.dims();
-        let device = x1.device();
-        let read = |t: Tensor<2>| {
-            t.into_data()
-                .try_into_vec_as::<f32>()
-                .expect("float tensors convert to f32")
-        };
-        // One fresh tensor: its buffer is not shared, so reading it back moves rather than copies
-        // (ndarray copies a shared array element by element).
-        let x = read(Tensor::cat(vec![x1, x2], 0));
-        let center = center.map(read);
-        let inv_tau = (1.0 / self.temperature) as f32;
-        let out = host_kernel::nt_xent(&x, center.as_deref(), b, d, inv_tau, angular, with_grad);
-        let value = Tensor::from_data(TensorData::new(vec![out.value as f32], [1]), &device);
-        let grads = out.grad.map(|g| {
-            // The two halves are views of one buffer: nothing reads them back, and splitting
-            // the buffer would copy half of it.
-            let [g1, g2] = halves(
-                Tensor::from_data(TensorData::new(g, [2 * b, d]), &device),
-                b,
-            );
-            (g1, g2)
-        });
-        (value, grads)
     }
 
     /// Loss value and, if `with_grad`, its gradients with respect to u1 and u2.
@@ -354,37 +341,63 @@ mod tests {
 
     use super::*;
 
-    /// The host kernel (CPU devices) and the tensor path (GPUs) compute the same thing.
+    /// The host operation (CPU devices, its backward closed-form) and the tensor path (GPUs)
+    /// compute the same value and gradients: shifted or not, with or without the angular
+    /// term, under an upstream gradient other than 1, and from a non-contiguous view.
+    #[cfg(feature = "flex")]
     #[test]
-    fn host_kernel_and_tensor_path_agree() {
-        let device = Device::flex();
-        for (b, d, angular, tau) in [
-            (2, 3, false, 0.25),
-            (7, 64, true, 0.25),
-            (16, 300, false, 0.05),
+    fn host_operation_and_tensor_path_agree() {
+        let plain = Device::flex();
+        for (b, d, angular, tau, shifted, upstream) in [
+            (2, 3, false, 0.25, true, 1.0),
+            (7, 64, true, 0.25, true, 3.0),
+            (16, 300, false, 0.05, false, 1.0),
+            (5, 40, true, 0.5, false, -0.5),
         ] {
             let kernel = NtXent::new(tau).unwrap();
-            let u1 = Tensor::<2>::random([b, d], Distribution::Normal(0.0, 1.0), &device);
-            let u2 = Tensor::<2>::random([b, d], Distribution::Normal(0.0, 1.0), &device);
-            let c = Tensor::<2>::random([1, d], Distribution::Normal(0.0, 0.3), &device);
-            let (va, ga) = kernel.value_and_grad(
-                u1.clone() - c.clone(),
-                u2.clone() - c.clone(),
-                angular,
-                true,
+            let random = |shape: [usize; 2], std| {
+                Tensor::<2>::random(shape, Distribution::Normal(0.0, std), &plain)
+            };
+            // The first view is a transposed one, so the host reads a copy of it.
+            let (x1, x2) = (random([d, b], 1.0).transpose(), random([b, d], 1.0));
+            let c = random([1, d], 0.3);
+            let center = shifted.then(|| c.clone());
+
+            let (t1, t2) = (
+                x1.clone().autodiff().require_grad(),
+                x2.clone().autodiff().require_grad(),
             );
-            let (vb, gb) = kernel.value_and_grad_host(u1, u2, Some(c), angular, true);
-            let (va, vb) = (va.into_scalar::<f32>(), vb.into_scalar::<f32>());
-            assert!((va - vb).abs() <= 1e-5 * va.abs(), "{b}x{d}: {va} vs {vb}");
-            let ((a1, a2), (b1, b2)) = (ga.unwrap(), gb.unwrap());
-            for (x, y) in [(a1, b1), (a2, b2)] {
-                let scale = y.clone().abs().max().into_scalar::<f32>();
-                let err = (x - y).abs().max().into_scalar::<f32>();
+            let value = kernel.loss(t1.clone(), t2.clone(), center.clone(), angular) * upstream;
+            let got = value.clone().into_scalar::<f32>() / upstream;
+            let grads = value.backward();
+            let (g1, g2) = (t1.grad(&grads).unwrap(), t2.grad(&grads).unwrap());
+
+            let (u1, u2) = match center {
+                Some(c) => (x1 - c.clone(), x2 - c),
+                None => (x1, x2),
+            };
+            let (want, want_grads) = kernel.value_and_grad(u1, u2, angular, true);
+            let want = want.into_scalar::<f32>();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{b}x{d}: {got} vs {want}"
+            );
+            let (w1, w2) = want_grads.unwrap();
+            for (g, w) in [(g1, w1), (g2, w2)] {
+                let w = w * upstream;
+                let scale = w.clone().abs().max().into_scalar::<f32>();
+                let err = (g - w).abs().max().into_scalar::<f32>();
                 assert!(
                     err <= 1e-5 * scale,
                     "{b}x{d}: gradient error {err} (scale {scale})"
                 );
             }
+
+            // Without autodiff, the same value.
+            let plain_value = kernel
+                .loss(t1.inner(), t2.inner(), shifted.then_some(c), angular)
+                .into_scalar::<f32>();
+            assert!((plain_value - want).abs() <= 1e-5 * want.abs(), "{b}x{d}");
         }
     }
 }
