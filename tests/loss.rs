@@ -224,6 +224,37 @@ fn bad_arguments_are_errors() {
         matches!(err, Error::InvalidShape { ref found, .. } if found == &[7]),
         "{err}"
     );
+    // Float types and devices must agree.
+    let f64_view = x(4, 8).cast(burn::tensor::DType::F64);
+    let err = loss.try_forward(x(4, 8), f64_view, c(8)).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref what, .. } if what == "second view"),
+        "{err}"
+    );
+    let err = loss
+        .try_forward(x(4, 8), x(4, 8), c(8).cast(burn::tensor::DType::F64))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref what, .. } if what == "center"),
+        "{err}"
+    );
+    #[cfg(feature = "ndarray")]
+    {
+        #[allow(deprecated)]
+        let other = Tensor::<2>::ones([4, 8], &Device::ndarray());
+        let err = loss.try_forward(x(4, 8), other, c(8)).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    }
+    // An autodiff view with a plain one is fine (only the first is tracked).
+    let tracked = x(4, 8).autodiff().require_grad();
+    let value = loss.try_forward(tracked.clone(), x(4, 8), c(8)).unwrap();
+    assert!(tracked.grad(&value.backward()).is_some());
+    let err = ContrastiveLossConfig::new()
+        .try_init()
+        .unwrap()
+        .try_forward(x(4, 8), x(4, 8).cast(burn::tensor::DType::F64))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
     for t in [0.0, -0.25, f64::NAN, f64::INFINITY] {
         let err = MeanShiftedContrastiveLossConfig::new()
             .with_temperature(t)

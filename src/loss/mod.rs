@@ -13,7 +13,8 @@
 //! backward are one closed-form computation: the value and the exact gradients with respect to
 //! φ′ and φ″ are computed together without an autodiff graph (two matrix products and a few
 //! row operations). On the CPU backends (flex, ndarray) this is one backend operation, read in
-//! place from the tensors' memory, whose backward step hands the kept gradients to φ′ and φ″.
+//! place from the tensors' memory, whose backward step hands the kept gradients to φ′ and φ″;
+//! it computes in f32 (views of another float type are converted, and the results cast back).
 //! On other backends (wgpu) the same formulas run as tensor operations and enter the autodiff
 //! graph through a surrogate whose value is the loss and whose gradient is exactly those
 //! gradients. The center is a constant: it receives no gradient.
@@ -99,7 +100,8 @@ impl MeanShiftedContrastiveLoss {
     }
 
     /// [`Self::forward`], returning [`Error::InvalidShape`] when `phi1` and `phi2` differ in
-    /// shape, B < 2, or the center's length is not D.
+    /// shape, B < 2, or the center's length is not D, and [`Error::InvalidArgument`] when the
+    /// views or the center differ in device (autodiff aside) or float type.
     pub fn try_forward(
         &self,
         phi1: Tensor<2>,
@@ -114,6 +116,7 @@ impl MeanShiftedContrastiveLoss {
                 found: center.dims().to_vec(),
             });
         }
+        check_same_kind("center", &center, &phi1)?;
         let c = center.unsqueeze_dim::<2>(0);
         Ok(self
             .kernel
@@ -199,6 +202,7 @@ impl ContrastiveLoss {
 }
 
 fn check_views(a: &Tensor<2>, b: &Tensor<2>) -> Result<[usize; 2]> {
+    check_same_kind("second view", b, a)?;
     let (da, db) = (a.dims(), b.dims());
     if da != db {
         return Err(Error::InvalidShape {
@@ -215,6 +219,29 @@ fn check_views(a: &Tensor<2>, b: &Tensor<2>) -> Result<[usize; 2]> {
         });
     }
     Ok(da)
+}
+
+/// `tensor` (named `what`) is on the device of `first` (autodiff or not) with its float type.
+fn check_same_kind<const D: usize, const E: usize>(
+    what: &str,
+    tensor: &Tensor<D>,
+    first: &Tensor<E>,
+) -> Result<()> {
+    let (device, expected) = (tensor.device(), first.device());
+    if device.clone().without_autodiff() != expected.clone().without_autodiff() {
+        return Err(Error::invalid(
+            what,
+            format!("on {device:?}, the first view on {expected:?}"),
+        ));
+    }
+    let (dtype, expected) = (tensor.dtype(), first.dtype());
+    if dtype != expected {
+        return Err(Error::invalid(
+            what,
+            format!("of {dtype:?}, the first view of {expected:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The shared kernel: NT-Xent over normalize(u) for u = [x1 − c; x2 − c], value and closed-form
@@ -342,62 +369,83 @@ mod tests {
     use super::*;
 
     /// The host operation (CPU devices, its backward closed-form) and the tensor path (GPUs)
-    /// compute the same value and gradients: shifted or not, with or without the angular
-    /// term, under an upstream gradient other than 1, and from a non-contiguous view.
-    #[cfg(feature = "flex")]
+    /// compute the same value and gradients, on flex and ndarray: shifted or not, with or
+    /// without the angular term, under an upstream gradient other than 1, from a
+    /// non-contiguous view, and with one tensor as both views (its gradients add up).
     #[test]
     fn host_operation_and_tensor_path_agree() {
-        let plain = Device::flex();
-        for (b, d, angular, tau, shifted, upstream) in [
-            (2, 3, false, 0.25, true, 1.0),
-            (7, 64, true, 0.25, true, 3.0),
-            (16, 300, false, 0.05, false, 1.0),
-            (5, 40, true, 0.5, false, -0.5),
-        ] {
-            let kernel = NtXent::new(tau).unwrap();
-            let random = |shape: [usize; 2], std| {
-                Tensor::<2>::random(shape, Distribution::Normal(0.0, std), &plain)
-            };
-            // The first view is a transposed one, so the host reads a copy of it.
-            let (x1, x2) = (random([d, b], 1.0).transpose(), random([b, d], 1.0));
-            let c = random([1, d], 0.3);
-            let center = shifted.then(|| c.clone());
+        let mut devices = vec![];
+        #[cfg(feature = "flex")]
+        devices.push(Device::flex());
+        #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
+        devices.push(Device::ndarray());
+        for plain in devices {
+            for (b, d, angular, tau, shifted, upstream) in [
+                (2, 3, false, 0.25, true, 1.0),
+                (7, 64, true, 0.25, true, 3.0),
+                (16, 300, false, 0.05, false, 1.0),
+                (5, 40, true, 0.5, false, -0.5),
+            ] {
+                let case = format!("{plain:?} {b}x{d}");
+                let kernel = NtXent::new(tau).unwrap();
+                let random = |shape: [usize; 2], std| {
+                    Tensor::<2>::random(shape, Distribution::Normal(0.0, std), &plain)
+                };
+                // The first view is a transposed one, so the host reads a copy of it.
+                let (x1, x2) = (random([d, b], 1.0).transpose(), random([b, d], 1.0));
+                let c = random([1, d], 0.3);
+                let center = shifted.then(|| c.clone());
 
-            let (t1, t2) = (
-                x1.clone().autodiff().require_grad(),
-                x2.clone().autodiff().require_grad(),
-            );
-            let value = kernel.loss(t1.clone(), t2.clone(), center.clone(), angular) * upstream;
-            let got = value.clone().into_scalar::<f32>() / upstream;
-            let grads = value.backward();
-            let (g1, g2) = (t1.grad(&grads).unwrap(), t2.grad(&grads).unwrap());
-
-            let (u1, u2) = match center {
-                Some(c) => (x1 - c.clone(), x2 - c),
-                None => (x1, x2),
-            };
-            let (want, want_grads) = kernel.value_and_grad(u1, u2, angular, true);
-            let want = want.into_scalar::<f32>();
-            assert!(
-                (got - want).abs() <= 1e-5 * want.abs(),
-                "{b}x{d}: {got} vs {want}"
-            );
-            let (w1, w2) = want_grads.unwrap();
-            for (g, w) in [(g1, w1), (g2, w2)] {
-                let w = w * upstream;
-                let scale = w.clone().abs().max().into_scalar::<f32>();
-                let err = (g - w).abs().max().into_scalar::<f32>();
-                assert!(
-                    err <= 1e-5 * scale,
-                    "{b}x{d}: gradient error {err} (scale {scale})"
+                let (t1, t2) = (
+                    x1.clone().autodiff().require_grad(),
+                    x2.clone().autodiff().require_grad(),
                 );
-            }
+                let value = kernel.loss(t1.clone(), t2.clone(), center.clone(), angular) * upstream;
+                let got = value.clone().into_scalar::<f32>() / upstream;
+                let grads = value.backward();
+                let (g1, g2) = (t1.grad(&grads).unwrap(), t2.grad(&grads).unwrap());
 
-            // Without autodiff, the same value.
-            let plain_value = kernel
-                .loss(t1.inner(), t2.inner(), shifted.then_some(c), angular)
-                .into_scalar::<f32>();
-            assert!((plain_value - want).abs() <= 1e-5 * want.abs(), "{b}x{d}");
+                let shift = |x: Tensor<2>| match &center {
+                    Some(c) => x - c.clone(),
+                    None => x,
+                };
+                let (want, want_grads) =
+                    kernel.value_and_grad(shift(x1.clone()), shift(x2), angular, true);
+                let want = want.into_scalar::<f32>();
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs(),
+                    "{case}: {got} vs {want}"
+                );
+                let (w1, w2) = want_grads.unwrap();
+                // With one tensor as both views and no shift, θ′ = θ″ and the gradient is
+                // float noise around 0: a floor keeps that comparison meaningful.
+                let close = |g: Tensor<2>, w: Tensor<2>, what: &str| {
+                    let scale = w.clone().abs().max().into_scalar::<f32>().max(1e-3);
+                    let err = (g - w).abs().max().into_scalar::<f32>();
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "{case} {what}: gradient error {err} (scale {scale})"
+                    );
+                };
+                close(g1, w1 * upstream, "x1");
+                close(g2, w2 * upstream, "x2");
+
+                // Without autodiff, the same value.
+                let plain_value = kernel
+                    .loss(t1.inner(), t2.inner(), center.clone(), angular)
+                    .into_scalar::<f32>();
+                assert!((plain_value - want).abs() <= 1e-5 * want.abs(), "{case}");
+
+                // One tensor as both views: the two gradients reach it summed.
+                let z = x1.clone().autodiff().require_grad();
+                let grads = kernel
+                    .loss(z.clone(), z.clone(), center.clone(), angular)
+                    .backward();
+                let (_, same) = kernel.value_and_grad(shift(x1.clone()), shift(x1), angular, true);
+                let (s1, s2) = same.unwrap();
+                close(z.grad(&grads).unwrap(), s1 + s2, "both views");
+            }
         }
     }
 }
