@@ -413,38 +413,50 @@ mod tests {
                 let (want, want_grads) =
                     kernel.value_and_grad(shift(x1.clone()), shift(x2), angular, true);
                 let want = want.into_scalar::<f32>();
-                assert!(
-                    (got - want).abs() <= 1e-5 * want.abs(),
-                    "{case}: {got} vs {want}"
-                );
+                // The value is a difference of terms up to 1/τ: its rounding is relative to
+                // them, and a small value (positives far ahead) is all cancellation.
+                let tolerance = 1e-4 * (want.abs() + 1.0 / tau as f32);
+                assert!((got - want).abs() <= tolerance, "{case}: {got} vs {want}");
                 let (w1, w2) = want_grads.unwrap();
-                // With one tensor as both views and no shift, θ′ = θ″ and the gradient is
-                // float noise around 0: a floor keeps that comparison meaningful.
-                let close = |g: Tensor<2>, w: Tensor<2>, what: &str| {
-                    let scale = w.clone().abs().max().into_scalar::<f32>().max(1e-3);
+                // Errors relative to the largest entry of `scale`; 1e-4 because the inputs
+                // are random and tiny cases (B 2, D 3) cancel in float (tests/loss.rs holds
+                // both paths to 1e-5 against PyTorch on fixed inputs). A wrong formula is off
+                // by far more.
+                let close = |g: Tensor<2>, w: Tensor<2>, scale: Tensor<2>, what: &str| {
+                    let scale = scale.abs().max().into_scalar::<f32>();
                     let err = (g - w).abs().max().into_scalar::<f32>();
                     assert!(
-                        err <= 1e-5 * scale,
+                        err <= 1e-4 * scale,
                         "{case} {what}: gradient error {err} (scale {scale})"
                     );
                 };
-                close(g1, w1 * upstream, "x1");
-                close(g2, w2 * upstream, "x2");
+                let (w1, w2) = (w1 * upstream, w2 * upstream);
+                close(g1, w1.clone(), w1, "x1");
+                close(g2, w2.clone(), w2, "x2");
 
                 // Without autodiff, the same value.
                 let plain_value = kernel
                     .loss(t1.inner(), t2.inner(), center.clone(), angular)
                     .into_scalar::<f32>();
-                assert!((plain_value - want).abs() <= 1e-5 * want.abs(), "{case}");
+                assert!((plain_value - want).abs() <= tolerance, "{case}");
 
-                // One tensor as both views: the two gradients reach it summed.
+                // One tensor as both views: the two gradients reach it summed, as they reach
+                // two tensors holding the same values. (Against the tensor path the sum would
+                // be float noise: with θ′ = θ″ the two gradients nearly cancel.)
                 let z = x1.clone().autodiff().require_grad();
                 let grads = kernel
                     .loss(z.clone(), z.clone(), center.clone(), angular)
                     .backward();
-                let (_, same) = kernel.value_and_grad(shift(x1.clone()), shift(x1), angular, true);
-                let (s1, s2) = same.unwrap();
-                close(z.grad(&grads).unwrap(), s1 + s2, "both views");
+                let (a, b) = (
+                    x1.clone().autodiff().require_grad(),
+                    x1.clone().autodiff().require_grad(),
+                );
+                let apart = kernel
+                    .loss(a.clone(), b.clone(), center.clone(), angular)
+                    .backward();
+                let (ga, gb) = (a.grad(&apart).unwrap(), b.grad(&apart).unwrap());
+                let terms = ga.clone().abs() + gb.clone().abs();
+                close(z.grad(&grads).unwrap(), ga + gb, terms, "both views");
             }
         }
     }
