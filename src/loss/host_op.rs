@@ -32,7 +32,7 @@ use super::host_kernel;
 
 /// Options of one loss call that are not tensors.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct HostLossOptions {
+pub(crate) struct HostLossOptions {
     /// 1/τ.
     pub inv_tau: f32,
     /// Whether the views are shifted by the center (the mean-shifted loss) or not (plain
@@ -53,18 +53,11 @@ pub(super) fn loss(
     center: Tensor<2>,
     options: HostLossOptions,
 ) -> Tensor<1> {
-    let HostLossOptions {
-        inv_tau,
-        shifted,
-        angular,
-    } = options;
     Tensor::from_dispatch(<Dispatch as NtXentBackend>::nt_xent(
         x1.into_dispatch(),
         x2.into_dispatch(),
         center.into_dispatch(),
-        inv_tau,
-        shifted,
-        angular,
+        options,
     ))
 }
 
@@ -81,9 +74,7 @@ pub(crate) trait NtXentBackend: Backend {
         x1: FloatTensor<Self>,
         x2: FloatTensor<Self>,
         center: FloatTensor<Self>,
-        inv_tau: f32,
-        shifted: bool,
-        angular: bool,
+        options: HostLossOptions,
     ) -> FloatTensor<Self>;
 }
 
@@ -127,44 +118,26 @@ fn f32_values(data: TensorData) -> Vec<f32> {
         .expect("float data converts to f32")
 }
 
-#[cfg(feature = "flex")]
-impl NtXentBackend for Flex {
-    fn nt_xent(
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        center: FloatTensor<Self>,
-        inv_tau: f32,
-        shifted: bool,
-        angular: bool,
-    ) -> FloatTensor<Self> {
-        let options = HostLossOptions {
-            inv_tau,
-            shifted,
-            angular,
-        };
-        compute::<Self>(&x1, &x2, &center, options, false).0
-    }
+/// `NtXentBackend` for a CPU backend: the kernel on its host memory, value only.
+macro_rules! host_nt_xent {
+    ($backend:ty) => {
+        impl NtXentBackend for $backend {
+            fn nt_xent(
+                x1: FloatTensor<Self>,
+                x2: FloatTensor<Self>,
+                center: FloatTensor<Self>,
+                options: HostLossOptions,
+            ) -> FloatTensor<Self> {
+                compute::<Self>(&x1, &x2, &center, options, false).0
+            }
+        }
+    };
 }
 
+#[cfg(feature = "flex")]
+host_nt_xent!(Flex);
 #[cfg(feature = "ndarray")]
-#[allow(deprecated)]
-impl NtXentBackend for NdArray {
-    fn nt_xent(
-        x1: FloatTensor<Self>,
-        x2: FloatTensor<Self>,
-        center: FloatTensor<Self>,
-        inv_tau: f32,
-        shifted: bool,
-        angular: bool,
-    ) -> FloatTensor<Self> {
-        let options = HostLossOptions {
-            inv_tau,
-            shifted,
-            angular,
-        };
-        compute::<Self>(&x1, &x2, &center, options, false).0
-    }
-}
+host_nt_xent!(NdArray);
 
 /// The value (shape [1]) and, with `with_grad`, dL/d[x1; x2] (2B × D), in `x1`'s dtype.
 fn compute<B: HostFloats>(
@@ -236,15 +209,8 @@ impl<B: HostFloats + NtXentBackend, C: CheckpointStrategy> NtXentBackend for Aut
         x1: FloatTensor<Self>,
         x2: FloatTensor<Self>,
         center: FloatTensor<Self>,
-        inv_tau: f32,
-        shifted: bool,
-        angular: bool,
+        options: HostLossOptions,
     ) -> FloatTensor<Self> {
-        let options = HostLossOptions {
-            inv_tau,
-            shifted,
-            angular,
-        };
         let (x1, node1) = x1.into_parts();
         let (x2, node2) = x2.into_parts();
         let center = center.into_primitive();
