@@ -402,11 +402,6 @@ impl Left {
             "multiply: {} output rows for {n} rows of {w}",
             out.len()
         );
-        let write = |out: &mut [MaybeUninit<f32>], values: &[f32]| {
-            for (o, &v) in out.iter_mut().zip(values) {
-                o.write(v);
-            }
-        };
         match self {
             Self::Packed(kernel, a) => {
                 // One 6 × 16 tile at a time into a buffer that stays in L1, then copied out:
@@ -419,7 +414,7 @@ impl Left {
                     for (ip, a) in a.chunks_exact(n * MR).enumerate() {
                         kernel.tile(n, a, (&u.data[j0..], stride), (&mut tile, NR), false);
                         for (out, values) in out[ip * MR..].iter_mut().zip(tile.chunks_exact(NR)) {
-                            write(&mut out[j0..j0 + cols], &values[..cols]);
+                            out[j0..j0 + cols].write_copy_of_slice(&values[..cols]);
                         }
                     }
                 }
@@ -435,7 +430,7 @@ impl Left {
                     false,
                 );
                 for (out, row) in out.iter_mut().zip(c.chunks_exact(w)) {
-                    write(out, row);
+                    out.write_copy_of_slice(row);
                 }
             }
         }
