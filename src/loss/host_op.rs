@@ -44,7 +44,8 @@ pub(crate) struct HostLossOptions {
 
 /// NT-Xent over normalize(x − c) of `x1`, `x2` (B × D each) on a CPU device, plain or autodiff:
 /// a one-element tensor that, under autodiff, carries the exact gradient with respect to `x1`
-/// and `x2` (the center is a constant). `center` is 1 × D.
+/// and `x2` (the center is a constant). `center` is 1 × D when `options.shifted`, otherwise any
+/// tensor of the device (not read).
 ///
 /// Shapes are the caller's to check; the device must be a CPU one (`crate::device::is_host`).
 pub(super) fn loss(

@@ -93,7 +93,7 @@ impl MeanShiftedContrastiveLoss {
     /// normalised features) and the center `center` (D).
     ///
     /// # Panics
-    /// On shapes [`Self::try_forward`] rejects.
+    /// On inputs [`Self::try_forward`] rejects (shapes, devices, float types).
     pub fn forward(&self, phi1: Tensor<2>, phi2: Tensor<2>, center: Tensor<1>) -> Tensor<1> {
         self.try_forward(phi1, phi2, center)
             .expect("invalid input to MeanShiftedContrastiveLoss")
@@ -374,7 +374,8 @@ mod tests {
     /// non-contiguous view, and with one tensor as both views (its gradients add up).
     #[test]
     fn host_operation_and_tensor_path_agree() {
-        let mut devices = vec![];
+        #[allow(unused_mut)]
+        let mut devices: Vec<Device> = vec![];
         #[cfg(feature = "flex")]
         devices.push(Device::flex());
         #[cfg(feature = "ndarray")]
