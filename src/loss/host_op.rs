@@ -179,13 +179,13 @@ fn compute<B: HostFloats>(
 struct NtXentBackward;
 
 impl<B: HostFloats> Backward<B, 2> for NtXentBackward {
-    /// dL/d[x1; x2] (2B × D) and B.
-    type State = (FloatTensor<B>, usize);
+    /// dL/d[x1; x2] (2B × D).
+    type State = FloatTensor<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node1, node2] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
-        let (grad, b) = ops.state;
+        let grad = ops.state;
         let scale = B::host_values(&upstream)[0];
         let grad = if scale == 1.0 {
             grad
@@ -193,6 +193,7 @@ impl<B: HostFloats> Backward<B, 2> for NtXentBackward {
             B::float_mul_scalar(grad, scale.into())
         };
         let n = grad.shape()[0];
+        let b = n / 2;
         let rows = |range: std::ops::Range<usize>| {
             B::float_slice(grad.clone(), &[Slice::from(range), Slice::from(..)])
         };
@@ -205,7 +206,7 @@ impl<B: HostFloats> Backward<B, 2> for NtXentBackward {
     }
 }
 
-impl<B: HostFloats + NtXentBackend, C: CheckpointStrategy> NtXentBackend for Autodiff<B, C> {
+impl<B: HostFloats, C: CheckpointStrategy> NtXentBackend for Autodiff<B, C> {
     fn nt_xent(
         x1: FloatTensor<Self>,
         x2: FloatTensor<Self>,
@@ -215,7 +216,6 @@ impl<B: HostFloats + NtXentBackend, C: CheckpointStrategy> NtXentBackend for Aut
         let (x1, node1) = x1.into_parts();
         let (x2, node2) = x2.into_parts();
         let center = center.into_primitive();
-        let b = x1.shape()[0];
         match NtXentBackward
             .prepare::<C>([node1, node2])
             .compute_bound()
@@ -223,8 +223,7 @@ impl<B: HostFloats + NtXentBackend, C: CheckpointStrategy> NtXentBackend for Aut
         {
             OpsKind::Tracked(prep) => {
                 let (value, grad) = compute::<B>(&x1, &x2, &center, options, true);
-                let grad = grad.expect("asked for the gradient");
-                prep.finish((grad, b), value)
+                prep.finish(grad.expect("asked for the gradient"), value)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(compute::<B>(&x1, &x2, &center, options, false).0)
