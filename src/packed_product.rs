@@ -1,26 +1,16 @@
-//! The crate's own matrix product: a 6 × 16 register-blocked micro-kernel (AVX2 and FMA on
-//! x86-64, detected at run time) on packed panels, run on the calling thread.
+//! The crate's own f32 micro-kernel: a 6 × 16 register-blocked tile (AVX2 and FMA on x86-64,
+//! detected at run time), run on the calling thread.
 //!
-//! - The kNN scorer packs its bank once (a general sgemm packs it again for every product),
-//!   and each tile of dot products is small enough for the top-k pass to read while it is
-//!   still in cache (a general sgemm writes the whole distance tile to memory first).
-//! - The loss kernel gives each thread a slice of the feature columns and runs its gradient
-//!   product there ([`Kernel::tile`] on panels of the slice read in place), with no thread
-//!   pool inside the product to wake and join.
-//!
-//! The left operand A (m × k) is packed into ⌈m / 6⌉ panels of 6 rows ([`pack_a`]), the right
-//! operand into ⌈n / 16⌉ panels of 16 output columns ([`PackedB`]), each stored k-major.
-
-use rayon::prelude::*;
+//! The loss kernel gives each thread a slice of the feature columns and runs its gradient
+//! product there ([`Kernel::tile`] on panels of the slice read in place), with no thread pool
+//! inside the product to wake and join. The left operand A (m × k) is packed into ⌈m / 6⌉
+//! panels of 6 rows ([`pack_a`]), stored k-major. The kNN screen's integer kernel
+//! (`knn::quantized_product`) uses the same tile shape and [`Kernel::detect`].
 
 /// Rows of A per micro-tile.
 pub(crate) const MR: usize = 6;
 /// Output columns per micro-tile (two AVX registers of 8 lanes).
 pub(crate) const NR: usize = 16;
-/// Inner-dimension columns per pass over a micro-tile: one 16 × 256 panel of B (16 KiB) stays
-/// in the L1 cache while the panels of A stream past it.
-const KC: usize = 256;
-
 /// Which micro-kernel computes the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -41,94 +31,6 @@ impl Kernel {
             return Some(Self::Avx2Fma);
         }
         None
-    }
-}
-
-/// The right operand of C = A · B (k × n) as ⌈n / 16⌉ panels of 16 columns, each stored
-/// k-major (k × 16), the last panel padded with zero columns.
-#[derive(Clone, Debug)]
-pub(crate) struct PackedB {
-    panels: Vec<f32>,
-    n: usize,
-    k: usize,
-    kernel: Kernel,
-}
-
-impl PackedB {
-    /// B = xᵀ for `x` (n × k, row-major): the products become A · xᵀ (the kNN's dot products
-    /// of queries with bank rows). [`Kernel::Avx2Fma`] must only be passed where
-    /// [`Kernel::detect`] returned it.
-    pub(crate) fn from_rows(x: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
-        let mut panels = vec![0.0; n.div_ceil(NR) * k * NR];
-        let pack = |(p, panel): (usize, &mut [f32])| pack_panel(x, n, k, p * NR, panel);
-        if k > 0 && n * k >= 1 << 20 {
-            // Large banks: one panel per task.
-            panels
-                .par_chunks_exact_mut(k * NR)
-                .enumerate()
-                .for_each(pack);
-        } else if k > 0 {
-            panels.chunks_exact_mut(k * NR).enumerate().for_each(pack);
-        }
-        Self {
-            panels,
-            n,
-            k,
-            kernel,
-        }
-    }
-
-    /// Number of 16-column panels.
-    pub(crate) fn panel_count(&self) -> usize {
-        self.n.div_ceil(NR)
-    }
-
-    /// `c[r * ldc + j]` = (A · B)[r, 16·`p0` + j] for the rows of A packed in `a` ([`pack_a`],
-    /// `a_panels` panels of 6) and the panels `p0..p0 + count` of B. Padding rows and columns
-    /// get products with zeros.
-    ///
-    /// # Panics
-    /// When `a` or `c` is too short for the shape (a bug in the caller, never user input).
-    pub(crate) fn product(
-        &self,
-        a: &[f32],
-        a_panels: usize,
-        (p0, count): (usize, usize),
-        c: &mut [f32],
-        ldc: usize,
-    ) {
-        let k = self.k;
-        assert!(
-            p0 + count <= self.panel_count(),
-            "packed product: panels of B"
-        );
-        assert!(a.len() >= a_panels * k * MR, "packed product: A too short");
-        assert!(
-            ldc >= count * NR && c.len() >= (a_panels * MR).saturating_sub(1) * ldc + count * NR,
-            "packed product: output too short"
-        );
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            for jp in 0..count {
-                let b = &self.panels[((p0 + jp) * k + k0) * NR..][..kc * NR];
-                for ip in 0..a_panels {
-                    let a = &a[(ip * k + k0) * MR..][..kc * MR];
-                    let out = &mut c[ip * MR * ldc + jp * NR..];
-                    // Checked once above rather than per tile, as `Kernel::tile` does: this
-                    // loop runs millions of tiles in a kNN search.
-                    match self.kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2 and FMA
-                        // (`Kernel::detect`); the slices hold kc × 6, kc × 16 and 6 rows of
-                        // `ldc` ≥ 16 floats (asserted above).
-                        Kernel::Avx2Fma => unsafe {
-                            avx2::kernel(kc, a, (b, NR), (out, ldc), k0 > 0)
-                        },
-                        _ => portable_kernel(kc, a, (b, NR), (out, ldc), k0 > 0),
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -295,47 +197,41 @@ mod tests {
             .collect()
     }
 
-    /// Every kernel this CPU has equals the naive product, on shapes with partial panels on
-    /// both sides and a partial last block of the inner dimension.
+    /// Every kernel this CPU has equals the naive product on one micro-tile: A packed, B read
+    /// in place from a row-major matrix wider than the tile, written over or added to C.
     #[test]
-    fn products_equal_the_naive_product() {
+    fn tiles_equal_the_naive_product() {
         let kernels = [Some(Kernel::Portable), Kernel::detect()];
-        for (m, n, k) in [
-            (1, 1, 1),
-            (13, 37, 300),
-            (6, 16, 256),
-            (20, 50, 520),
-            (7, 700, 1500),
-        ] {
-            // A (m × k) and the rows of Bᵀ (n × k).
-            let (a, bt) = (filled(m * k, 1), filled(n * k, 2));
+        for kc in [0, 1, 7, 256, 300] {
+            let (ldb, ldc) = (NR + 5, NR + 3);
+            let a = filled(MR * kc, 1);
+            let b = filled(kc * ldb, 2);
+            let c0 = filled(MR * ldc, 3);
+            let packed = pack_a(&a, MR, kc);
             for kernel in kernels.into_iter().flatten() {
-                let packed_a = pack_a(&a, m, k);
-                let a_panels = m.div_ceil(MR);
-                let packed = PackedB::from_rows(&bt, n, k, kernel);
-                let panels = packed.panel_count();
-                let ldc = panels * NR + 3;
-                let mut c = vec![f32::NAN; a_panels * MR * ldc];
-                packed.product(&packed_a, a_panels, (0, panels), &mut c, ldc);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|t| a[i * k + t] as f64 * bt[j * k + t] as f64)
-                            .sum();
-                        let got = c[i * ldc + j] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (k as f64).sqrt(),
-                            "{kernel:?} {m}x{n}x{k} [{i}, {j}]: {got} vs {want}"
-                        );
-                    }
-                }
-                // A second call over the last panels only writes those columns.
-                if panels > 1 {
-                    let mut tail = vec![f32::NAN; a_panels * MR * NR];
-                    packed.product(&packed_a, a_panels, (panels - 1, 1), &mut tail, NR);
-                    for i in 0..m {
-                        for j in 0..NR.min(n - (panels - 1) * NR) {
-                            assert_eq!(tail[i * NR + j], c[i * ldc + (panels - 1) * NR + j]);
+                for accumulate in [false, true] {
+                    let mut c = c0.clone();
+                    kernel.tile(kc, &packed, (&b, ldb), (&mut c, ldc), accumulate);
+                    for i in 0..MR {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j] as f64;
+                            if j >= NR {
+                                assert_eq!(got, c0[i * ldc + j] as f64, "column {j} written");
+                                continue;
+                            }
+                            let base = if accumulate {
+                                c0[i * ldc + j] as f64
+                            } else {
+                                0.0
+                            };
+                            let want: f64 = base
+                                + (0..kc)
+                                    .map(|t| a[i * kc + t] as f64 * b[t * ldb + j] as f64)
+                                    .sum::<f64>();
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (kc.max(1) as f64).sqrt(),
+                                "{kernel:?} kc {kc} accumulate {accumulate} [{i}, {j}]"
+                            );
                         }
                     }
                 }

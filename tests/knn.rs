@@ -11,17 +11,51 @@ use rand::{RngExt, SeedableRng};
 
 use common::backends;
 
+/// How a case's rows are made.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    /// Random unit rows.
+    Unit,
+    /// Duplicate bank rows (exact ties) and queries equal to bank rows.
+    Duplicates,
+    /// Rows of norms from 0.1 to 10, one all-zero bank row and one all-zero query.
+    Varied,
+    /// The first 150 bank rows equal (more equidistant rows than the CPU screen keeps for
+    /// one query: those queries are searched again without it), every other query near them.
+    Crowded,
+}
+
 struct Case {
     n: usize,
     q: usize,
     d: usize,
     k: usize,
     tile_bytes: usize,
-    duplicates: bool,
+    rows: Rows,
     seed: u64,
 }
 
 const CASES: &[Case] = &[
+    // Rows of varied norms, with zeros.
+    Case {
+        n: 310,
+        q: 70,
+        d: 129,
+        k: 3,
+        tile_bytes: 64 << 20,
+        rows: Rows::Varied,
+        seed: 7,
+    },
+    // Many equidistant bank rows, k = 2.
+    Case {
+        n: 400,
+        q: 60,
+        d: 96,
+        k: 2,
+        tile_bytes: 4 * 64 * 100,
+        rows: Rows::Crowded,
+        seed: 8,
+    },
     // One tile, k = 2 as in the paper.
     Case {
         n: 300,
@@ -29,7 +63,7 @@ const CASES: &[Case] = &[
         d: 64,
         k: 2,
         tile_bytes: 64 << 20,
-        duplicates: false,
+        rows: Rows::Unit,
         seed: 1,
     },
     // Many chunks, N and Q not multiples of the chunk sizes.
@@ -39,7 +73,7 @@ const CASES: &[Case] = &[
         d: 33,
         k: 3,
         tile_bytes: 4 * 40 * 33,
-        duplicates: false,
+        rows: Rows::Unit,
         seed: 2,
     },
     // k = N.
@@ -49,7 +83,7 @@ const CASES: &[Case] = &[
         d: 8,
         k: 17,
         tile_bytes: 4 * 5 * 8,
-        duplicates: false,
+        rows: Rows::Unit,
         seed: 3,
     },
     // Duplicate bank rows (exact ties) and queries equal to bank rows.
@@ -59,7 +93,7 @@ const CASES: &[Case] = &[
         d: 16,
         k: 4,
         tile_bytes: 4 * 1000,
-        duplicates: true,
+        rows: Rows::Duplicates,
         seed: 4,
     },
     // Several blocks of queries and D above the CPU micro-kernel's column block of 256, none
@@ -70,7 +104,7 @@ const CASES: &[Case] = &[
         d: 521,
         k: 2,
         tile_bytes: 64 << 20,
-        duplicates: false,
+        rows: Rows::Unit,
         seed: 6,
     },
     // A single query.
@@ -80,7 +114,7 @@ const CASES: &[Case] = &[
         d: 128,
         k: 2,
         tile_bytes: 4 * 100 * 128,
-        duplicates: false,
+        rows: Rows::Unit,
         seed: 5,
     },
 ];
@@ -99,15 +133,41 @@ fn data(case: &Case) -> (Vec<f32>, Vec<f32>) {
     let mut rng = StdRng::seed_from_u64(case.seed);
     let mut bank = unit_rows(&mut rng, case.n, case.d);
     let mut queries = unit_rows(&mut rng, case.q, case.d);
-    if case.duplicates {
-        let d = case.d;
-        for i in (0..case.n).step_by(3).skip(1) {
-            let src = bank[(i - 1) * d..i * d].to_vec();
-            bank[i * d..(i + 1) * d].copy_from_slice(&src);
+    let d = case.d;
+    match case.rows {
+        Rows::Unit => {}
+        Rows::Duplicates => {
+            for i in (0..case.n).step_by(3).skip(1) {
+                let src = bank[(i - 1) * d..i * d].to_vec();
+                bank[i * d..(i + 1) * d].copy_from_slice(&src);
+            }
+            for j in (0..case.q).step_by(2) {
+                let src = bank[(j * 2 % case.n) * d..(j * 2 % case.n + 1) * d].to_vec();
+                queries[j * d..(j + 1) * d].copy_from_slice(&src);
+            }
         }
-        for j in (0..case.q).step_by(2) {
-            let src = bank[(j * 2 % case.n) * d..(j * 2 % case.n + 1) * d].to_vec();
-            queries[j * d..(j + 1) * d].copy_from_slice(&src);
+        Rows::Varied => {
+            for (r, row) in bank
+                .chunks_exact_mut(d)
+                .chain(queries.chunks_exact_mut(d))
+                .enumerate()
+            {
+                let norm = 10f32.powf(rng.random::<f32>() * 2.0 - 1.0);
+                row.iter_mut()
+                    .for_each(|v| *v *= if r == 5 { 0.0 } else { norm });
+            }
+            queries[..d].fill(0.0);
+        }
+        Rows::Crowded => {
+            let first = bank[..d].to_vec();
+            for row in bank.chunks_exact_mut(d).take(150) {
+                row.copy_from_slice(&first);
+            }
+            for row in queries.chunks_exact_mut(d).step_by(2) {
+                for (v, &c) in row.iter_mut().zip(&first) {
+                    *v = c + 0.01 * *v;
+                }
+            }
         }
     }
     (bank, queries)

@@ -7,7 +7,9 @@ use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use super::DEFAULT_TILE_BYTES;
-use crate::packed_product::{Kernel, MR, NR, PackedB, pack_a};
+use super::quantized_product::pack_a;
+use super::screen::{QuantizedRows, ScreenBank};
+use crate::packed_product::{Kernel, MR, NR};
 use crate::sgemm::{Operand, sgemm, sgemm_serial};
 use crate::{Error, Result};
 
@@ -19,10 +21,15 @@ use crate::{Error, Result};
 /// of the k winners recomputed exactly as Σ (q − b)² in f64 before they are returned. Memory
 /// beyond the bank and the output is bounded by the tile budget.
 ///
-/// On x86-64 CPUs with AVX2 and FMA, unless the `openblas` feature is on, the products run on
-/// the scorer's own micro-kernel instead: the bank is packed once into its layout by the first
-/// search of 12 or more queries (a second copy of the bank, kept with the scorer), each task packs its block of up to 192 queries,
-/// and each tile of dot products (up to 192 × 128) is selected from while still in cache.
+/// On x86-64 CPUs with AVX2, searches of 12 or more queries are *screened* instead, with the
+/// same results: every row is quantised to 16-bit integers with its own scale, the integer
+/// dot products (exact, and twice as fast as f32 ones) bound each distance within a proven
+/// margin, and only the bank rows whose lower bound is within the k-th smallest upper bound
+/// are measured exactly. The first such search quantises and packs the bank once (half the
+/// bank's size, kept with the scorer); each task quantises a block of up to 192 queries, and
+/// each tile of dot products (up to 192 × 128) is screened while still in cache. A query with
+/// more than k + 128 candidates (many rows nearly equidistant from it) is searched again on
+/// the f32 path.
 ///
 /// ```
 /// use ndarray::array;
@@ -40,10 +47,11 @@ use crate::{Error, Result};
 pub struct HostKnnScorer {
     bank: Vec<f32>,
     bank_sq: Vec<f32>,
-    /// The micro-kernel the packed path runs on, where it is used.
+    /// The micro-kernel the screen runs on, where the CPU has one.
     kernel: Option<Kernel>,
-    /// The bank in that kernel's layout, made by the first search that uses it.
-    packed: OnceLock<PackedB>,
+    /// The bank quantised for the screen, made by the first search that uses it (`None`
+    /// where the screen does not apply to this bank).
+    screen: OnceLock<Option<ScreenBank>>,
     n: usize,
     d: usize,
     k: usize,
@@ -78,15 +86,11 @@ impl HostKnnScorer {
 
     pub(crate) fn from_checked(bank: Vec<f32>, n: usize, d: usize, k: usize) -> Self {
         let bank_sq = bank.chunks_exact(d).map(dot_self).collect();
-        // OpenBLAS's own kernel is as fast as the packed one on the products, and its
-        // threaded matrix-vector path faster for single queries: the packed copy is only
-        // made where the products would otherwise run on the `gemm` crate.
-        let kernel = Kernel::detect().filter(|_| crate::sgemm::library() != "openblas");
         Self {
             bank,
             bank_sq,
-            kernel,
-            packed: OnceLock::new(),
+            kernel: Kernel::detect(),
+            screen: OnceLock::new(),
             n,
             d,
             k,
@@ -170,18 +174,45 @@ impl HostKnnScorer {
         if q == 0 {
             return Vec::new();
         }
+        let threads = rayon::current_num_threads().max(1);
+        let screen = self
+            .kernel
+            .filter(|_| q >= MR * threads)
+            .and_then(|kernel| {
+                self.screen
+                    .get_or_init(|| ScreenBank::new(&self.bank, self.d, kernel))
+                    .as_ref()
+            });
+        let Some(screen) = screen else {
+            return self.search_dense(queries, q);
+        };
+        let (mut found, overflowed) = self.search_screened(screen, queries, q);
+        if !overflowed.is_empty() {
+            let d = self.d;
+            let rows: Vec<f32> = overflowed
+                .iter()
+                .flat_map(|&i| &queries[i * d..(i + 1) * d])
+                .copied()
+                .collect();
+            for (i, list) in overflowed
+                .iter()
+                .zip(self.search_dense(&rows, overflowed.len()))
+            {
+                found[*i] = list;
+            }
+        }
+        found
+    }
+
+    /// The search on f32 products: tiles of dot products from sgemm, the k smallest estimates
+    /// ‖q‖² + ‖b‖² − 2 q·b kept per query, and their distances then measured exactly.
+    fn search_dense(&self, queries: &[f32], q: usize) -> Vec<Vec<(f32, usize)>> {
         let d = self.d;
         let elems = (self.tile_bytes / 4).max(1);
         let q_sq: Vec<f32> = queries.chunks_exact(d).map(dot_self).collect();
         let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
         let threads = rayon::current_num_threads().max(1);
-        let packed = self.kernel.filter(|_| q >= MR * threads).map(|kernel| {
-            self.packed
-                .get_or_init(|| PackedB::from_rows(&self.bank, self.n, self.d, kernel))
-        });
-        if let Some(packed) = packed {
-            self.search_packed(packed, queries, q, &q_sq, &mut merged);
-        } else if crate::sgemm::library() != "openblas" || q < 16 * threads {
+        if crate::sgemm::library() != "openblas" || q < 16 * threads {
             // Tiles of up to 1024 × 1024, spread over the threads, each one product on its
             // thread (large enough to amortise the packing of both operands) whose 4 MiB of
             // distances are still in cache when the top-k pass reads them.
@@ -265,24 +296,24 @@ impl HostKnnScorer {
             .collect()
     }
 
-    /// The fused path: each task packs a block of up to 192 queries once, then walks its share
-    /// of the packed bank in tiles of up to 128 rows, each tile's dot products (at most 96 KiB,
-    /// less under a tight budget) offered to the top-k while they are still in cache. With
-    /// fewer query blocks than threads (single queries), the bank is split across threads.
-    fn search_packed(
+    /// The screened search ([`super::screen`]): each task quantises and packs a block of up
+    /// to 192 queries, walks its share of the packed bank in tiles of up to 128 rows whose
+    /// integer dot products are offered to the queries' screens while still in cache, and
+    /// measures its candidates exactly. With fewer query blocks than threads (few queries),
+    /// the bank is split across threads. Returns the k nearest per query and the queries whose
+    /// screen overflowed (their lists are left empty).
+    fn search_screened(
         &self,
-        packed: &PackedB,
+        screen: &ScreenBank,
         queries: &[f32],
         q: usize,
-        q_sq: &[f32],
-        merged: &mut [TopK],
-    ) {
+    ) -> (Vec<Vec<(f32, usize)>>, Vec<usize>) {
         const TILE_QUERIES: usize = 192;
         const TILE_BANK_ROWS: usize = 128;
         let d = self.d;
         let threads = rayon::current_num_threads().max(1);
         let per_thread = (self.tile_bytes / 4 / threads).max(1);
-        let panels = packed.panel_count();
+        let panels = screen.packed.panel_count();
         // Tile sizes in panels: at least one of each.
         let mut cols = (TILE_BANK_ROWS / NR).min(panels);
         let rows = (TILE_QUERIES / MR)
@@ -298,30 +329,71 @@ impl HostKnnScorer {
         };
         let per_split = panels.div_ceil(splits);
         let ldc = cols * NR;
-        let partial: Vec<(usize, Vec<TopK>)> = (0..q_blocks * splits)
+        let partial: Vec<(usize, Vec<Option<TopK>>)> = (0..q_blocks * splits)
             .into_par_iter()
             .map(|item| {
                 let (qi, si) = (item / splits, item % splits);
                 let q0 = qi * rows * MR;
                 let m = (rows * MR).min(q - q0);
                 let (s0, s1) = (si * per_split, ((si + 1) * per_split).min(panels));
-                let a = pack_a(&queries[q0 * d..(q0 + m) * d], m, d);
+                let block = &queries[q0 * d..(q0 + m) * d];
+                let quantized = QuantizedRows::new(block, d);
+                let a = pack_a(&quantized.words, m, quantized.words_per_row);
                 let a_panels = m.div_ceil(MR);
-                let mut dots = vec![0f32; a_panels * MR * ldc];
-                let mut tops: Vec<TopK> = (0..m).map(|_| TopK::new(self.k)).collect();
+                let mut dots = vec![0i32; a_panels * MR * ldc];
+                let mut screens: Vec<_> = (0..m)
+                    .map(|r| screen.query(&quantized, r, self.k))
+                    .collect();
                 for p0 in (s0..s1).step_by(cols) {
                     let count = cols.min(s1 - p0);
-                    packed.product(&a, a_panels, (p0, count), &mut dots, ldc);
-                    let b0 = p0 * NR;
-                    let width = (count * NR).min(self.n - b0);
-                    for (r, top) in tops.iter_mut().enumerate() {
-                        self.push_row(top, q_sq[q0 + r], &dots[r * ldc..][..width], b0);
+                    screen
+                        .packed
+                        .product(&a, a_panels, (p0, count), &mut dots, ldc);
+                    for (r, candidates) in screens.iter_mut().enumerate() {
+                        candidates.offer(screen, &dots[r * ldc..][..count * NR], p0 * NR);
                     }
                 }
+                let tops = screens
+                    .into_iter()
+                    .zip(block.chunks_exact(d))
+                    .map(|(candidates, query)| {
+                        let rows = candidates.finish()?;
+                        let mut top = TopK::new(self.k);
+                        for i in rows {
+                            top.push(self.exact_distance(query, i), i);
+                        }
+                        Some(top)
+                    })
+                    .collect();
                 (q0, tops)
             })
             .collect();
-        merge(merged, partial);
+        let mut merged: Vec<Option<TopK>> = (0..q).map(|_| Some(TopK::new(self.k))).collect();
+        for (q0, tops) in partial {
+            for (target, top) in merged[q0..].iter_mut().zip(tops) {
+                match (target.as_mut(), top) {
+                    (Some(target), Some(top)) => {
+                        for (dist, i) in top.items {
+                            target.push(dist, i);
+                        }
+                    }
+                    _ => *target = None,
+                }
+            }
+        }
+        let mut overflowed = Vec::new();
+        let found = merged
+            .into_iter()
+            .enumerate()
+            .map(|(i, top)| match top {
+                Some(top) => top.items,
+                None => {
+                    overflowed.push(i);
+                    Vec::new()
+                }
+            })
+            .collect();
+        (found, overflowed)
     }
 
     /// Offers the bank rows `b0..b0 + row.len()` to `top`, given their dot products with a
@@ -357,16 +429,27 @@ impl HostKnnScorer {
         }
     }
 
+    /// Σ (q − b)² against bank row `row`, in f64 (four partial sums, which pipeline).
     fn exact_distance(&self, query: &[f32], row: usize) -> f32 {
         let b = &self.bank[row * self.d..(row + 1) * self.d];
-        query
+        let square = |x: f32, y: f32| {
+            let t = x as f64 - y as f64;
+            t * t
+        };
+        let (q4, b4) = (query.chunks_exact(4), b.chunks_exact(4));
+        let tail: f64 = q4
+            .remainder()
             .iter()
-            .zip(b)
-            .map(|(x, y)| {
-                let t = *x as f64 - *y as f64;
-                t * t
-            })
-            .sum::<f64>() as f32
+            .zip(b4.remainder())
+            .map(|(&x, &y)| square(x, y))
+            .sum();
+        let mut acc = [0f64; 4];
+        for (x, y) in q4.zip(b4) {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += square(x[l], y[l]);
+            }
+        }
+        (((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail) as f32
     }
 }
 

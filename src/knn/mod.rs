@@ -22,6 +22,8 @@
 
 mod host;
 mod kmeans;
+mod quantized_product;
+mod screen;
 
 pub use host::HostKnnScorer;
 pub use kmeans::KMeansConfig;

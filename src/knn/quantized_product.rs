@@ -1,0 +1,309 @@
+//! Exact dot products of rows quantised to 16-bit integers: a 6 × 16 register-blocked
+//! micro-kernel on AVX2's `vpmaddwd` (16 multiply-adds per instruction, twice the 8 of an f32
+//! FMA), with 32-bit accumulators.
+//!
+//! The values come as *pair words*: one `i32` holds two consecutive `i16` of a row (the even
+//! dimension in the low half), as `vpmaddwd` reads them. A row of D values is ⌈D / 2⌉ words,
+//! the last one padded with a zero. The quantiser ([`super::screen`]) bounds every row's L2 norm
+//! below 46 340, so that by Cauchy–Schwarz no dot product, nor any partial sum of one, leaves
+//! the `i32` range: the integer products are exact.
+//!
+//! The left operand A (queries) is packed into panels of 6 rows ([`pack_a`]), the right
+//! operand (the bank) into panels of 16 rows ([`PackedBank`]), each stored word-major.
+
+use rayon::prelude::*;
+
+use crate::packed_product::{Kernel, MR, NR};
+
+/// Pair words per pass over a micro-tile: one 16 × 256-word panel of B (16 KiB) stays in the
+/// L1 cache while the panels of A stream past it.
+const KC: usize = 256;
+
+/// Packs two quantised values into one pair word (`a` in the low half).
+#[inline]
+pub(crate) fn pair(a: i16, b: i16) -> i32 {
+    (a as u16 as u32 | ((b as u16 as u32) << 16)) as i32
+}
+
+/// The bank's quantised rows (n rows of `words` pair words) as ⌈n / 16⌉ panels of 16 rows,
+/// each stored word-major (words × 16), the last panel padded with zero rows.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedBank {
+    panels: Vec<i32>,
+    n: usize,
+    words: usize,
+    kernel: Kernel,
+}
+
+impl PackedBank {
+    /// Packs `rows` (n × `words` pair words, row-major). [`Kernel::Avx2Fma`] must only be
+    /// passed where [`Kernel::detect`] returned it.
+    pub(crate) fn from_rows(rows: &[i32], n: usize, words: usize, kernel: Kernel) -> Self {
+        let mut panels = vec![0; n.div_ceil(NR) * words * NR];
+        if words > 0 {
+            panels
+                .par_chunks_exact_mut(words * NR)
+                .enumerate()
+                .for_each(|(p, panel)| pack_panel(rows, n, words, p * NR, panel));
+        }
+        Self {
+            panels,
+            n,
+            words,
+            kernel,
+        }
+    }
+
+    /// Number of 16-row panels.
+    pub(crate) fn panel_count(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// `c[r * ldc + j]` = (A · Bᵀ)[r, 16·`p0` + j] for the query rows packed in `a`
+    /// ([`pack_a`], `a_panels` panels of 6) and the bank panels `p0..p0 + count`. Padding rows
+    /// get products with zeros.
+    ///
+    /// # Panics
+    /// When `a` or `c` is too short for the shape (a bug in the caller, never user input).
+    pub(crate) fn product(
+        &self,
+        a: &[i32],
+        a_panels: usize,
+        (p0, count): (usize, usize),
+        c: &mut [i32],
+        ldc: usize,
+    ) {
+        let words = self.words;
+        assert!(
+            p0 + count <= self.panel_count(),
+            "quantised product: panels of B"
+        );
+        assert!(
+            a.len() >= a_panels * words * MR,
+            "quantised product: A too short"
+        );
+        assert!(
+            ldc >= count * NR && c.len() >= (a_panels * MR).saturating_sub(1) * ldc + count * NR,
+            "quantised product: output too short"
+        );
+        for k0 in (0..words).step_by(KC) {
+            let kc = KC.min(words - k0);
+            for jp in 0..count {
+                let b = &self.panels[((p0 + jp) * words + k0) * NR..][..kc * NR];
+                for ip in 0..a_panels {
+                    let a = &a[(ip * words + k0) * MR..][..kc * MR];
+                    let out = &mut c[ip * MR * ldc + jp * NR..];
+                    match self.kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2
+                        // (`Kernel::detect`); the slices hold kc × 6, kc × 16 and 6 rows of
+                        // `ldc` ≥ 16 words (asserted above).
+                        Kernel::Avx2Fma => unsafe { avx2::kernel(kc, a, b, (out, ldc), k0 > 0) },
+                        _ => portable_kernel(kc, a, b, (out, ldc), k0 > 0),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `rows` (r × `words` pair words, row-major) as the ⌈r / 6⌉ panels of a left operand.
+pub(crate) fn pack_a(rows: &[i32], r: usize, words: usize) -> Vec<i32> {
+    let mut out = vec![0; r.div_ceil(MR) * words * MR];
+    if words > 0 {
+        for (p, panel) in out.chunks_exact_mut(words * MR).enumerate() {
+            pack_panel(rows, r, words, p * MR, panel);
+        }
+    }
+    out
+}
+
+/// Rows `first..first + w` of `rows` (r × k words; rows past r stay zero) into `panel`
+/// (k × w, w = panel.len() / k): `panel[kk·w + lane] = rows[first + lane][kk]`.
+fn pack_panel(rows: &[i32], r: usize, k: usize, first: usize, panel: &mut [i32]) {
+    let w = panel.len() / k;
+    let lanes = w.min(r - first);
+    let rows = &rows[first * k..(first + lanes) * k];
+    const BLOCK: usize = 8;
+    for (b, block) in panel.chunks_mut(BLOCK * w).enumerate() {
+        let k0 = b * BLOCK;
+        let depth = block.len() / w;
+        for (lane, row) in rows.chunks_exact(k).enumerate() {
+            for (t, &v) in row[k0..k0 + depth].iter().enumerate() {
+                block[t * w + lane] = v;
+            }
+        }
+    }
+}
+
+/// The two halves of a pair word.
+#[inline]
+fn halves(word: i32) -> [i32; 2] {
+    [word as i16 as i32, (word >> 16) as i16 as i32]
+}
+
+/// The 6 × 16 micro-tile c (+)= a · b over `kc` pair words, in plain Rust.
+fn portable_kernel(
+    kc: usize,
+    a: &[i32],
+    b: &[i32],
+    (c, ldc): (&mut [i32], usize),
+    accumulate: bool,
+) {
+    let mut acc = [[0i32; NR]; MR];
+    for (ak, bk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+        for (row, &x) in acc.iter_mut().zip(ak) {
+            let [x0, x1] = halves(x);
+            for (v, &y) in row.iter_mut().zip(bk) {
+                let [y0, y1] = halves(y);
+                *v = v.wrapping_add(x0 * y0 + x1 * y1);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let out = &mut c[r * ldc..][..NR];
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = if accumulate { o.wrapping_add(*v) } else { *v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_broadcast_ss, _mm256_castps_si256, _mm256_loadu_si256,
+        _mm256_madd_epi16, _mm256_setzero_si256, _mm256_storeu_si256,
+    };
+
+    use super::{MR, NR};
+
+    /// The 6 × 16 micro-tile c (+)= a · b over `kc` pair words: twelve 8-lane accumulators,
+    /// per word two loads of b, six broadcasts of a, twelve `vpmaddwd` and twelve adds.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `a` must hold kc × 6 words, `b` kc × 16 words, and `c` six rows
+    /// of 16 words `ldc` apart.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn kernel(
+        kc: usize,
+        a: &[i32],
+        b: &[i32],
+        (c, ldc): (&mut [i32], usize),
+        accumulate: bool,
+    ) {
+        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+        debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
+        let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc: [[__m256i; 2]; MR] = [[_mm256_setzero_si256(); 2]; MR];
+        // SAFETY (whole body): the reads stay within kc × 6 words of `a` and kc × 16 words of
+        // `b`, the writes within six rows of 16 words `ldc` apart in `c` (the caller's
+        // contract). The broadcast reads a word through an f32 pointer: a plain 4-byte load,
+        // whose bits are only ever used as integers.
+        unsafe {
+            for _ in 0..kc {
+                let b0 = _mm256_loadu_si256(pb.cast::<__m256i>());
+                let b1 = _mm256_loadu_si256(pb.add(8).cast::<__m256i>());
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let x = _mm256_castps_si256(_mm256_broadcast_ss(&*pa.add(r).cast::<f32>()));
+                    row[0] = _mm256_add_epi32(row[0], _mm256_madd_epi16(x, b0));
+                    row[1] = _mm256_add_epi32(row[1], _mm256_madd_epi16(x, b1));
+                }
+                pa = pa.add(MR);
+                pb = pb.add(NR);
+            }
+            let pc = c.as_mut_ptr();
+            for (r, row) in acc.iter().enumerate() {
+                let (lo, hi) = (
+                    pc.add(r * ldc).cast::<__m256i>(),
+                    pc.add(r * ldc + 8).cast::<__m256i>(),
+                );
+                if accumulate {
+                    _mm256_storeu_si256(lo, _mm256_add_epi32(_mm256_loadu_si256(lo), row[0]));
+                    _mm256_storeu_si256(hi, _mm256_add_epi32(_mm256_loadu_si256(hi), row[1]));
+                } else {
+                    _mm256_storeu_si256(lo, row[0]);
+                    _mm256_storeu_si256(hi, row[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pair words whose halves are spread over the whole i16 range (but never −32768, which
+    /// the quantiser does not produce).
+    fn filled(len: usize, seed: u32) -> Vec<i32> {
+        let half = |i: u32| {
+            let v = (i.wrapping_mul(2654435761).wrapping_add(seed) >> 16) as i32 % 32768;
+            (v - 16384) as i16
+        };
+        (0..len as u32)
+            .map(|i| pair(half(2 * i), half(2 * i + 1)))
+            .collect()
+    }
+
+    #[test]
+    fn pair_words_round_trip() {
+        for (a, b) in [(0, 0), (1, -1), (-32767, 32767), (12345, -2)] {
+            assert_eq!(halves(pair(a, b)), [a as i32, b as i32]);
+        }
+    }
+
+    /// Every kernel this CPU has equals the naive product exactly, on shapes with partial
+    /// panels on both sides and a partial last block of pair words.
+    #[test]
+    fn products_equal_the_naive_product() {
+        let kernels = [Some(Kernel::Portable), Kernel::detect()];
+        for (m, n, words) in [(1, 1, 1), (13, 37, 300), (6, 16, 256), (7, 70, 600)] {
+            // Small enough values that no sum leaves the i32 range.
+            let shrink = |v: Vec<i32>| -> Vec<i32> {
+                v.into_iter()
+                    .map(|w| {
+                        let [x, y] = halves(w);
+                        pair((x / 16) as i16, (y / 16) as i16)
+                    })
+                    .collect()
+            };
+            let a = shrink(filled(m * words, 1));
+            let bt = shrink(filled(n * words, 2));
+            for kernel in kernels.into_iter().flatten() {
+                let packed_a = pack_a(&a, m, words);
+                let a_panels = m.div_ceil(MR);
+                let packed = PackedBank::from_rows(&bt, n, words, kernel);
+                let panels = packed.panel_count();
+                let ldc = panels * NR + 3;
+                let mut c = vec![i32::MIN; a_panels * MR * ldc];
+                packed.product(&packed_a, a_panels, (0, panels), &mut c, ldc);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: i64 = (0..words)
+                            .map(|t| {
+                                let [x0, x1] = halves(a[i * words + t]);
+                                let [y0, y1] = halves(bt[j * words + t]);
+                                x0 as i64 * y0 as i64 + x1 as i64 * y1 as i64
+                            })
+                            .sum();
+                        assert_eq!(
+                            c[i * ldc + j] as i64,
+                            want,
+                            "{kernel:?} {m}x{n}x{words} [{i}, {j}]"
+                        );
+                    }
+                }
+                // A second call over the last panel only writes those columns.
+                if panels > 1 {
+                    let mut tail = vec![i32::MIN; a_panels * MR * NR];
+                    packed.product(&packed_a, a_panels, (panels - 1, 1), &mut tail, NR);
+                    for i in 0..m {
+                        for j in 0..NR.min(n - (panels - 1) * NR) {
+                            assert_eq!(tail[i * NR + j], c[i * ldc + (panels - 1) * NR + j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
