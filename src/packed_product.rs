@@ -72,9 +72,9 @@ impl Kernel {
 }
 
 /// `rows` (r × k, row-major) as the ⌈r / 6⌉ panels of a left operand, packed on the calling
-/// thread.
-pub(crate) fn pack_a(rows: &[f32], r: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0.0; r.div_ceil(MR) * k * MR];
+/// thread (f32 values here, the kNN screen's pair words in `knn::quantized_product`).
+pub(crate) fn pack_a<T: Copy + Default>(rows: &[T], r: usize, k: usize) -> Vec<T> {
+    let mut out = vec![T::default(); r.div_ceil(MR) * k * MR];
     if k > 0 {
         for (p, panel) in out.chunks_exact_mut(k * MR).enumerate() {
             pack_panel(rows, r, k, p * MR, panel);
@@ -87,7 +87,7 @@ pub(crate) fn pack_a(rows: &[f32], r: usize, k: usize) -> Vec<f32> {
 /// (k × w, w = panel.len() / k): `panel[kk·w + lane] = rows[first + lane][kk]`. The inner
 /// dimension goes in blocks of 8, so that each row is read 32 bytes at a time and each block
 /// of the panel written whole.
-fn pack_panel(rows: &[f32], r: usize, k: usize, first: usize, panel: &mut [f32]) {
+pub(crate) fn pack_panel<T: Copy>(rows: &[T], r: usize, k: usize, first: usize, panel: &mut [T]) {
     let w = panel.len() / k;
     let lanes = w.min(r - first);
     let rows = &rows[first * k..(first + lanes) * k];

@@ -1,5 +1,6 @@
-//! Exact kNN on host memory: tiled sgemm (`crate::sgemm`), each tile followed by the top-k
-//! selection over its rows, spread over rayon threads.
+//! Exact kNN on host memory, spread over rayon threads: the integer screen (`super::screen`)
+//! for batches of queries on AVX2 CPUs, tiled sgemm (`crate::sgemm`) with a top-k pass over
+//! each tile otherwise.
 
 use std::sync::OnceLock;
 
@@ -16,20 +17,23 @@ use crate::{Error, Result};
 /// The k nearest bank rows of every query, by squared L2 distance, for features held in host
 /// memory. Same semantics as [`KnnScorer`](super::KnnScorer), which runs on any device.
 ///
-/// Distances are computed as ‖q‖² + ‖b‖² − 2 q·b in tiles (one sgemm per tile, as faiss's
-/// `IndexFlatL2`), the k smallest kept per query without sorting whole rows, and the distances
-/// of the k winners recomputed exactly as Σ (q − b)² in f64 before they are returned. Memory
-/// beyond the bank and the output is bounded by the tile budget.
+/// On x86-64 CPUs with AVX2, a search of at least 6 queries per rayon thread (12 on two) is
+/// *screened*: every row is quantised to 16-bit integers with its own scale, the integer dot
+/// products (exact, and about 1.4x as fast as f32 ones) bound each squared distance within a
+/// proven margin, and only the bank rows whose lower bound is within a query's k-th smallest
+/// upper bound are measured exactly, as Σ (q − b)² in f64. The k nearest are then exact (equal
+/// distances ordered by index). The first such search quantises and packs the bank once (half
+/// the bank's size, kept with the scorer); each task quantises a block of up to 192 queries,
+/// and each tile of dot products (up to 192 × 128) is screened while still in cache.
 ///
-/// On x86-64 CPUs with AVX2, searches of 12 or more queries are *screened* instead, with the
-/// same results: every row is quantised to 16-bit integers with its own scale, the integer
-/// dot products (exact, and twice as fast as f32 ones) bound each distance within a proven
-/// margin, and only the bank rows whose lower bound is within the k-th smallest upper bound
-/// are measured exactly. The first such search quantises and packs the bank once (half the
-/// bank's size, kept with the scorer); each task quantises a block of up to 192 queries, and
-/// each tile of dot products (up to 192 × 128) is screened while still in cache. A query with
-/// more than k + 128 candidates (many rows nearly equidistant from it) is searched again on
-/// the f32 path.
+/// Otherwise (fewer queries, other CPUs), and for a query whose candidates outgrow the memory
+/// budget (thousands of rows nearly equidistant from it), distances are estimated as
+/// ‖q‖² + ‖b‖² − 2 q·b in tiles (one sgemm per tile, as faiss's `IndexFlatL2`), the k smallest
+/// estimates kept per query without sorting whole rows, and the k winners' distances
+/// recomputed exactly in f64. There, rows whose distances differ by less than the estimate's
+/// f32 rounding (about 10⁻⁷ · (‖q‖² + ‖b‖²)) may be chosen in either order.
+///
+/// Memory beyond the bank, the quantised bank and the output is bounded by the tile budget.
 ///
 /// ```
 /// use ndarray::array;
@@ -98,9 +102,10 @@ impl HostKnnScorer {
         }
     }
 
-    /// Caps the memory of the distance tiles in flight (all threads together), in bytes.
-    /// Default [`DEFAULT_TILE_BYTES`]. At least one bank row per query tile is always used
-    /// (one 6 × 16 tile on the packed micro-kernel).
+    /// Caps the memory of the distance tiles in flight, and of the screen's candidate lists,
+    /// in bytes (all threads together). Default [`DEFAULT_TILE_BYTES`]. At least one bank row
+    /// per query tile is always used (one 6 × 16 tile on the screen's micro-kernel), and a
+    /// screen always holds up to 2k + 256 candidates per query.
     pub fn with_tile_bytes(mut self, bytes: usize) -> Self {
         self.tile_bytes = bytes.max(4);
         self
@@ -329,6 +334,9 @@ impl HostKnnScorer {
         };
         let per_split = panels.div_ceil(splits);
         let ldc = cols * NR;
+        // A thread's candidate lists may take as much memory as its share of the tile budget.
+        let item = std::mem::size_of::<(f32, f32, usize)>();
+        let max_candidates = per_thread * 4 / (rows * MR * item);
         let partial: Vec<(usize, Vec<Option<TopK>>)> = (0..q_blocks * splits)
             .into_par_iter()
             .map(|item| {
@@ -342,7 +350,7 @@ impl HostKnnScorer {
                 let a_panels = m.div_ceil(MR);
                 let mut dots = vec![0i32; a_panels * MR * ldc];
                 let mut screens: Vec<_> = (0..m)
-                    .map(|r| screen.query(&quantized, r, self.k))
+                    .map(|r| screen.query(&quantized, r, self.k, max_candidates))
                     .collect();
                 for p0 in (s0..s1).step_by(cols) {
                     let count = cols.min(s1 - p0);
@@ -357,9 +365,9 @@ impl HostKnnScorer {
                     .into_iter()
                     .zip(block.chunks_exact(d))
                     .map(|(candidates, query)| {
-                        let rows = candidates.finish()?;
+                        let kept = candidates.finish()?;
                         let mut top = TopK::new(self.k);
-                        for i in rows {
+                        for i in kept {
                             top.push(self.exact_distance(query, i), i);
                         }
                         Some(top)
@@ -540,6 +548,99 @@ impl TopK {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    fn random_rows(rng: &mut StdRng, rows: usize, d: usize) -> Vec<f32> {
+        (0..rows * d)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// Per query, every bank row as (f64 distance, index), nearest first.
+    fn brute_force(bank: &[f32], queries: &[f32], d: usize) -> Vec<Vec<(f64, usize)>> {
+        queries
+            .chunks_exact(d)
+            .map(|q| {
+                let mut all: Vec<(f64, usize)> = bank
+                    .chunks_exact(d)
+                    .enumerate()
+                    .map(|(j, b)| {
+                        let dist = q
+                            .iter()
+                            .zip(b)
+                            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+                            .sum();
+                        (dist, j)
+                    })
+                    .collect();
+                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                all
+            })
+            .collect()
+    }
+
+    /// The screened search alone (on the portable kernel where the CPU has no AVX2), on every
+    /// shape whatever the machine's thread count: k = N, N below one panel, few queries (the
+    /// bank split across threads), a tight budget, crowded banks. Its neighbours are the exact
+    /// ones; a tight budget makes crowded queries overflow, and only those.
+    #[test]
+    fn screened_search_is_exact() {
+        let kernel = Kernel::detect().unwrap_or(Kernel::Portable);
+        let mut rng = StdRng::seed_from_u64(11);
+        // (n, q, d, k, tile bytes, equal leading bank rows)
+        let shapes = [
+            (17, 9, 8, 17, DEFAULT_TILE_BYTES, 0),
+            (5, 3, 4, 2, DEFAULT_TILE_BYTES, 0),
+            (300, 1, 33, 3, DEFAULT_TILE_BYTES, 0),
+            (300, 40, 64, 2, 4 * 16 * 6, 0),
+            (500, 30, 20, 2, DEFAULT_TILE_BYTES, 400),
+            (500, 30, 20, 2, 4 * 16 * 6, 400),
+        ];
+        for (n, q, d, k, tile_bytes, equal) in shapes {
+            let mut bank = random_rows(&mut rng, n, d);
+            let first = bank[..d].to_vec();
+            for row in bank.chunks_exact_mut(d).take(equal) {
+                row.copy_from_slice(&first);
+            }
+            let mut queries = random_rows(&mut rng, q, d);
+            if equal > 0 {
+                // Every query nearest to the equal rows.
+                for row in queries.chunks_exact_mut(d) {
+                    for (v, &c) in row.iter_mut().zip(&first) {
+                        *v = c + 1e-3 * *v;
+                    }
+                }
+            }
+            let knn = HostKnnScorer::from_slice(&bank, n, k)
+                .unwrap()
+                .with_tile_bytes(tile_bytes);
+            let screen = ScreenBank::new(&bank, d, kernel).unwrap();
+            let (found, overflowed) = knn.search_screened(&screen, &queries, q);
+            let what = format!("n {n} q {q} d {d} k {k} budget {tile_bytes}");
+            if equal > 0 && tile_bytes < 1000 {
+                assert_eq!(overflowed.len(), q, "{what}: every query overflows");
+                continue;
+            }
+            assert!(overflowed.is_empty(), "{what}: {overflowed:?}");
+            for (i, (got, all)) in found
+                .iter()
+                .zip(brute_force(&bank, &queries, d))
+                .enumerate()
+            {
+                assert_eq!(got.len(), k, "{what}: query {i}");
+                for (rank, &(dist, index)) in got.iter().enumerate() {
+                    let (want, want_index) = all[rank];
+                    assert!(
+                        (dist as f64 - want).abs() <= 1e-6 * want.max(1e-3),
+                        "{what}: query {i} rank {rank}: {dist} vs {want}"
+                    );
+                    // Equal rows tie exactly and are ordered by index.
+                    assert_eq!(index, want_index, "{what}: query {i} rank {rank}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn top_k_keeps_the_smallest_in_order() {

@@ -38,10 +38,11 @@ pub const DEFAULT_TILE_BYTES: usize = 64 << 20;
 
 /// Exact kNN over a bank of features on any device (see the [module docs](self)).
 ///
-/// The bank is held in chunks of rows; each (query chunk, bank chunk) tile computes
-/// ‖q‖² + ‖b‖² − 2 q·bᵀ with one matrix product, keeps the k smallest per row (burn's `topk`,
-/// no full sort) and recomputes their distances exactly as Σ (q − b)²; the per-chunk winners are
-/// then merged.
+/// On CPU devices (flex, ndarray) the search runs on the host, as [`HostKnnScorer`] (its
+/// integer screen on AVX2 CPUs). Elsewhere the bank is held in chunks of rows; each
+/// (query chunk, bank chunk) tile computes ‖q‖² + ‖b‖² − 2 q·bᵀ with one matrix product, keeps
+/// the k smallest per row (burn's `topk`, no full sort) and recomputes their distances exactly
+/// as Σ (q − b)²; the per-chunk winners are then merged.
 #[derive(Clone, Debug)]
 pub struct KnnScorer {
     engine: Engine,

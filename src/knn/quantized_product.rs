@@ -8,12 +8,14 @@
 //! below 46 340, so that by Cauchy–Schwarz no dot product, nor any partial sum of one, leaves
 //! the `i32` range: the integer products are exact.
 //!
-//! The left operand A (queries) is packed into panels of 6 rows ([`pack_a`]), the right
-//! operand (the bank) into panels of 16 rows ([`PackedBank`]), each stored word-major.
+//! The left operand A (queries) is packed into panels of 6 rows ([`pack_a`], shared with the
+//! f32 kernel), the right operand (the bank) into panels of 16 rows ([`PackedBank`]), each
+//! stored word-major.
 
-use rayon::prelude::*;
+use crate::packed_product::{Kernel, MR, NR, pack_panel};
 
-use crate::packed_product::{Kernel, MR, NR};
+/// Query rows (r × words pair words) as the ⌈r / 6⌉ panels of the left operand.
+pub(crate) use crate::packed_product::pack_a;
 
 /// Pair words per pass over a micro-tile: one 16 × 256-word panel of B (16 KiB) stays in the
 /// L1 cache while the panels of A stream past it.
@@ -36,15 +38,16 @@ pub(crate) struct PackedBank {
 }
 
 impl PackedBank {
-    /// Packs `rows` (n × `words` pair words, row-major). [`Kernel::Avx2Fma`] must only be
-    /// passed where [`Kernel::detect`] returned it.
+    /// Packs `rows` (n × `words` pair words, row-major) on the calling thread (the scorer
+    /// packs its bank inside a `OnceLock` initialiser, where waiting on rayon tasks could let
+    /// the thread pick up another search of the same scorer and re-enter it).
+    /// [`Kernel::Avx2Fma`] must only be passed where [`Kernel::detect`] returned it.
     pub(crate) fn from_rows(rows: &[i32], n: usize, words: usize, kernel: Kernel) -> Self {
         let mut panels = vec![0; n.div_ceil(NR) * words * NR];
         if words > 0 {
-            panels
-                .par_chunks_exact_mut(words * NR)
-                .enumerate()
-                .for_each(|(p, panel)| pack_panel(rows, n, words, p * NR, panel));
+            for (p, panel) in panels.chunks_exact_mut(words * NR).enumerate() {
+                pack_panel(rows, n, words, p * NR, panel);
+            }
         }
         Self {
             panels,
@@ -102,35 +105,6 @@ impl PackedBank {
                         _ => portable_kernel(kc, a, b, (out, ldc), k0 > 0),
                     }
                 }
-            }
-        }
-    }
-}
-
-/// `rows` (r × `words` pair words, row-major) as the ⌈r / 6⌉ panels of a left operand.
-pub(crate) fn pack_a(rows: &[i32], r: usize, words: usize) -> Vec<i32> {
-    let mut out = vec![0; r.div_ceil(MR) * words * MR];
-    if words > 0 {
-        for (p, panel) in out.chunks_exact_mut(words * MR).enumerate() {
-            pack_panel(rows, r, words, p * MR, panel);
-        }
-    }
-    out
-}
-
-/// Rows `first..first + w` of `rows` (r × k words; rows past r stay zero) into `panel`
-/// (k × w, w = panel.len() / k): `panel[kk·w + lane] = rows[first + lane][kk]`.
-fn pack_panel(rows: &[i32], r: usize, k: usize, first: usize, panel: &mut [i32]) {
-    let w = panel.len() / k;
-    let lanes = w.min(r - first);
-    let rows = &rows[first * k..(first + lanes) * k];
-    const BLOCK: usize = 8;
-    for (b, block) in panel.chunks_mut(BLOCK * w).enumerate() {
-        let k0 = b * BLOCK;
-        let depth = block.len() / w;
-        for (lane, row) in rows.chunks_exact(k).enumerate() {
-            for (t, &v) in row[k0..k0 + depth].iter().enumerate() {
-                block[t * w + lane] = v;
             }
         }
     }

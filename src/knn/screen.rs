@@ -5,17 +5,18 @@
 //! Each row x (query or bank) gets its own scale s and is rounded to 16-bit integers
 //! x' = round(s·x), with s = min(32 767 / max|xᵢ|, (46 340 − √D/2 − 1) / ‖x‖): every value fits
 //! an `i16` and ‖x'‖ < 46 340, so that every integer dot product (and partial sum) fits an
-//! `i32` and is exact ([`super::quantized_product`]). With x̂ = x'/s and e = x − x̂,
+//! `i32` and is exact ([`super::quantized_product`]). With x̂ = x'·(1/s) and e = x − x̂,
 //!
 //! |q·b − q̂·b̂| = |e_q·b + q̂·e_b| ≤ ‖e_q‖ ‖b‖ + ‖q̂‖ ‖e_b‖,
 //!
-//! so the estimate ã = ‖q‖² + ‖b‖² − 2 q̂·b̂ lies within w = 2 (‖e_q‖ max‖b‖ + ‖q̂‖ max‖e_b‖)
-//! (plus a slack for the f32 arithmetic of the estimate) of the distance a. If t is the k-th
-//! smallest estimate of a query, k rows have a ≤ t + w, so every one of the k nearest has
-//! ã ≤ t + 2w: the rows above that are passed over, the others (the *candidates*) measured
-//! exactly. For unit rows at D = 2048, w ≈ 10⁻³ against a spread of distances of ≈ 0.04, so a
-//! query has a handful of candidates; queries whose candidates exceed a cap (many rows nearly
-//! equidistant) are searched again with the f32 product.
+//! so the estimate ã = ‖q‖² + ‖b‖² − 2 q̂·b̂ of a squared distance a lies within the row's margin
+//! w = 2 (‖e_q‖ ‖b‖ + ‖q̂‖ ‖e_b‖), widened by a slack for the f32 arithmetic of both: every row
+//! gets the bounds ã − w ≤ a ≤ ã + w. If t is the k-th smallest upper bound of a query, k rows
+//! have a ≤ t, so every one of the k nearest has a lower bound ≤ t: the rows above that are
+//! passed over, the others (the *candidates*) measured exactly. For unit rows at D = 2048,
+//! w ≈ 10⁻³ against a spread of distances of ≈ 0.04, so a query has a handful of candidates.
+//! A query whose candidates outgrow the memory budget (thousands of rows nearly equidistant
+//! from it) is searched again with the f32 product.
 
 use super::quantized_product::{PackedBank, pair};
 use crate::packed_product::{Kernel, NR};
@@ -27,6 +28,9 @@ const VALUE_LIMIT: f64 = 32_767.0;
 /// Relative slack for the f32 evaluation of the estimates (a handful of roundings of 2⁻²⁴
 /// each, against the magnitude of the terms).
 const ARITHMETIC_SLACK: f64 = 4e-6;
+/// Added to every margin: f32 values below `f32::MIN_POSITIVE` round by an absolute 2⁻¹⁵⁰, not
+/// by a relative 2⁻²⁴, which the relative slack does not cover.
+const ABSOLUTE_SLACK: f32 = f32::MIN_POSITIVE;
 /// Rows with a larger squared norm are not screened: their estimates would near f32's range.
 const MAX_SQUARED_NORM: f32 = 1e30;
 
@@ -166,9 +170,15 @@ struct TermBlock {
     slack: [f32; 8],
 }
 
-/// An f64 bound as an f32 no smaller (f64 → f32 rounds to nearest: one part in 2²⁴ at most).
+/// An f64 bound as an f32 no smaller: f64 → f32 rounds to nearest, one part in 2²⁴ at most
+/// down to `f32::MIN_POSITIVE`, below which positive values become that.
 fn up(v: f64) -> f32 {
-    (v * (1.0 + 1e-6)) as f32
+    let rounded = (v * (1.0 + 1e-6)) as f32;
+    if v > 0.0 {
+        rounded.max(f32::MIN_POSITIVE)
+    } else {
+        rounded
+    }
 }
 
 impl ScreenBank {
@@ -203,11 +213,19 @@ impl ScreenBank {
         Some(Self { packed, terms })
     }
 
-    /// The screen of query `r` of `queries` (overflowed from the start when its squared norm
-    /// is too large for the f32 estimates).
-    pub(crate) fn query(&self, queries: &QuantizedRows, r: usize, k: usize) -> Candidates {
+    /// The screen of query `r` of `queries` for its `k` nearest, holding at most about
+    /// `max_candidates` rows (at least 2k + 256) before it gives up (overflowed from the start
+    /// when the query's squared norm is too large for the f32 estimates).
+    pub(crate) fn query(
+        &self,
+        queries: &QuantizedRows,
+        r: usize,
+        k: usize,
+        max_candidates: usize,
+    ) -> Candidates {
+        let cap = 2 * k + 256;
         Candidates {
-            items: Vec::with_capacity(2 * k + 8),
+            items: Vec::with_capacity(k + 16),
             threshold: f32::INFINITY,
             query: QueryTerms {
                 sq: queries.sq[r],
@@ -217,14 +235,15 @@ impl ScreenBank {
                 slack: up(ARITHMETIC_SLACK * queries.sq[r] as f64),
             },
             k,
-            cap: 2 * k + 256,
+            cap,
+            max_cap: max_candidates.max(cap),
             // Such a query is searched with the f32 product.
             overflowed: queries.sq[r] > MAX_SQUARED_NORM,
         }
     }
 }
 
-/// The query's share of the estimate and its margin (see [`BankTerms`]).
+/// The query's share of the estimate and its margin (see [`TermBlock`]).
 #[derive(Clone, Copy)]
 struct QueryTerms {
     sq: f32,
@@ -247,7 +266,10 @@ pub(crate) struct Candidates {
     threshold: f32,
     query: QueryTerms,
     k: usize,
+    /// Rows held before the next compaction; doubled when a compaction frees less than half.
     cap: usize,
+    /// The most `cap` may grow to.
+    max_cap: usize,
     overflowed: bool,
 }
 
@@ -261,12 +283,13 @@ impl Candidates {
         if self.overflowed {
             return;
         }
+        debug_assert!(b0 / 8 + dots.len() / 8 <= bank.terms.len());
         let q = self.query;
         // (estimate, margin) of lane `l` of a block of 8 rows.
         let bounds = |dot: i32, t: &TermBlock, l: usize| {
             let estimate = (q.sq + t.sq[l]) - q.factor * (dot as f32 * t.inv_scale[l]);
-            let margin =
-                (q.error * t.norm2[l] + q.quantized_norm * t.error2[l]) + (q.slack + t.slack[l]);
+            let margin = (q.error * t.norm2[l] + q.quantized_norm * t.error2[l])
+                + ((q.slack + t.slack[l]) + ABSOLUTE_SLACK);
             (estimate, margin)
         };
         let terms = &bank.terms[b0 / 8..];
@@ -297,8 +320,13 @@ impl Candidates {
             }
             if self.items.len() >= self.cap {
                 self.compact();
-                if self.overflowed {
-                    return;
+                if self.items.len() > self.cap / 2 {
+                    if self.cap >= self.max_cap {
+                        self.overflowed = true;
+                        self.items = Vec::new();
+                        return;
+                    }
+                    self.cap = (2 * self.cap).min(self.max_cap);
                 }
             }
         }
@@ -308,7 +336,7 @@ impl Candidates {
     }
 
     /// Lowers the threshold to the k-th smallest upper bound and drops the rows whose lower
-    /// bound is above it; marks the screen overflowed when that leaves more than k + 128 rows.
+    /// bound is above it.
     fn compact(&mut self) {
         if self.items.len() < self.k {
             return;
@@ -319,10 +347,6 @@ impl Candidates {
         self.threshold = self.threshold.min(kth.1);
         let threshold = self.threshold;
         self.items.retain(|item| item.0 <= threshold);
-        if self.items.len() > self.k + 128 {
-            self.overflowed = true;
-            self.items = Vec::new();
-        }
     }
 
     /// The bank rows to measure exactly, or `None` when the screen overflowed.
@@ -437,7 +461,7 @@ mod tests {
                 .product(&a, a_panels, (0, panels), &mut dots, ldc);
             for k in [1, 2, 5] {
                 for r in 0..quantized.len() {
-                    let mut candidates = screen.query(&quantized, r, k);
+                    let mut candidates = screen.query(&quantized, r, k, 0);
                     // Offered in two parts of whole panels, as tiles do.
                     let row = &dots[r * ldc..(r + 1) * ldc];
                     candidates.offer(&screen, &row[..32], 0);
@@ -465,13 +489,59 @@ mod tests {
         }
     }
 
+    /// Values around 10⁻²² give squared norms in f32's subnormal range, where roundings are
+    /// absolute: the bounds must still hold (random small cases, the k nearest by f64
+    /// distance always kept).
+    #[test]
+    fn tiny_values_keep_the_bounds_sound() {
+        use rand::rngs::StdRng;
+        use rand::{RngExt, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(3);
+        for trial in 0..3000 {
+            let d = [1, 2, 3, 8][trial % 4];
+            let n = 2 + trial % 7;
+            let k = 1 + trial % 2.min(n);
+            let scale = 10f32.powf(-23.0 + 4.0 * rng.random::<f32>());
+            let mut value = || (rng.random::<f32>() * 2.0 - 1.0) * scale;
+            let bank: Vec<f32> = (0..n * d).map(|_| value()).collect();
+            let query: Vec<f32> = (0..d).map(|_| value()).collect();
+            let screen = ScreenBank::new(&bank, d, Kernel::Portable).unwrap();
+            let quantized = QuantizedRows::new(&query, d);
+            let words = quantized.words_per_row;
+            let a = super::super::quantized_product::pack_a(&quantized.words, 1, words);
+            let panels = screen.packed.panel_count();
+            let ldc = panels * NR;
+            let mut dots = vec![0; crate::packed_product::MR * ldc];
+            screen.packed.product(&a, 1, (0, panels), &mut dots, ldc);
+            let mut candidates = screen.query(&quantized, 0, k, 0);
+            candidates.offer(&screen, &dots[..ldc], 0);
+            let kept = candidates.finish().unwrap();
+            let mut exact: Vec<(f64, usize)> = bank
+                .chunks_exact(d)
+                .enumerate()
+                .map(|(j, b)| {
+                    let dist = query
+                        .iter()
+                        .zip(b)
+                        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+                        .sum();
+                    (dist, j)
+                })
+                .collect();
+            exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for &(_, j) in &exact[..k] {
+                assert!(kept.contains(&j), "trial {trial}: row {j} dropped");
+            }
+        }
+    }
+
     #[test]
     fn many_equidistant_rows_overflow_the_screen() {
         let d = 8;
         let bank = vec![0.25f32; 400 * d];
         let screen = ScreenBank::new(&bank, d, Kernel::Portable).unwrap();
         let quantized = QuantizedRows::new(&[0.5f32; 8], d);
-        let mut candidates = screen.query(&quantized, 0, 2);
+        let mut candidates = screen.query(&quantized, 0, 2, 0);
         let a = super::super::quantized_product::pack_a(&quantized.words, 1, 4);
         let panels = screen.packed.panel_count();
         let ldc = panels * crate::packed_product::NR;
