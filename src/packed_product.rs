@@ -36,8 +36,8 @@ impl Kernel {
 
 impl Kernel {
     /// The 6 × 16 micro-tile `c` (+)= a · b over `kc` inner columns: `a` is one packed panel of
-    /// A ([`pack_a`]; kc × 6), `b` = (data, ldb) holds kc rows of 16 columns `ldb` apart (one
-    /// panel of [`PackedB`] with ldb = 16, or a row-major matrix), `c` = (data, ldc) six rows
+    /// A ([`pack_a`]; kc × 6), `b` = (data, ldb) holds kc rows of 16 columns `ldb` apart (a
+    /// row-major matrix with ldb ≥ 16, such as the loss kernel's slice of columns), `c` = (data, ldc) six rows
     /// of 16 `ldc` apart. Adds to `c` when `accumulate`, else overwrites it.
     ///
     /// # Panics

@@ -26,14 +26,18 @@ use crate::{Error, Result};
 /// the bank's size, kept with the scorer); each task quantises a block of up to 192 queries,
 /// and each tile of dot products (up to 192 × 128) is screened while still in cache.
 ///
-/// Otherwise (fewer queries, other CPUs), and for a query whose candidates outgrow the memory
-/// budget (thousands of rows nearly equidistant from it), distances are estimated as
-/// ‖q‖² + ‖b‖² − 2 q·b in tiles (one sgemm per tile, as faiss's `IndexFlatL2`), the k smallest
-/// estimates kept per query without sorting whole rows, and the k winners' distances
-/// recomputed exactly in f64. There, rows whose distances differ by less than the estimate's
-/// f32 rounding (about 10⁻⁷ · (‖q‖² + ‖b‖²)) may be chosen in either order.
+/// Otherwise the search runs on f32 products: for fewer queries, on other CPUs, for D above
+/// 2²⁴ or a bank with a row of squared norm above 10³⁰, and for a query of such a norm or
+/// one whose candidates outgrow its share of the memory budget (rows nearly equidistant from
+/// it: thousands on a few threads under the default budget, fewer on many). Distances are
+/// estimated as ‖q‖² + ‖b‖² − 2 q·b in tiles (one sgemm per tile, as faiss's
+/// `IndexFlatL2`), the k smallest estimates kept per query without sorting whole rows, and the
+/// k winners' distances recomputed exactly in f64. There, rows whose distances differ by less
+/// than the estimate's f32 rounding (which grows with D and ‖q‖² + ‖b‖²) may be chosen in
+/// either order.
 ///
-/// Memory beyond the bank, the quantised bank and the output is bounded by the tile budget.
+/// Memory beyond the bank, the quantised bank, the output and the quantised block of queries
+/// of each task is bounded by the tile budget ([`HostKnnScorer::with_tile_bytes`]).
 ///
 /// ```
 /// use ndarray::array;
@@ -102,10 +106,10 @@ impl HostKnnScorer {
         }
     }
 
-    /// Caps the memory of the distance tiles in flight, and of the screen's candidate lists,
-    /// in bytes (all threads together). Default [`DEFAULT_TILE_BYTES`]. At least one bank row
-    /// per query tile is always used (one 6 × 16 tile on the screen's micro-kernel), and a
-    /// screen always holds up to 2k + 256 candidates per query.
+    /// Caps the memory of the distance tiles in flight and (half each) of the screen's
+    /// candidate lists, in bytes, all threads together. Default [`DEFAULT_TILE_BYTES`]. Below
+    /// the cap, at least one bank row per query tile is always used (one 6 × 16 tile on the
+    /// screen's micro-kernel), and a screen may always hold 2k + 320 candidates per query.
     pub fn with_tile_bytes(mut self, bytes: usize) -> Self {
         self.tile_bytes = bytes.max(4);
         self
@@ -317,7 +321,10 @@ impl HostKnnScorer {
         const TILE_BANK_ROWS: usize = 128;
         let d = self.d;
         let threads = rayon::current_num_threads().max(1);
-        let per_thread = (self.tile_bytes / 4 / threads).max(1);
+        // Each thread's share of the budget: half for its tile of dot products, half for its
+        // queries' candidate lists.
+        let share = self.tile_bytes / threads;
+        let per_thread = (share / 2 / 4).max(1);
         let panels = screen.packed.panel_count();
         // Tile sizes in panels: at least one of each.
         let mut cols = (TILE_BANK_ROWS / NR).min(panels);
@@ -334,9 +341,8 @@ impl HostKnnScorer {
         };
         let per_split = panels.div_ceil(splits);
         let ldc = cols * NR;
-        // A thread's candidate lists may take as much memory as its share of the tile budget.
         let item = std::mem::size_of::<(f32, f32, usize)>();
-        let max_candidates = per_thread * 4 / (rows * MR * item);
+        let max_candidates = share / 2 / (rows * MR * item);
         let partial: Vec<(usize, Vec<Option<TopK>>)> = (0..q_blocks * splits)
             .into_par_iter()
             .map(|item| {
@@ -581,21 +587,33 @@ mod tests {
     }
 
     /// The screened search alone (on the portable kernel where the CPU has no AVX2), on every
-    /// shape whatever the machine's thread count: k = N, N below one panel, few queries (the
-    /// bank split across threads), a tight budget, crowded banks. Its neighbours are the exact
+    /// shape, in pools of 1, 2 and 7 threads: k = N, N below one panel, few queries (the bank
+    /// split across threads), a tight budget, crowded banks. Its neighbours are the exact
     /// ones; a tight budget makes crowded queries overflow, and only those.
     #[test]
     fn screened_search_is_exact() {
+        for threads in [1, 2, 7] {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(screened_search_is_exact_on_this_pool);
+        }
+    }
+
+    fn screened_search_is_exact_on_this_pool() {
         let kernel = Kernel::detect().unwrap_or(Kernel::Portable);
         let mut rng = StdRng::seed_from_u64(11);
-        // (n, q, d, k, tile bytes, equal leading bank rows)
+        let threads = rayon::current_num_threads();
+        // (n, q, d, k, tile bytes, equal leading bank rows). The crowd of 1900 stays above
+        // the 2k + 320 rows a screen may hold in each part of a bank split in two.
         let shapes = [
             (17, 9, 8, 17, DEFAULT_TILE_BYTES, 0),
             (5, 3, 4, 2, DEFAULT_TILE_BYTES, 0),
             (300, 1, 33, 3, DEFAULT_TILE_BYTES, 0),
             (300, 40, 64, 2, 4 * 16 * 6, 0),
-            (500, 30, 20, 2, DEFAULT_TILE_BYTES, 400),
-            (500, 30, 20, 2, 4 * 16 * 6, 400),
+            (2000, 30, 20, 2, DEFAULT_TILE_BYTES, 1900),
+            (2000, 30, 20, 2, 4 * 16 * 6, 1900),
         ];
         for (n, q, d, k, tile_bytes, equal) in shapes {
             let mut bank = random_rows(&mut rng, n, d);
@@ -617,7 +635,7 @@ mod tests {
                 .with_tile_bytes(tile_bytes);
             let screen = ScreenBank::new(&bank, d, kernel).unwrap();
             let (found, overflowed) = knn.search_screened(&screen, &queries, q);
-            let what = format!("n {n} q {q} d {d} k {k} budget {tile_bytes}");
+            let what = format!("n {n} q {q} d {d} k {k} budget {tile_bytes} threads {threads}");
             if equal > 0 && tile_bytes < 1000 {
                 assert_eq!(overflowed.len(), q, "{what}: every query overflows");
                 continue;

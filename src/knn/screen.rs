@@ -15,8 +15,9 @@
 //! have a ≤ t, so every one of the k nearest has a lower bound ≤ t: the rows above that are
 //! passed over, the others (the *candidates*) measured exactly. For unit rows at D = 2048,
 //! w ≈ 10⁻³ against a spread of distances of ≈ 0.04, so a query has a handful of candidates.
-//! A query whose candidates outgrow the memory budget (thousands of rows nearly equidistant
-//! from it) is searched again with the f32 product.
+//! A query whose candidates outgrow its share of the memory budget (rows nearly equidistant
+//! from it: thousands on a few threads under the default budget) is searched again with the
+//! f32 product.
 
 use super::quantized_product::{PackedBank, pair};
 use crate::packed_product::{Kernel, NR};
@@ -155,7 +156,8 @@ pub(crate) struct ScreenBank {
 }
 
 /// Eight bank rows' shares of the estimate ã = (‖q‖² + ‖b‖²) − (2/s_q)·(q'·b')·(1/s_b) and of
-/// its margin w = ‖e_q‖·2‖b‖ + ‖q̂‖·(2‖e_b‖ + 2σ‖b̂‖) + σ(‖q‖² + ‖b‖²), σ the arithmetic slack.
+/// its margin w = ‖e_q‖·2‖b‖ + ‖q̂‖·(2‖e_b‖ + 2σ‖b̂‖) + σ(‖q‖² + ‖b‖²) + `ABSOLUTE_SLACK`,
+/// σ the arithmetic slack.
 #[derive(Clone, Copy, Debug)]
 struct TermBlock {
     /// 1 / s.
@@ -213,9 +215,11 @@ impl ScreenBank {
         Some(Self { packed, terms })
     }
 
-    /// The screen of query `r` of `queries` for its `k` nearest, holding at most about
-    /// `max_candidates` rows (at least 2k + 256) before it gives up (overflowed from the start
-    /// when the query's squared norm is too large for the f32 estimates).
+    /// The screen of query `r` of `queries` for its `k` nearest. It holds up to 2k + 256 rows
+    /// between compactions, doubles that when a compaction frees less than half, and gives up
+    /// (overflows) when that would pass `max_candidates`; it is overflowed from the start when
+    /// the query's squared norm is too large for the f32 estimates. Its list never holds more
+    /// than max(`max_candidates`, 2k + 256) + 64 rows.
     pub(crate) fn query(
         &self,
         queries: &QuantizedRows,
@@ -225,7 +229,7 @@ impl ScreenBank {
     ) -> Candidates {
         let cap = 2 * k + 256;
         Candidates {
-            items: Vec::with_capacity(k + 16),
+            items: Vec::with_capacity(cap + 64),
             threshold: f32::INFINITY,
             query: QueryTerms {
                 sq: queries.sq[r],
@@ -327,6 +331,9 @@ impl Candidates {
                         return;
                     }
                     self.cap = (2 * self.cap).min(self.max_cap);
+                    // A block of 64 may be pushed before the next check.
+                    let room = self.cap + 64 - self.items.len();
+                    self.items.reserve_exact(room);
                 }
             }
         }
@@ -489,9 +496,9 @@ mod tests {
         }
     }
 
-    /// Values around 10⁻²² give squared norms in f32's subnormal range, where roundings are
-    /// absolute: the bounds must still hold (random small cases, the k nearest by f64
-    /// distance always kept).
+    /// Values from 10⁻⁴⁴ to 10⁻¹⁸ give squared norms (and, below about 10⁻³⁴, scales) in or
+    /// under f32's subnormal range, where roundings are absolute: the bounds must still hold
+    /// (random small cases, the k nearest by f64 distance always kept).
     #[test]
     fn tiny_values_keep_the_bounds_sound() {
         use rand::rngs::StdRng;
@@ -500,8 +507,9 @@ mod tests {
         for trial in 0..3000 {
             let d = [1, 2, 3, 8][trial % 4];
             let n = 2 + trial % 7;
-            let k = 1 + trial % 2.min(n);
-            let scale = 10f32.powf(-23.0 + 4.0 * rng.random::<f32>());
+            let k = if rng.random::<bool>() { 2 } else { 1 };
+            // Down to where 1 / s underflows f32 (max |x| below about 4e-34) and beyond.
+            let scale = 10f32.powf(-44.0 + 26.0 * rng.random::<f32>());
             let mut value = || (rng.random::<f32>() * 2.0 - 1.0) * scale;
             let bank: Vec<f32> = (0..n * d).map(|_| value()).collect();
             let query: Vec<f32> = (0..d).map(|_| value()).collect();
