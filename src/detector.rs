@@ -363,7 +363,7 @@ impl Detector {
                 "the layout's feature size differs from the recorded one".into(),
             ));
         }
-        let mut encoder = manifest.encoder.try_init(&device)?;
+        let mut encoder = manifest.encoder.build(&device)?;
         let weights = dir.join(WEIGHTS);
         let mut store = SafetensorsStore::from_file(&weights);
         let result = encoder

@@ -37,7 +37,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::BatchNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::activation::relu;
@@ -203,7 +203,19 @@ impl ResNetConfig {
     }
 
     /// [`ResNetConfig::init`] that returns an error on an invalid config.
+    ///
+    /// The random weights are drawn here, in the module's order, from the device's RNG: after
+    /// `device.seed(s)`, the same config gives the same network whichever path (or thread)
+    /// reads it first.
     pub fn try_init(&self, device: &Device) -> Result<ResNet> {
+        let model = self.build(device)?;
+        initialise_in_order(&model);
+        Ok(model)
+    }
+
+    /// The network with burn's lazily initialised parameters (nothing drawn yet): for loaders,
+    /// which replace every weight.
+    pub(crate) fn build(&self, device: &Device) -> Result<ResNet> {
         self.validate()?;
         let expansion = self.block.expansion();
         let mut in_channels = self.stem_width;
@@ -457,9 +469,57 @@ fn check_images(images: &Tensor<4>) -> Result<()> {
     Ok(())
 }
 
+/// Reads every parameter of `model` that burn has not initialised yet, in the module's order,
+/// so that random draws from the device's RNG do not depend on which thread reads a weight
+/// first (the host engines fold the blocks in parallel).
+pub(crate) fn initialise_in_order<M: Module>(model: &M) {
+    struct InOrder;
+    impl ModuleVisitor for InOrder {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.is_initialized() {
+                let _ = param.val();
+            }
+        }
+    }
+    model.visit(&mut InOrder);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the float parameters of a module and those burn has initialised.
+    #[derive(Default)]
+    struct Initialised {
+        params: usize,
+        initialised: usize,
+    }
+
+    impl ModuleVisitor for Initialised {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.params += 1;
+            self.initialised += usize::from(param.is_initialized());
+        }
+    }
+
+    /// `try_init` draws every weight itself, in order: none is left for a later (possibly
+    /// parallel) first read to draw. `build` draws none (loaders replace them all).
+    #[test]
+    fn try_init_draws_every_weight_and_build_none() {
+        let config = ResNetConfig::from_arch(Arch::Resnet18)
+            .with_stem_width(4)
+            .with_widths([4, 4, 4, 8]);
+        let device = Device::flex();
+        let mut eager = Initialised::default();
+        config.try_init(&device).unwrap().visit(&mut eager);
+        assert!(eager.params > 60, "{}", eager.params);
+        assert_eq!(eager.initialised, eager.params);
+        let mut lazy = Initialised::default();
+        config.build(&device).unwrap().visit(&mut lazy);
+        assert_eq!(lazy.params, eager.params);
+        // BatchNorm's running statistics are built initialised; no conv weight is.
+        assert!(lazy.initialised < lazy.params);
+    }
 
     #[test]
     fn arch_names_round_trip() {

@@ -226,8 +226,9 @@ impl Checkpoint {
     /// Builds the ResNet for `config` on `device` and loads the weights, after [`Checkpoint::check`].
     pub fn load(self, config: &ResNetConfig, device: &Device) -> Result<ResNet> {
         self.check(config)?;
-        let model = config.try_init(device)?;
-        self.apply(model)
+        let model = self.apply(config.build(device)?)?;
+        super::initialise_in_order(&model);
+        Ok(model)
     }
 
     /// Builds the ResNet of the inferred layout ([`Checkpoint::infer_config`]) and loads it.
