@@ -563,29 +563,6 @@ mod tests {
             .collect()
     }
 
-    /// Per query, every bank row as (f64 distance, index), nearest first.
-    fn brute_force(bank: &[f32], queries: &[f32], d: usize) -> Vec<Vec<(f64, usize)>> {
-        queries
-            .chunks_exact(d)
-            .map(|q| {
-                let mut all: Vec<(f64, usize)> = bank
-                    .chunks_exact(d)
-                    .enumerate()
-                    .map(|(j, b)| {
-                        let dist = q
-                            .iter()
-                            .zip(b)
-                            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                            .sum();
-                        (dist, j)
-                    })
-                    .collect();
-                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                all
-            })
-            .collect()
-    }
-
     /// The screened search alone (on the portable kernel where the CPU has no AVX2), on every
     /// shape, in pools of 1, 2 and 7 threads: k = N, N below one panel, few queries (the bank
     /// split across threads), a tight budget, crowded banks. Its neighbours are the exact
@@ -643,7 +620,7 @@ mod tests {
             assert!(overflowed.is_empty(), "{what}: {overflowed:?}");
             for (i, (got, all)) in found
                 .iter()
-                .zip(brute_force(&bank, &queries, d))
+                .zip(crate::knn::brute_force(&bank, &queries, d))
                 .enumerate()
             {
                 assert_eq!(got.len(), k, "{what}: query {i}");

@@ -271,3 +271,28 @@ fn check_finite_tensor(what: &str, x: &Tensor<2>) -> Result<()> {
     host::check_finite(what, &values, d)?;
     Err(Error::invalid(what, "non-finite values"))
 }
+
+/// Test reference for the kNN modules' unit tests: per query, every bank row as (f64 squared
+/// distance, index), nearest first, equal distances by index.
+#[cfg(test)]
+pub(crate) fn brute_force(bank: &[f32], queries: &[f32], d: usize) -> Vec<Vec<(f64, usize)>> {
+    queries
+        .chunks_exact(d)
+        .map(|q| {
+            let mut all: Vec<(f64, usize)> = bank
+                .chunks_exact(d)
+                .enumerate()
+                .map(|(j, b)| {
+                    let dist = q
+                        .iter()
+                        .zip(b)
+                        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+                        .sum();
+                    (dist, j)
+                })
+                .collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            all
+        })
+        .collect()
+}

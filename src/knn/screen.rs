@@ -366,6 +366,22 @@ impl Candidates {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packed_product::MR;
+
+    /// The integer dot products of every quantised query with every bank row: (query-major
+    /// rows of `ldc`, ldc = the bank's padded row count).
+    fn dots_with_every_row(screen: &ScreenBank, queries: &QuantizedRows) -> (Vec<i32>, usize) {
+        let words = queries.words_per_row;
+        let a = super::super::quantized_product::pack_a(&queries.words, queries.len(), words);
+        let a_panels = queries.len().div_ceil(MR);
+        let panels = screen.packed.panel_count();
+        let ldc = panels * NR;
+        let mut dots = vec![0; a_panels * MR * ldc];
+        screen
+            .packed
+            .product(&a, a_panels, (0, panels), &mut dots, ldc);
+        (dots, ldc)
+    }
 
     /// Rows of varied norms and shapes: unit-ish, large, tiny, one spike, all zero.
     fn awkward_rows(d: usize) -> Vec<f32> {
@@ -454,18 +470,8 @@ mod tests {
                 .map(|v| v * 0.999 + 1e-4)
                 .collect();
             let quantized = QuantizedRows::new(&queries, d);
-            let a = super::super::quantized_product::pack_a(
-                &quantized.words,
-                quantized.len(),
-                quantized.words_per_row,
-            );
-            let a_panels = quantized.len().div_ceil(crate::packed_product::MR);
-            let panels = screen.packed.panel_count();
-            let ldc = panels * crate::packed_product::NR;
-            let mut dots = vec![0; a_panels * crate::packed_product::MR * ldc];
-            screen
-                .packed
-                .product(&a, a_panels, (0, panels), &mut dots, ldc);
+            let (dots, ldc) = dots_with_every_row(&screen, &quantized);
+            let exact = crate::knn::brute_force(&bank, &queries, d);
             for k in [1, 2, 5] {
                 for r in 0..quantized.len() {
                     let mut candidates = screen.query(&quantized, r, k, 0);
@@ -474,20 +480,7 @@ mod tests {
                     candidates.offer(&screen, &row[..32], 0);
                     candidates.offer(&screen, &row[32..], 32);
                     let kept = candidates.finish().expect("no overflow here");
-                    let q = &queries[r * d..(r + 1) * d];
-                    let mut exact: Vec<(f64, usize)> = (0..n)
-                        .map(|j| {
-                            let b = &bank[j * d..(j + 1) * d];
-                            let dist = q
-                                .iter()
-                                .zip(b)
-                                .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                                .sum();
-                            (dist, j)
-                        })
-                        .collect();
-                    exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                    for &(_, j) in &exact[..k] {
+                    for &(_, j) in &exact[r][..k] {
                         assert!(kept.contains(&j), "d {d} k {k} query {r}: row {j} dropped");
                     }
                     assert!(kept.len() < n, "d {d} k {k} query {r}: nothing dropped");
@@ -515,29 +508,12 @@ mod tests {
             let query: Vec<f32> = (0..d).map(|_| value()).collect();
             let screen = ScreenBank::new(&bank, d, Kernel::Portable).unwrap();
             let quantized = QuantizedRows::new(&query, d);
-            let words = quantized.words_per_row;
-            let a = super::super::quantized_product::pack_a(&quantized.words, 1, words);
-            let panels = screen.packed.panel_count();
-            let ldc = panels * NR;
-            let mut dots = vec![0; crate::packed_product::MR * ldc];
-            screen.packed.product(&a, 1, (0, panels), &mut dots, ldc);
+            let (dots, ldc) = dots_with_every_row(&screen, &quantized);
             let mut candidates = screen.query(&quantized, 0, k, 0);
             candidates.offer(&screen, &dots[..ldc], 0);
             let kept = candidates.finish().unwrap();
-            let mut exact: Vec<(f64, usize)> = bank
-                .chunks_exact(d)
-                .enumerate()
-                .map(|(j, b)| {
-                    let dist = query
-                        .iter()
-                        .zip(b)
-                        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                        .sum();
-                    (dist, j)
-                })
-                .collect();
-            exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            for &(_, j) in &exact[..k] {
+            let exact = crate::knn::brute_force(&bank, &query, d);
+            for &(_, j) in &exact[0][..k] {
                 assert!(kept.contains(&j), "trial {trial}: row {j} dropped");
             }
         }
@@ -550,12 +526,9 @@ mod tests {
         let screen = ScreenBank::new(&bank, d, Kernel::Portable).unwrap();
         let quantized = QuantizedRows::new(&[0.5f32; 8], d);
         let mut candidates = screen.query(&quantized, 0, 2, 0);
-        let a = super::super::quantized_product::pack_a(&quantized.words, 1, 4);
-        let panels = screen.packed.panel_count();
-        let ldc = panels * crate::packed_product::NR;
-        let mut dots = vec![0; crate::packed_product::MR * ldc];
-        screen.packed.product(&a, 1, (0, panels), &mut dots, ldc);
-        candidates.offer(&screen, &dots[..400], 0);
+        let (dots, ldc) = dots_with_every_row(&screen, &quantized);
+        assert_eq!(ldc, 400);
+        candidates.offer(&screen, &dots[..ldc], 0);
         assert!(candidates.finish().is_none());
     }
 }
