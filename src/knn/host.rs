@@ -310,7 +310,7 @@ impl HostKnnScorer {
     /// integer dot products are offered to the queries' screens while still in cache, and
     /// measures its candidates exactly. With fewer query blocks than threads (few queries),
     /// the bank is split across threads. Returns the k nearest per query and the queries whose
-    /// screen overflowed (their lists are left empty).
+    /// screen overflowed (their lists are incomplete, to be replaced).
     fn search_screened(
         &self,
         screen: &ScreenBank,
@@ -343,7 +343,7 @@ impl HostKnnScorer {
         let ldc = cols * NR;
         let item = std::mem::size_of::<(f32, f32, usize)>();
         let max_candidates = share / 2 / (rows * MR * item);
-        let partial: Vec<(usize, Vec<Option<TopK>>)> = (0..q_blocks * splits)
+        let partial: Vec<ScreenedPart> = (0..q_blocks * splits)
             .into_par_iter()
             .map(|item| {
                 let (qi, si) = (item / splits, item % splits);
@@ -367,47 +367,36 @@ impl HostKnnScorer {
                         candidates.offer(screen, &dots[r * ldc..][..count * NR], p0 * NR);
                     }
                 }
-                let tops = screens
-                    .into_iter()
-                    .zip(block.chunks_exact(d))
-                    .map(|(candidates, query)| {
-                        let kept = candidates.finish()?;
-                        let mut top = TopK::new(self.k);
-                        for i in kept {
-                            top.push(self.exact_distance(query, i), i);
+                let mut overflowed = Vec::new();
+                let mut tops = Vec::with_capacity(m);
+                for (r, (candidates, query)) in
+                    screens.into_iter().zip(block.chunks_exact(d)).enumerate()
+                {
+                    let mut top = TopK::new(self.k);
+                    match candidates.finish() {
+                        Some(kept) => {
+                            for i in kept {
+                                top.push(self.exact_distance(query, i), i);
+                            }
                         }
-                        Some(top)
-                    })
-                    .collect();
-                (q0, tops)
-            })
-            .collect();
-        let mut merged: Vec<Option<TopK>> = (0..q).map(|_| Some(TopK::new(self.k))).collect();
-        for (q0, tops) in partial {
-            for (target, top) in merged[q0..].iter_mut().zip(tops) {
-                match (target.as_mut(), top) {
-                    (Some(target), Some(top)) => {
-                        for (dist, i) in top.items {
-                            target.push(dist, i);
-                        }
+                        None => overflowed.push(q0 + r),
                     }
-                    _ => *target = None,
+                    tops.push(top);
                 }
-            }
-        }
-        let mut overflowed = Vec::new();
-        let found = merged
-            .into_iter()
-            .enumerate()
-            .map(|(i, top)| match top {
-                Some(top) => top.items,
-                None => {
-                    overflowed.push(i);
-                    Vec::new()
-                }
+                ((q0, tops), overflowed)
             })
             .collect();
-        (found, overflowed)
+        let (partial, overflowed): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
+        let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
+        merge(&mut merged, partial);
+        // A query that overflowed in any part of a split bank is searched again whole.
+        let mut overflowed: Vec<usize> = overflowed.into_iter().flatten().collect();
+        overflowed.sort_unstable();
+        overflowed.dedup();
+        (
+            merged.into_iter().map(|top| top.items).collect(),
+            overflowed,
+        )
     }
 
     /// Offers the bank rows `b0..b0 + row.len()` to `top`, given their dot products with a
@@ -466,6 +455,10 @@ impl HostKnnScorer {
         (((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail) as f32
     }
 }
+
+/// One task of the screened search: its per-query top-k (with its first query) and the
+/// queries whose screen overflowed.
+type ScreenedPart = ((usize, Vec<TopK>), Vec<usize>);
 
 /// Folds each task's per-query top-k (`(first query, tops)`) into `merged`.
 fn merge(merged: &mut [TopK], partial: Vec<(usize, Vec<TopK>)>) {
