@@ -54,7 +54,7 @@ fn encoder(c: &mut Criterion) {
                     msad::host::vec_from_tensor(prepared.try_forward(x.clone()).unwrap()).unwrap()
                 })
             });
-            // On CPU devices `forward` runs the host engine; this is the backend's own path.
+            // On CPU devices `forward` runs msad's CPU engine; this is the backend's own path.
             if backend != Backend::Wgpu {
                 let id = BenchmarkId::new(
                     format!("{arch}-{size}px-b{batch}-tensor-ops"),

@@ -183,9 +183,51 @@ pub fn select_request(request: DeviceRequest) -> Result<SelectedDevice> {
     }
 }
 
+/// A piece of msad's work, as [`route`] tells where it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// A ResNet forward pass whose result is not differentiated (features, scores).
+    Inference,
+    /// A fine-tuning step: forward, loss and backward of the encoder.
+    TrainingStep,
+    /// The Mean-Shifted Contrastive loss (value and, on autodiff devices, its gradient).
+    Loss,
+    /// The kNN search.
+    Knn,
+}
+
+/// Which implementation computes a piece of work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// msad's CPU engines ([`crate::cpu`]), on the tensors' host memory.
+    Cpu,
+    /// The backend's tensor operations: the specification, on any device.
+    TensorOps,
+}
+
+/// The one rule for where msad's work runs; every backend-generic module asks it.
+///
+/// The CPU engines serve a device whose tensors live in host memory (flex or ndarray, with
+/// or without autodiff). The one exception is [`Work::Inference`] on an autodiff device: its
+/// output must be recorded for autodiff, and the inference engine has no backward (the loss
+/// registers its own backward with burn; a training step runs its own). Everywhere else, and
+/// on every wgpu device, the tensor path runs.
+///
+/// Where the rule picks [`Route::Cpu`] but an engine cannot serve the request (a ResNet layout
+/// it does not cover), the engine says so with [`Error::Unsupported`] when it is built and the
+/// caller falls back to the tensor path, logging the error once (see
+/// `encoder::cpu_bridge`).
+pub(crate) fn route(device: &Device, work: Work) -> Route {
+    if !computes_on_host(device) || (work == Work::Inference && device.is_autodiff()) {
+        Route::TensorOps
+    } else {
+        Route::Cpu
+    }
+}
+
 /// Whether `device` computes on the host CPU with host memory (flex or ndarray, autodiff or not),
-/// so that host-side kernels can work on its data directly.
-pub(crate) fn is_host(device: &Device) -> bool {
+/// so that msad's CPU engines can work on its data directly.
+fn computes_on_host(device: &Device) -> bool {
     let plain = device.clone().without_autodiff();
     #[cfg(feature = "flex")]
     if plain == Device::flex() {
@@ -376,16 +418,27 @@ mod tests {
         assert!(err.to_string().contains("tpu"), "{err}");
     }
 
+    /// The rule: CPU engines on host-memory devices, except inference under autodiff.
     #[test]
-    fn host_devices_are_recognised() {
+    fn work_is_routed_by_one_rule() {
         for backend in Backend::enabled() {
-            let device = select(backend.name()).unwrap().into_device();
-            assert_eq!(is_host(&device), backend != Backend::Wgpu, "{backend}");
-            assert_eq!(
-                is_host(&device.autodiff()),
-                backend != Backend::Wgpu,
-                "{backend}"
-            );
+            // wgpu without an adapter (no Vulkan driver): nothing to route.
+            let Ok(selected) = select(backend.name()) else {
+                assert_eq!(backend, Backend::Wgpu, "a CPU backend is always usable");
+                continue;
+            };
+            let plain = selected.into_device();
+            let host = backend != Backend::Wgpu;
+            let cpu_if = |yes: bool| if yes { Route::Cpu } else { Route::TensorOps };
+            for work in [Work::Inference, Work::TrainingStep, Work::Loss, Work::Knn] {
+                assert_eq!(route(&plain, work), cpu_if(host), "{backend} {work:?}");
+                let under_autodiff = host && work != Work::Inference;
+                assert_eq!(
+                    route(&plain.clone().autodiff(), work),
+                    cpu_if(under_autodiff),
+                    "{backend} {work:?} autodiff"
+                );
+            }
         }
     }
 

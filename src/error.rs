@@ -111,6 +111,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// A model layout that one of msad's engines does not cover (for example a conv with
+    /// padding other than k / 2 on the CPU engine). Where a documented fallback exists (the
+    /// ResNet engines fall back to the backend's tensor operations) this error is what the
+    /// fallback logs; where none exists it is returned.
+    #[error("the {engine} engine does not cover {what}: {reason}")]
+    Unsupported {
+        /// The engine (`cpu`).
+        engine: &'static str,
+        /// The layer or argument, e.g. `layer1.0.conv2`.
+        what: String,
+        /// What about it is not covered.
+        reason: String,
+    },
+
     /// A requested device or backend is not available.
     #[error("device `{name}` is not available: {reason}")]
     DeviceUnavailable {

@@ -33,35 +33,42 @@
 //! - [`loss`]: the Mean-Shifted Contrastive loss (and plain NT-Xent).
 //! - [`knn`]: the kNN anomaly score, chunked on any device or on host memory.
 //! - [`metrics`]: ROC-AUC and average precision, equal to scikit-learn's.
-//! - [`host`]: tensors to and from `ndarray` arrays.
+//! - [`host`]: tensors to and from `ndarray` arrays (host memory).
 //! - [`npy`]: `.npy` input and output of float32 arrays.
 //! - [`features`]: φ over a whole image source, in batches.
 //! - [`train`]: the MSC fine-tuning loop, its settings and progress reports, and single steps
 //!   ([`train::TrainingSession`]).
 //! - [`Detector`]: fit, score, threshold, save and load.
 //! - [`Error`], [`Result`]: the crate's error type.
+//!
+//! Under these, a private layer, `cpu`, holds everything that runs only on host memory: msad's
+//! CPU engines for the ResNet (inference and training), the kNN search and the loss, and the
+//! kernels they are built of. [`device`] holds the one rule that decides when they run
+//! instead of the backend's tensor operations. ARCHITECTURE.md in the repository maps it all.
 
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod augment;
+mod cpu;
 pub mod data;
 mod detector;
 pub mod device;
 pub mod encoder;
 mod error;
 pub mod features;
-mod gram;
 pub mod host;
 pub mod knn;
 pub mod loss;
 pub mod metrics;
 pub mod npy;
-mod packed_product;
-mod sgemm;
 pub mod train;
 
 pub use detector::Detector;
 pub use error::{Error, Result};
+
+/// The eps of PyTorch's `F.normalize`: rows are divided by `max(‖row‖₂, NORM_EPS)`.
+pub(crate) const NORM_EPS: f32 = 1e-12;
 
 /// The README's code blocks, compiled as doctests.
 #[cfg(doctest)]

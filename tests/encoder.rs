@@ -77,8 +77,8 @@ fn matches_torchvision_on_every_backend() {
 }
 
 #[test]
-fn the_host_engine_equals_the_tensor_path() {
-    // On CPU devices `forward` runs the host engine (folded BatchNorm, im2col + sgemm);
+fn the_cpu_engine_equals_the_tensor_path() {
+    // On CPU devices `forward` runs the CPU engine (folded BatchNorm, im2col + sgemm);
     // `forward_tensor_ops` the backend's own operations. Odd sizes, several images, every
     // block design, strides and downsampling included.
     let cpu = backends()

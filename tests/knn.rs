@@ -250,7 +250,7 @@ fn device_scorer_matches_brute_force_on_every_backend() {
         for (c, case) in CASES.iter().enumerate() {
             let (bank, queries) = data(case);
             let reference = brute_force(case, &bank, &queries);
-            // `new` runs the host engine on CPU devices; `with_tensor_ops` the tensor engine
+            // `new` runs the CPU engine on CPU devices; `with_tensor_ops` the tensor engine
             // that GPUs use, here on every backend.
             for tensor_ops in [false, true] {
                 let bank = tensor(&bank, case.n, case.d, device);

@@ -162,7 +162,7 @@ fn check_mean_std(mean: [f32; 3], std: [f32; 3]) -> Result<()> {
     Ok(())
 }
 
-/// The MoCo v2 augmentation MSC trains with (../method.md, Preprocessing); every probability
+/// The MoCo v2 augmentation MSC trains with (METHOD.md in the repository, Preprocessing); every probability
 /// and range is configurable. Defaults are the reference's.
 #[derive(Config, Debug, PartialEq)]
 pub struct TrainAugmentConfig {

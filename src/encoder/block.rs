@@ -3,7 +3,7 @@
 //!
 //! BatchNorm always normalises with its running statistics, whatever the module's training
 //! flags say: the reference keeps the encoder in eval mode for the whole run, fine-tuning
-//! included (../method.md, Encoder).
+//! included (METHOD.md in the repository, Encoder).
 
 use core::f64::consts::SQRT_2;
 

@@ -6,9 +6,9 @@
 //! running statistics, also on an autodiff device, as the reference keeps the model in eval mode.
 //!
 //! Weights come from torchvision checkpoints ([`ResNet::from_torchvision`], [`weights`]); which
-//! parameters train is set by a [`FreezePolicy`]. On CPU devices, inference runs a host engine
-//! (BatchNorm folded into the convs, im2col + sgemm); an [`InferenceEncoder`] prepares it once
-//! for many batches.
+//! parameters train is set by a [`FreezePolicy`]. On CPU devices, inference runs msad's CPU
+//! engine (BatchNorm folded into the convs, im2col + sgemm; see ARCHITECTURE.md); an
+//! [`InferenceEncoder`] prepares it once for many batches.
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor};
@@ -24,11 +24,9 @@
 //! ```
 
 mod block;
+mod cpu_bridge;
 mod freeze;
-mod host;
-mod host_grad;
 pub mod weights;
-mod winograd;
 
 pub use block::{BasicBlock, BlockKind, Bottleneck, Downsample, ResidualBlock};
 pub use freeze::{FreezePolicy, Stage};
@@ -45,10 +43,11 @@ use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor};
 
-use crate::{Error, Result};
+use crate::device::{Route, Work, route};
+use crate::{Error, NORM_EPS, Result};
 
-pub(crate) use host::serves as host_engine_serves;
-pub(crate) use host_grad::HostGradEngine;
+use cpu_bridge::{CpuInference, unsupported_falls_back};
+pub(crate) use cpu_bridge::{CpuTraining, cpu_training_covers};
 
 /// The torchvision ResNets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -328,21 +327,33 @@ impl ResNet {
     /// Pooled features, B × [`ResNet::feature_dim`], from images B × 3 × H × W (normalised
     /// with the ImageNet mean and std). Any H, W ≥ 1 works; torchvision's nets expect ≥ 32.
     ///
+    /// On CPU devices without autodiff this runs msad's CPU engine, folding the weights for
+    /// this one call ([`InferenceEncoder`] folds them once for many calls); elsewhere, and for
+    /// a layout the engine does not cover, [`ResNet::forward_tensor_ops`].
+    ///
     /// # Panics
-    /// If `images` does not have 3 channels; use [`ResNet::try_forward`] for unchecked input.
+    /// If `images` does not have 3 channels, or the backend fails to read the weights back;
+    /// use [`ResNet::try_forward`] for unchecked input.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        // On CPU devices, without gradients, the host engine (folded BatchNorm, im2col + one
-        // sgemm per conv) is several times faster than the backends' convolutions.
-        if host::serves(&images.device())
-            && let Ok(features) = host::forward(self, images.clone())
-        {
-            return features;
+        match self.forward_routed(images) {
+            Ok(features) => features,
+            Err(err) => panic!("ResNet::forward: {err}"),
         }
-        self.forward_tensor_ops(images)
+    }
+
+    /// The forward on the path [`crate::device::route`] picks.
+    fn forward_routed(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        if route(&images.device(), Work::Inference) == Route::Cpu
+            && let Some(engine) = unsupported_falls_back(CpuInference::new(self))?
+        {
+            return engine.forward(images);
+        }
+        Ok(self.forward_tensor_ops(images))
     }
 
     /// [`ResNet::forward`] as a chain of backend tensor operations on any device, also where
-    /// `forward` would use the host engine (CPU devices without autodiff).
+    /// `forward` would use the CPU engine (CPU devices without autodiff). The specification
+    /// the CPU engine is tested against.
     pub fn forward_tensor_ops(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self.conv1.forward(images);
         let x = relu(block::batch_norm_eval(&self.bn1, x));
@@ -361,21 +372,24 @@ impl ResNet {
         x.mean_dim(3).mean_dim(2).reshape([b, c])
     }
 
-    /// [`ResNet::forward`] after checking the input is B × 3 × H × W with B, H, W ≥ 1.
+    /// [`ResNet::forward`] after checking the input is B × 3 × H × W with B, H, W ≥ 1; a
+    /// backend failure is an error here, not a panic.
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         check_images(&images)?;
-        Ok(self.forward(images))
+        self.forward_routed(images)
     }
 
     /// φ(x): the pooled features divided by `max(‖·‖₂, 1e-12)` (`F.normalize`).
+    ///
+    /// # Panics
+    /// As [`ResNet::forward`].
     pub fn embed(&self, images: Tensor<4>) -> Tensor<2> {
         l2_normalize(self.forward(images))
     }
 
     /// [`ResNet::embed`] after checking the input shape.
     pub fn try_embed(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&images)?;
-        Ok(self.embed(images))
+        self.try_forward(images).map(l2_normalize)
     }
 
     /// Length of the feature vector (512 or 2048 for torchvision's nets).
@@ -390,9 +404,10 @@ impl ResNet {
 }
 
 /// A [`ResNet`] prepared for many forward passes with the same weights: on CPU devices
-/// (without autodiff) the weights are read back and folded into the host engine once, here,
-/// instead of on every [`ResNet::forward`] call. Elsewhere it runs the module itself. Results
-/// equal [`ResNet::forward`]'s; build a new one after the weights change.
+/// (without autodiff) the weights are read back and folded into msad's CPU engine once, here,
+/// instead of on every [`ResNet::forward`] call. Elsewhere, and for a layout the engine does
+/// not cover (logged once as a warning), it runs the module itself. Results equal
+/// [`ResNet::forward`]'s; build a new one after the weights change.
 ///
 /// ```
 /// use burn::tensor::{Device, Tensor};
@@ -412,16 +427,31 @@ impl ResNet {
 /// ```
 pub struct InferenceEncoder<'a> {
     model: &'a ResNet,
-    engine: Option<host::HostEngine>,
+    engine: Option<CpuInference>,
 }
 
 impl<'a> InferenceEncoder<'a> {
     /// `model` prepared for inputs on `device`.
+    ///
+    /// Where the weights cannot be read back (a backend failure), the encoder runs the module
+    /// itself and logs the error; [`InferenceEncoder::try_new`] returns it instead.
     pub fn new(model: &'a ResNet, device: &Device) -> Self {
-        let engine = host::serves(device)
-            .then(|| host::HostEngine::new(model).ok())
-            .flatten();
-        Self { model, engine }
+        Self::try_new(model, device).unwrap_or_else(|err| {
+            log::warn!("InferenceEncoder: {err}; running the module's tensor operations");
+            Self {
+                model,
+                engine: None,
+            }
+        })
+    }
+
+    /// [`InferenceEncoder::new`] that returns a backend failure as an error.
+    pub fn try_new(model: &'a ResNet, device: &Device) -> Result<Self> {
+        let engine = match route(device, Work::Inference) {
+            Route::Cpu => unsupported_falls_back(CpuInference::new(model))?,
+            Route::TensorOps => None,
+        };
+        Ok(Self { model, engine })
     }
 
     /// [`ResNet::try_forward`]: the pooled features, B × D.
@@ -429,7 +459,7 @@ impl<'a> InferenceEncoder<'a> {
         check_images(&images)?;
         match &self.engine {
             Some(engine) if !images.is_autodiff() => engine.forward(images),
-            _ => Ok(self.model.forward(images)),
+            _ => self.model.forward_routed(images),
         }
     }
 
@@ -438,7 +468,7 @@ impl<'a> InferenceEncoder<'a> {
         self.try_forward(images).map(l2_normalize)
     }
 
-    /// Whether the host engine serves this encoder (CPU devices).
+    /// Whether msad's CPU engine serves this encoder (CPU devices, layouts it covers).
     pub fn uses_host_engine(&self) -> bool {
         self.engine.is_some()
     }
@@ -453,7 +483,7 @@ impl<'a> InferenceEncoder<'a> {
 /// assert_eq!(y, vec![0.6, 0.8, 0.0, 0.0]);
 /// ```
 pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
-    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+    let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(NORM_EPS);
     x / norm
 }
 
@@ -471,7 +501,7 @@ fn check_images(images: &Tensor<4>) -> Result<()> {
 
 /// Reads every parameter of `model` that burn has not initialised yet, in the module's order,
 /// so that random draws from the device's RNG do not depend on which thread reads a weight
-/// first (the host engines fold the blocks in parallel).
+/// first (the CPU engines read the blocks in parallel).
 pub(crate) fn initialise_in_order<M: Module>(model: &M) {
     struct InOrder;
     impl ModuleVisitor for InOrder {

@@ -4,7 +4,7 @@ use burn::config::Config;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use super::host::HostKnnScorer;
+use super::host_scorer::HostKnnScorer;
 use crate::{Error, Result};
 
 /// Settings of the k-means that compresses a kNN bank.

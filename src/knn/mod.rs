@@ -1,7 +1,7 @@
 //! The anomaly score: squared L2 distances to the k nearest normal features.
 //!
 //! MSC scores a test image by the sum of squared L2 distances from φ(test) to its k = 2 nearest
-//! φ(train) (faiss `IndexFlatL2` in the reference; ../method.md, Score). [`KnnScorer`] does this
+//! φ(train) (faiss `IndexFlatL2` in the reference; see the paper's evaluation section). [`KnnScorer`] does this
 //! exactly on any device, in chunks so that no intermediate exceeds a memory budget (wgpu limits
 //! a storage buffer to 128 MiB); [`HostKnnScorer`] does the same for features in host memory.
 //! [`KnnScorer::compressed`] replaces the bank by k-means centroids, the paper's speed-up.
@@ -20,16 +20,16 @@
 //! # }
 //! ```
 
-mod host;
+mod host_scorer;
 mod kmeans;
-mod quantized_product;
-mod screen;
 
-pub use host::HostKnnScorer;
+pub use host_scorer::HostKnnScorer;
 pub use kmeans::KMeansConfig;
 
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::cpu::knn::ExactSearch;
+use crate::device::{Route, Work, route};
 use crate::{Error, Result};
 
 /// Default budget for the distance tiles in flight: 64 MiB, half of wgpu's default 128 MiB
@@ -52,11 +52,11 @@ pub struct KnnScorer {
     tile_bytes: usize,
 }
 
-/// How the search runs: on the host for CPU devices (flex, ndarray), whose memory is the
-/// host's, and as tensor operations in chunks elsewhere.
+/// How the search runs ([`crate::device::route`]): msad's CPU engine for CPU devices (flex,
+/// ndarray), whose memory is the host's, and as tensor operations in chunks elsewhere.
 #[derive(Clone, Debug)]
 enum Engine {
-    Host(HostKnnScorer),
+    Cpu(ExactSearch),
     Tiles(Vec<BankChunk>),
 }
 
@@ -80,13 +80,13 @@ impl KnnScorer {
     pub fn with_tile_bytes(bank: Tensor<2>, k: usize, tile_bytes: usize) -> Result<Self> {
         let bank = bank.without_autodiff();
         let [n, d] = bank.dims();
-        host::check_bank(n, d, k)?;
-        if crate::device::is_host(&bank.device()) {
+        check_bank(n, d, k)?;
+        if route(&bank.device(), Work::Knn) == Route::Cpu {
             let values = crate::host::vec_from_tensor(bank)?;
-            host::check_finite("bank", &values, d)?;
-            let engine = HostKnnScorer::from_checked(values, n, d, k).with_tile_bytes(tile_bytes);
+            check_finite("bank", &values, d)?;
+            let engine = ExactSearch::new(values, (n, d), k, tile_bytes);
             return Ok(Self {
-                engine: Engine::Host(engine),
+                engine: Engine::Cpu(engine),
                 n,
                 d,
                 k,
@@ -97,11 +97,11 @@ impl KnnScorer {
     }
 
     /// The tensor-operation engine on any device: what [`KnnScorer::new`] uses on GPUs, here
-    /// also on CPU devices (where `new` runs the faster host engine of [`HostKnnScorer`]).
+    /// also on CPU devices (where `new` runs msad's faster CPU engine, as [`HostKnnScorer`]).
     pub fn with_tensor_ops(bank: Tensor<2>, k: usize, tile_bytes: usize) -> Result<Self> {
         let bank = bank.without_autodiff();
         let [n, d] = bank.dims();
-        host::check_bank(n, d, k)?;
+        check_bank(n, d, k)?;
         check_finite_tensor("bank", &bank)?;
         let elems = (tile_bytes / 4).max(1);
         // Bank chunks: at most `elems` floats each, and small enough that a tile with a few
@@ -137,9 +137,9 @@ impl KnnScorer {
         let bank = bank.without_autodiff();
         let device = bank.device();
         let [n, d] = bank.dims();
-        host::check_bank(n, d, k.min(n).max(1))?;
+        check_bank(n, d, k.min(n).max(1))?;
         let values = crate::host::vec_from_tensor(bank)?;
-        host::check_finite("bank", &values, d)?;
+        check_finite("bank", &values, d)?;
         let centroids = kmeans::kmeans(&values, n, d, config)?;
         let c = config.clusters;
         Self::new(
@@ -190,9 +190,9 @@ impl KnnScorer {
         let device = queries.device();
         let chunks = match &self.engine {
             Engine::Tiles(chunks) => chunks,
-            Engine::Host(engine) => {
+            Engine::Cpu(engine) => {
                 let values = crate::host::vec_from_tensor(queries)?;
-                host::check_finite("queries", &values, d)?;
+                check_finite("queries", &values, d)?;
                 let found = engine.search(&values, q);
                 let dist: Vec<f32> = found.iter().flatten().map(|(dd, _)| *dd).collect();
                 let idx: Vec<i64> = found.iter().flatten().map(|(_, i)| *i as i64).collect();
@@ -268,31 +268,40 @@ fn check_finite_tensor(what: &str, x: &Tensor<2>) -> Result<()> {
     // Rare path: read back to name the first offending value.
     let d = x.dims()[1];
     let values = crate::host::vec_from_tensor(x.clone())?;
-    host::check_finite(what, &values, d)?;
+    check_finite(what, &values, d)?;
     Err(Error::invalid(what, "non-finite values"))
 }
 
-/// Test reference for the kNN modules' unit tests: per query, every bank row as (f64 squared
-/// distance, index), nearest first, equal distances by index.
-#[cfg(test)]
-pub(crate) fn brute_force(bank: &[f32], queries: &[f32], d: usize) -> Vec<Vec<(f64, usize)>> {
-    queries
-        .chunks_exact(d)
-        .map(|q| {
-            let mut all: Vec<(f64, usize)> = bank
-                .chunks_exact(d)
-                .enumerate()
-                .map(|(j, b)| {
-                    let dist = q
-                        .iter()
-                        .zip(b)
-                        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-                        .sum();
-                    (dist, j)
-                })
-                .collect();
-            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            all
-        })
-        .collect()
+/// Checks a bank's shape and k: N, D ≥ 1 and 1 ≤ k ≤ N.
+pub(crate) fn check_bank(n: usize, d: usize, k: usize) -> Result<()> {
+    if n == 0 || d == 0 {
+        return Err(Error::InvalidShape {
+            what: "bank".into(),
+            expected: "[N, D] with N ≥ 1 and D ≥ 1".into(),
+            found: vec![n, d],
+        });
+    }
+    if k == 0 || k > n {
+        return Err(Error::invalid(
+            "k",
+            format!("{k}; must be between 1 and the bank size {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that every value of `values` (rows of `d`) is finite, naming the first that is not.
+pub(crate) fn check_finite(what: &str, values: &[f32], d: usize) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            what,
+            format!(
+                "non-finite value {} at row {}, column {}",
+                values[i],
+                i / d,
+                i % d
+            ),
+        )),
+    }
 }

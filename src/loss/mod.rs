@@ -1,6 +1,6 @@
 //! The Mean-Shifted Contrastive loss and its plain contrastive ablation.
 //!
-//! For a batch of B images with views x′, x″ and the fixed center c (../method.md, Loss):
+//! For a batch of B images with views x′, x″ and the fixed center c (METHOD.md in the repository, Loss):
 //!
 //! ```text
 //! θ′ᵢ = normalize(φ(x′ᵢ) − c),  θ″ᵢ = normalize(φ(x″ᵢ) − c)        (F.normalize, eps 1e-12)
@@ -36,19 +36,17 @@
 //! # }
 //! ```
 
-mod host_kernel;
 // The extension macro names the deprecated `NdArray` backend in code it generates.
 #[cfg(any(feature = "flex", feature = "ndarray"))]
 #[allow(deprecated)]
-mod host_op;
+mod cpu_op;
 
 use burn::config::Config;
 use burn::tensor::Tensor;
 
-use crate::{Error, Result};
-
-/// F.normalize's eps.
-const NORM_EPS: f32 = 1e-12;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+use crate::device::{Route, Work, route};
+use crate::{Error, NORM_EPS, Result};
 
 /// Configuration of [`MeanShiftedContrastiveLoss`].
 #[derive(Config, Debug, PartialEq)]
@@ -135,7 +133,7 @@ impl MeanShiftedContrastiveLoss {
     ) -> (f64, Vec<f32>) {
         let inv_tau = (1.0 / self.kernel.temperature) as f32;
         let views = phi.split_at(phi.len() / 2);
-        let out = host_kernel::nt_xent(
+        let out = crate::cpu::loss::nt_xent(
             [views.0, views.1],
             Some(center),
             b,
@@ -273,17 +271,17 @@ impl NtXent {
         angular: bool,
     ) -> Tensor<1> {
         #[cfg(any(feature = "flex", feature = "ndarray"))]
-        if crate::device::is_host(&x1.device()) {
+        if route(&x1.device(), Work::Loss) == Route::Cpu {
             let shifted = center.is_some();
             // Not read unshifted: any tensor of the device will do.
             let center =
                 center.unwrap_or_else(|| Tensor::zeros([1, 1], &x1.device().without_autodiff()));
-            let options = host_op::HostLossOptions {
+            let options = cpu_op::CpuLossOptions {
                 inv_tau: (1.0 / self.temperature) as f32,
                 shifted,
                 angular,
             };
-            return host_op::loss(x1, x2, center, options);
+            return cpu_op::loss(x1, x2, center, options);
         }
         let tracked = x1.is_autodiff() || x2.is_autodiff();
         let (p1, p2) = (x1.clone().without_autodiff(), x2.clone().without_autodiff());

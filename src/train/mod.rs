@@ -1,6 +1,6 @@
 //! Fine-tuning an encoder on normal images with the mean-shifted contrastive loss.
 //!
-//! The loop of the reference code (../method.md, Optimisation): the center is computed once from
+//! The loop of the reference code (METHOD.md in the repository, Optimisation): the center is computed once from
 //! the pretrained features (evaluation transform), then every epoch visits the normal images in
 //! shuffled batches of two MoCo v2 views each, computes the mean-shifted loss and takes an SGD
 //! step on the trainable parameters only; BatchNorm stays on its running statistics. After each

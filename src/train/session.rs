@@ -9,7 +9,8 @@ use rand::Rng;
 
 use super::MscTrainerConfig;
 use crate::augment::TrainAugment;
-use crate::encoder::{FreezePolicy, HostGradEngine, ResNet};
+use crate::device::{Route, Work, route};
+use crate::encoder::{CpuTraining, FreezePolicy, ResNet, cpu_training_covers};
 use crate::loss::{MeanShiftedContrastiveLoss, MeanShiftedContrastiveLossConfig};
 use crate::{Error, Result};
 
@@ -53,7 +54,7 @@ pub struct TrainingSession {
     center_host: Vec<f32>,
     plain: Device,
     train_device: Device,
-    /// Whether steps run on host memory (CPU devices, layouts the host engine covers).
+    /// Whether steps run on msad's CPU training engine (CPU devices, layouts it covers).
     host: bool,
     lr: f64,
 }
@@ -96,8 +97,9 @@ impl TrainingSession {
                     .then(|| WeightDecayConfig::new(config.weight_decay as f32)),
             )
             .init();
-        let host =
-            crate::encoder::host_engine_serves(&plain) && HostGradEngine::new(&model).is_ok();
+        // Decided once: the CPU engine where the rule routes training there and it covers the
+        // layout (checked without reading a weight), else autodiff through the tensor path.
+        let host = route(&plain, Work::TrainingStep) == Route::Cpu && cpu_training_covers(&model)?;
         Ok(Self {
             model: Some(model),
             optim,
@@ -130,7 +132,7 @@ impl TrainingSession {
             .expect("the model is back after every step");
         let (value, grads) = match self.host {
             true => {
-                let engine = HostGradEngine::new(model)?;
+                let engine = CpuTraining::new(model)?;
                 let (v1, v2) = self.augment.views(images, rng, &self.plain)?;
                 let x = Tensor::cat(vec![v1, v2], 0);
                 let dims = x.dims();
@@ -175,7 +177,7 @@ impl TrainingSession {
         self.encoder()
     }
 
-    /// Whether steps run on host memory (CPU devices and layouts the host engine covers)
+    /// Whether steps run on msad's CPU training engine (CPU devices and layouts it covers)
     /// rather than through autodiff.
     pub fn runs_on_host(&self) -> bool {
         self.host

@@ -5,7 +5,7 @@
 //! Each row x (query or bank) gets its own scale s and is rounded to 16-bit integers
 //! x' = round(s·x), with s = min(32 767 / max|xᵢ|, (46 340 − √D/2 − 1) / ‖x‖): every value fits
 //! an `i16` and ‖x'‖ < 46 340, so that every integer dot product (and partial sum) fits an
-//! `i32` and is exact ([`super::quantized_product`]). With x̂ = x'·(1/s) and e = x − x̂,
+//! `i32` and is exact ([`crate::cpu::kernels::int16`]). With x̂ = x'·(1/s) and e = x − x̂,
 //!
 //! |q·b − q̂·b̂| = |e_q·b + q̂·e_b| ≤ ‖e_q‖ ‖b‖ + ‖q̂‖ ‖e_b‖,
 //!
@@ -19,8 +19,8 @@
 //! from it: thousands on a few threads under the default budget) is searched again with the
 //! f32 product.
 
-use super::quantized_product::{PackedBank, pair};
-use crate::packed_product::{Kernel, NR};
+use crate::cpu::kernels::int16::{Int16Kernel, PackedBank, pair};
+use crate::cpu::kernels::tile::NR;
 
 /// Bound on the L2 norm of a quantised row: 46 340² < 2³¹.
 const NORM_LIMIT: f64 = 46_340.0;
@@ -186,8 +186,7 @@ fn up(v: f64) -> f32 {
 impl ScreenBank {
     /// Quantises and packs `bank` (n × d, finite), or `None` where the screen does not apply
     /// (D beyond [`supports`], or a squared norm too large for the f32 estimates).
-    /// [`Kernel::Avx2Fma`] only where [`Kernel::detect`] returned it.
-    pub(crate) fn new(bank: &[f32], d: usize, kernel: Kernel) -> Option<Self> {
+    pub(crate) fn new(bank: &[f32], d: usize, kernel: Int16Kernel) -> Option<Self> {
         if !supports(d) {
             return None;
         }
@@ -366,13 +365,13 @@ impl Candidates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packed_product::MR;
+    use crate::cpu::kernels::tile::MR;
 
     /// The integer dot products of every quantised query with every bank row: (query-major
     /// rows of `ldc`, ldc = the bank's padded row count).
     fn dots_with_every_row(screen: &ScreenBank, queries: &QuantizedRows) -> (Vec<i32>, usize) {
         let words = queries.words_per_row;
-        let a = super::super::quantized_product::pack_a(&queries.words, queries.len(), words);
+        let a = crate::cpu::kernels::tile::pack_a(&queries.words, queries.len(), words);
         let a_panels = queries.len().div_ceil(MR);
         let panels = screen.packed.panel_count();
         let ldc = panels * NR;
@@ -451,10 +450,10 @@ mod tests {
     /// distance are always among the candidates.
     #[test]
     fn candidates_always_hold_the_k_nearest() {
-        let Some(kernel) = Kernel::detect().or(Some(Kernel::Portable)) else {
-            return;
-        };
-        for d in [3, 64, 513] {
+        for (kernel, d) in Int16Kernel::all()
+            .into_iter()
+            .flat_map(|k| [3, 64, 513].map(|d| (k, d)))
+        {
             let bank = awkward_rows(d)
                 .into_iter()
                 .chain(
@@ -471,7 +470,7 @@ mod tests {
                 .collect();
             let quantized = QuantizedRows::new(&queries, d);
             let (dots, ldc) = dots_with_every_row(&screen, &quantized);
-            let exact = crate::knn::brute_force(&bank, &queries, d);
+            let exact = crate::cpu::knn::brute_force(&bank, &queries, d);
             for k in [1, 2, 5] {
                 for r in 0..quantized.len() {
                     let mut candidates = screen.query(&quantized, r, k, 0);
@@ -506,13 +505,13 @@ mod tests {
             let mut value = || (rng.random::<f32>() * 2.0 - 1.0) * scale;
             let bank: Vec<f32> = (0..n * d).map(|_| value()).collect();
             let query: Vec<f32> = (0..d).map(|_| value()).collect();
-            let screen = ScreenBank::new(&bank, d, Kernel::Portable).unwrap();
+            let screen = ScreenBank::new(&bank, d, Int16Kernel::Portable).unwrap();
             let quantized = QuantizedRows::new(&query, d);
             let (dots, ldc) = dots_with_every_row(&screen, &quantized);
             let mut candidates = screen.query(&quantized, 0, k, 0);
             candidates.offer(&screen, &dots[..ldc], 0);
             let kept = candidates.finish().unwrap();
-            let exact = crate::knn::brute_force(&bank, &query, d);
+            let exact = crate::cpu::knn::brute_force(&bank, &query, d);
             for &(_, j) in &exact[0][..k] {
                 assert!(kept.contains(&j), "trial {trial}: row {j} dropped");
             }
@@ -523,7 +522,7 @@ mod tests {
     fn many_equidistant_rows_overflow_the_screen() {
         let d = 8;
         let bank = vec![0.25f32; 400 * d];
-        let screen = ScreenBank::new(&bank, d, Kernel::Portable).unwrap();
+        let screen = ScreenBank::new(&bank, d, Int16Kernel::Portable).unwrap();
         let quantized = QuantizedRows::new(&[0.5f32; 8], d);
         let mut candidates = screen.query(&quantized, 0, 2, 0);
         let (dots, ldc) = dots_with_every_row(&screen, &quantized);

@@ -1,10 +1,11 @@
 //! The Gram matrix u uᵀ of a few long rows (the loss's 2B × D shifted features): tiles of
 //! 3 × 4 dot products, each an 8-lane FMA accumulator running along the rows, on and above
 //! the diagonal only. The rows are read where they lie, with no packing: seven loads feed
-//! twelve FMAs (the outer-product kernel of `crate::packed_product` needs eight, on packed
-//! panels).
+//! twelve FMAs (the outer-product kernel of [`super::tile`] needs eight, on packed panels).
+//! The kernel is [`TileKernel`]: the same instruction sets as the tile.
 
-use crate::packed_product::Kernel;
+use super::dot;
+use super::tile::TileKernel;
 
 /// Rows per tile (the left factors).
 const TILE_ROWS: usize = 3;
@@ -19,7 +20,7 @@ const BLOCK: usize = 1024;
 ///
 /// # Panics
 /// When `u` is too short for the shape (a bug in the caller, never user input).
-pub(crate) fn gram(u: &[f32], n: usize, len: usize, stride: usize, kernel: Kernel) -> Vec<f32> {
+pub(crate) fn gram(u: &[f32], n: usize, len: usize, stride: usize, kernel: TileKernel) -> Vec<f32> {
     assert!(
         stride >= len && u.len() >= n.saturating_sub(1) * stride + len,
         "gram: rows too short"
@@ -57,15 +58,16 @@ fn dot_tile(
     (i0, rows): (usize, usize),
     (j0, cols): (usize, usize),
     ks: std::ops::Range<usize>,
-    kernel: Kernel,
+    kernel: TileKernel,
 ) -> [[f32; TILE_COLS]; TILE_ROWS] {
     let row = |i: usize| &u[i * stride + ks.start..i * stride + ks.end];
     let left: [&[f32]; TILE_ROWS] = std::array::from_fn(|r| row(i0 + r.min(rows - 1)));
     let right: [&[f32]; TILE_COLS] = std::array::from_fn(|c| row(j0 + c.min(cols - 1)));
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2 and FMA (`Kernel::detect`).
-        Kernel::Avx2Fma => unsafe { avx2::dot_tile(left, right) },
+        // SAFETY: the token proves the CPU has AVX2 and FMA; `left` and `right` hold rows of
+        // equal length (cut from the same column range above).
+        TileKernel::Fast(_) => unsafe { avx2::dot_tile(left, right) },
         _ => portable_dot_tile(left, right),
     }
 }
@@ -76,24 +78,6 @@ fn portable_dot_tile(
     right: [&[f32]; TILE_COLS],
 ) -> [[f32; TILE_COLS]; TILE_ROWS] {
     std::array::from_fn(|r| std::array::from_fn(|c| dot(left[r], right[c])))
-}
-
-/// Σ a·b in 8 independent lanes, so that it vectorises.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((l, p), q) in lanes.iter_mut().zip(x).zip(y) {
-            *l += p * q;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -185,17 +169,19 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::isa::report_tested;
 
     /// Every kernel this CPU has equals a double-precision Gram matrix, for sizes that leave
     /// partial tiles, a partial block and a tail shorter than 8 columns.
     #[test]
     fn gram_equals_the_naive_product() {
-        let kernels = [Some(Kernel::Portable), Kernel::detect()];
+        let kernels = TileKernel::all();
+        report_tested("gram tiles", &kernels);
         for (n, len, stride) in [(1, 1, 1), (4, 3, 5), (14, 1030, 1040), (13, 2048, 2048)] {
             let u: Vec<f32> = (0..n * stride)
                 .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1 << 24) as f32 - 0.5)
                 .collect();
-            for kernel in kernels.into_iter().flatten() {
+            for &kernel in &kernels {
                 let c = gram(&u, n, len, stride, kernel);
                 for i in 0..n {
                     for j in 0..n {

@@ -1,8 +1,8 @@
 //! 3x3 convolutions with stride 1 and padding 1 by Winograd's minimal filtering F(2×2, 3×3)
 //! (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2×2 block
 //! of outputs comes from a 4×4 block of inputs with 16 multiplications per channel pair
-//! instead of 36, so the products (`crate::sgemm`, 16 of them, one per position of the 4×4
-//! transformed block) are 2.25 times smaller than im2col's. The host engines use it for a
+//! instead of 36, so the products ([`sgemm`], 16 of them, one per position of the 4×4
+//! transformed block) are 2.25 times smaller than im2col's. The ResNet engines use it for a
 //! ResNet's 3x3 stride-1 convs on maps of 12x12 and larger ([`pays`]): the forward pass, and in
 //! training the input gradient (the kernels turned over, [`WinogradFilter::adjoint`]) and the
 //! kernel gradient ([`kernel_gradient`], the adjoint in the kernels). Results equal im2col's to
@@ -15,8 +15,9 @@
 
 use rayon::prelude::*;
 
-use super::host::{ColsBuffer, Maps};
-use crate::sgemm::{Operand, sgemm};
+use super::maps::Maps;
+use super::scratch::ColsBuffer;
+use crate::cpu::kernels::sgemm::{Operand, sgemm};
 
 /// Largest transformed-input plus product buffer, in floats (32 MiB, as im2col's): wider
 /// convs are computed in chunks of tiles.
@@ -24,7 +25,7 @@ const BUFFER_FLOATS: usize = 8 << 20;
 
 /// A 3x3 kernel bank transformed for F(2×2, 3×3): U\[ξ\] (C_out × C_in) for each of the 16
 /// positions ξ of the 4×4 block.
-pub(super) struct WinogradFilter {
+pub(crate) struct WinogradFilter {
     u: Vec<f32>,
     cout: usize,
     cin: usize,
@@ -32,14 +33,14 @@ pub(super) struct WinogradFilter {
 
 impl WinogradFilter {
     /// From weights C_out × C_in × 3 × 3, row-major.
-    pub(super) fn new(w: &[f32], cout: usize, cin: usize) -> Self {
+    pub(crate) fn new(w: &[f32], cout: usize, cin: usize) -> Self {
         Self::transform(cout, cin, |o, i, k| w[(o * cin + i) * 9 + k])
     }
 
     /// The filter of the convolution's adjoint (C_in outputs from C_out inputs): each kernel
     /// turned by 180°, input and output channels swapped. Its output is the gradient with
     /// respect to the input of the convolution that `w` (C_out × C_in × 3 × 3) defines.
-    pub(super) fn adjoint(w: &[f32], cout: usize, cin: usize) -> Self {
+    pub(crate) fn adjoint(w: &[f32], cout: usize, cin: usize) -> Self {
         Self::transform(cin, cout, |i, o, k| w[(o * cin + i) * 9 + 8 - k])
     }
 
@@ -86,22 +87,22 @@ impl WinogradFilter {
 /// overhanging an odd map included) must be at most two thirds of im2col's 9 per output, and
 /// the map must hold enough tiles: on the 8×8 and smaller maps of 32 px images the transforms
 /// and the 16 small products cost what they save (measured with `examples/throughput`).
-pub(super) fn pays(h: usize, w: usize) -> bool {
+pub(crate) fn pays(h: usize, w: usize) -> bool {
     let tiles = h.div_ceil(2) * w.div_ceil(2);
     h * w >= 144 && 16 * tiles <= 6 * h * w
 }
 
 /// The shape of channel-major maps (C × B × H × W) read from a plain slice.
 #[derive(Clone, Copy)]
-pub(super) struct Shape {
-    pub(super) c: usize,
-    pub(super) b: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
+pub(crate) struct Shape {
+    pub(crate) c: usize,
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
 }
 
 impl Shape {
-    pub(super) fn of(x: &Maps) -> Self {
+    pub(crate) fn of(x: &Maps) -> Self {
         Self {
             c: x.c,
             b: x.b,
@@ -117,7 +118,7 @@ impl Shape {
 
 /// `out` (C_out × B·H·W, channel-major like `x`) += the 3x3, stride-1, padding-1 convolution
 /// of `x` (shape `x`, values `data`) with the filter (no bias).
-pub(super) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [f32]) {
+pub(crate) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [f32]) {
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(x.c, f.cin, "winograd: input channels");
     assert_eq!(out.len(), f.cout * x.plane(), "winograd: output size");
@@ -276,7 +277,7 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
 /// `dy` (C_out × B·H·W) of its output. The adjoint of F(2×2, 3×3) in the kernels: with
 /// V = Bᵀ d B per tile and Ŷ = A dy Aᵀ (dy the 2×2 output block, zero outside the map),
 /// dU\[ξ\] = Σ_tiles Ŷ\[ξ\] V\[ξ\]ᵀ (16 products, C_out × C_in each) and dg = Gᵀ dU G.
-pub(super) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -> Vec<f32> {
+pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -> Vec<f32> {
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(dy.len(), cout * x.plane(), "winograd: gradient size");
     let cin = x.c;
@@ -362,8 +363,28 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
+    use super::super::geometry::{ConvPlan, ConvShape};
+    use super::super::im2col::im2col;
     use super::*;
-    use crate::encoder::host::im2col;
+
+    /// The im2col matrix of the 3x3 stride-1 padding-1 conv of `x`, all columns in one chunk.
+    fn im2col_all(x: &Maps) -> Vec<f32> {
+        let shape = ConvShape {
+            cin: x.c,
+            cout: 1,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let plan = ConvPlan {
+            rows_per_chunk: x.b * x.h,
+            ..shape.plan(x)
+        };
+        let chunk = plan.chunks().next().expect("one chunk");
+        let mut cols = vec![0f32; shape.patch() * chunk.width()];
+        im2col(x, &shape, &plan, &chunk, &mut cols);
+        cols
+    }
 
     fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
         (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
@@ -373,8 +394,7 @@ mod tests {
     fn direct(x: &Maps, w: &[f32], cout: usize) -> Vec<f32> {
         let n = x.plane();
         let kk = x.c * 9;
-        let mut cols = vec![0f32; kk * n];
-        im2col(x, 3, 1, 1, x.h, x.w, 0, x.b * x.h, &mut cols);
+        let cols = im2col_all(x);
         let mut out = vec![0f32; cout * n];
         sgemm(
             (cout, n, kk),
@@ -473,8 +493,7 @@ mod tests {
             };
             let dy = random(&mut rng, cout * b * h * w);
             let n = x.plane();
-            let mut cols = vec![0f32; cin * 9 * n];
-            im2col(&x, 3, 1, 1, h, w, 0, b * h, &mut cols);
+            let cols = im2col_all(&x);
             let mut want = vec![0f32; cout * cin * 9];
             sgemm(
                 (cout, cin * 9, n),

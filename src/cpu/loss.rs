@@ -6,11 +6,11 @@
 //! rounding). The gradient with respect to u is again a product, M u, with a 2B × 2B matrix M
 //! built from G. So the feature columns are split between the threads, and
 //!
-//! 1. each thread shifts its columns and computes their part of G (`crate::gram`: dot-product
+//! 1. each thread shifts its columns and computes their part of G ([`gram`](super::kernels::gram): dot-product
 //!    tiles on and above the diagonal, reading the rows where they lie);
 //! 2. the parts are summed and G is turned into the value and M (a few passes over 2B × 2B
 //!    matrices, their rows split between the threads);
-//! 3. each thread writes M u for its columns (`crate::packed_product`'s 6 × 16 micro-kernel,
+//! 3. each thread writes M u for its columns ([`tile`](super::kernels::tile)'s 6 × 16 micro-kernel,
 //!    its panels of u read in place).
 //!
 //! All of it runs on rayon's pool, entered once per call: the threads join after the products
@@ -23,12 +23,14 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::gram::dot;
-use crate::packed_product::{Kernel, MR, NR, pack_a};
-use crate::sgemm::{Operand, sgemm_serial};
+use super::kernels::dot;
+use super::kernels::gram::gram;
+use super::kernels::sgemm::{Operand, sgemm_serial};
+use super::kernels::tile::{MR, NR, TileKernel, pack_a};
+use crate::NORM_EPS;
 
 /// The loss and, when asked, dL/dx for the 2B rows (x₁ then x₂; 2B × D, row-major).
-pub(super) struct Output {
+pub(crate) struct Output {
     pub value: f64,
     pub grad: Option<Vec<f32>>,
 }
@@ -43,7 +45,7 @@ const MIN_COLUMNS_PER_THREAD: usize = 128;
 /// NT-Xent over θ = normalize(x − c) for the 2B rows of `views` (the first view's B rows,
 /// then the second's, each B × D row-major), plus Σ‖x − c‖² / B when `angular`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn nt_xent(
+pub(crate) fn nt_xent(
     views: [&[f32]; 2],
     center: Option<&[f32]>,
     b: usize,
@@ -185,7 +187,7 @@ impl Softmax {
         let squares: Vec<f32> = (0..n).map(|i| gram[i * n + i]).collect();
         let inv_norms: Vec<f32> = squares
             .iter()
-            .map(|s| 1.0 / s.sqrt().max(super::NORM_EPS))
+            .map(|s| 1.0 / s.sqrt().max(NORM_EPS))
             .collect();
         let mut cosines = vec![0f32; n * n];
         let mut probabilities = vec![0f32; n * n];
@@ -254,7 +256,7 @@ impl Softmax {
             for (v, inv_j) in row.iter_mut().zip(&self.inv_norms) {
                 *v *= inv * inv_j;
             }
-            let live = self.squares[i].sqrt() > super::NORM_EPS;
+            let live = self.squares[i].sqrt() > NORM_EPS;
             row[i] = if live { -radial * inv * inv } else { 0.0 } + angular;
         });
         m
@@ -347,28 +349,28 @@ impl Shifted {
 /// general sgemm.
 #[derive(Clone, Copy)]
 enum Products {
-    Own(Kernel),
+    Own(TileKernel),
     Sgemm,
 }
 
 /// The left operand of the gradient product, prepared once for every slice of columns.
 enum Left {
     /// Packed into panels of [`MR`] rows, for this kernel.
-    Packed(Kernel, Vec<f32>),
+    Packed(TileKernel, Vec<f32>),
     /// Row-major, for the general sgemm.
     Plain(Vec<f32>),
 }
 
 impl Products {
     fn detect() -> Self {
-        Kernel::detect().map_or(Self::Sgemm, Self::Own)
+        TileKernel::select().map_or(Self::Sgemm, Self::Own)
     }
 
     /// u uᵀ (n × n).
     fn gram(self, u: &Shifted) -> Vec<f32> {
         let (n, w, stride) = (u.n, u.width, u.stride);
         match self {
-            Self::Own(kernel) => crate::gram::gram(&u.data, n, w, stride, kernel),
+            Self::Own(kernel) => gram(&u.data, n, w, stride, kernel),
             Self::Sgemm => {
                 let mut c = vec![0f32; n * n];
                 sgemm_serial(
@@ -515,8 +517,8 @@ mod tests {
             .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1 << 24) as f32 - 0.5)
             .collect();
         let c: Vec<f32> = (0..d).map(|i| (i % 5) as f32 * 0.02 - 0.04).collect();
-        let mut paths = vec![Products::Sgemm, Products::Own(Kernel::Portable)];
-        paths.extend(Kernel::detect().map(Products::Own));
+        let mut paths = vec![Products::Sgemm];
+        paths.extend(TileKernel::all().into_iter().map(Products::Own));
         for (center, angular) in [(Some(&c[..]), true), (None, false)] {
             let views = [&x[..b * d], &x[b * d..]];
             let run = |p: Products| compute(p, views, center, b, d, 4.0, angular, true);

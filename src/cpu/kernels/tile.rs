@@ -1,40 +1,23 @@
 //! The crate's own f32 micro-kernel: a 6 × 16 register-blocked tile (AVX2 and FMA on x86-64,
-//! detected at run time), run on the calling thread.
+//! chosen by an instruction-set token), run on the calling thread.
 //!
 //! The loss kernel gives each thread a slice of the feature columns and runs its gradient
-//! product there ([`Kernel::tile`] on panels of the slice read in place), with no thread pool
-//! inside the product to wake and join. The left operand A (m × k) is packed into ⌈m / 6⌉
-//! panels of 6 rows ([`pack_a`]), stored k-major. The kNN screen's integer kernel
-//! (`knn::quantized_product`) uses the same tile shape and [`Kernel::detect`].
+//! product there ([`TileKernel::tile`] on panels of the slice read in place), with no thread
+//! pool inside the product to wake and join. The left operand A (m × k) is packed into
+//! ⌈m / 6⌉ panels of 6 rows ([`pack_a`]), stored k-major. The kNN screen's integer kernel
+//! ([`super::int16`]) uses the same tile shape and packing.
+
+use crate::cpu::isa::{Avx2Fma, Kernel};
 
 /// Rows of A per micro-tile.
 pub(crate) const MR: usize = 6;
 /// Output columns per micro-tile (two AVX registers of 8 lanes).
 pub(crate) const NR: usize = 16;
-/// Which micro-kernel computes the products.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kernel {
-    /// AVX2 + FMA intrinsics (x86-64 CPUs that have both).
-    Avx2Fma,
-    /// Plain Rust, to test the fast kernel against.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Portable,
-}
+/// Which f32 micro-kernel computes the products (also the Gram tiles, [`super::gram`]):
+/// AVX2 + FMA intrinsics, or plain Rust.
+pub(crate) type TileKernel = Kernel<Avx2Fma>;
 
-impl Kernel {
-    /// The fastest kernel this CPU runs, or `None` when only the portable one is available
-    /// (the general sgemm path is faster than the portable kernel there).
-    pub(crate) fn detect() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Some(Self::Avx2Fma);
-        }
-        None
-    }
-}
-
-impl Kernel {
+impl TileKernel {
     /// The 6 × 16 micro-tile `c` (+)= a · b over `kc` inner columns: `a` is one packed panel of
     /// A ([`pack_a`]; kc × 6), `b` = (data, ldb) holds kc rows of 16 columns `ldb` apart (a
     /// row-major matrix with ldb ≥ 16, such as the loss kernel's slice of columns), `c` = (data, ldc) six rows
@@ -62,17 +45,16 @@ impl Kernel {
         );
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2 and FMA
-            // (`Kernel::detect`); the slices hold what the kernel reads and writes (asserted
-            // above).
-            Kernel::Avx2Fma => unsafe { avx2::kernel(kc, a, (b, ldb), (c, ldc), accumulate) },
+            // SAFETY: the token proves the CPU has AVX2 and FMA; the slices hold what the
+            // kernel reads and writes (asserted above).
+            Self::Fast(_) => unsafe { avx2::kernel(kc, a, (b, ldb), (c, ldc), accumulate) },
             _ => portable_kernel(kc, a, (b, ldb), (c, ldc), accumulate),
         }
     }
 }
 
 /// `rows` (r × k, row-major) as the ⌈r / 6⌉ panels of a left operand, packed on the calling
-/// thread (f32 values here, the kNN screen's pair words in `knn::quantized_product`).
+/// thread (f32 values here, the kNN screen's pair words in [`super::int16`]).
 pub(crate) fn pack_a<T: Copy + Default>(rows: &[T], r: usize, k: usize) -> Vec<T> {
     let mut out = vec![T::default(); r.div_ceil(MR) * k * MR];
     if k > 0 {
@@ -156,7 +138,7 @@ mod avx2 {
         debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
         let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
         let mut acc: [[__m256; 2]; MR] = [[_mm256_setzero_ps(); 2]; MR];
-        // SAFETY (whole body): the reads stay within kc × 6 floats of `a` and kc rows of 16
+        // SAFETY: (the whole body) the reads stay within kc × 6 floats of `a` and kc rows of 16
         // floats `ldb` apart in `b`, the writes within six rows of 16 floats `ldc` apart in `c`
         // (the caller's contract).
         unsafe {
@@ -189,6 +171,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::isa::report_tested;
 
     fn filled(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
@@ -201,14 +184,15 @@ mod tests {
     /// in place from a row-major matrix wider than the tile, written over or added to C.
     #[test]
     fn tiles_equal_the_naive_product() {
-        let kernels = [Some(Kernel::Portable), Kernel::detect()];
+        let kernels = TileKernel::all();
+        report_tested("f32 tile kernel", &kernels);
         for kc in [0, 1, 7, 256, 300] {
             let (ldb, ldc) = (NR + 5, NR + 3);
             let a = filled(MR * kc, 1);
             let b = filled(kc * ldb, 2);
             let c0 = filled(MR * ldc, 3);
             let packed = pack_a(&a, MR, kc);
-            for kernel in kernels.into_iter().flatten() {
+            for &kernel in &kernels {
                 for accumulate in [false, true] {
                     let mut c = c0.clone();
                     kernel.tile(kc, &packed, (&b, ldb), (&mut c, ldc), accumulate);

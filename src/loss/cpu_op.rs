@@ -28,11 +28,11 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Slice, Tensor, TensorData};
 
-use super::host_kernel;
+use crate::cpu::loss as kernel;
 
 /// Options of one loss call that are not tensors.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct HostLossOptions {
+pub(crate) struct CpuLossOptions {
     /// 1/τ.
     pub inv_tau: f32,
     /// Whether the views are shifted by the center (the mean-shifted loss) or not (plain
@@ -47,12 +47,13 @@ pub(crate) struct HostLossOptions {
 /// and `x2` (the center is a constant). `center` is 1 × D when `options.shifted`, otherwise any
 /// tensor of the device (not read).
 ///
-/// Shapes are the caller's to check; the device must be a CPU one (`crate::device::is_host`).
+/// Shapes are the caller's to check; [`crate::device::route`] must have picked the CPU
+/// engines for the device.
 pub(super) fn loss(
     x1: Tensor<2>,
     x2: Tensor<2>,
     center: Tensor<2>,
-    options: HostLossOptions,
+    options: CpuLossOptions,
 ) -> Tensor<1> {
     Tensor::from_dispatch(<Dispatch as NtXentBackend>::nt_xent(
         x1.into_dispatch(),
@@ -75,7 +76,7 @@ pub(crate) trait NtXentBackend: Backend {
         x1: FloatTensor<Self>,
         x2: FloatTensor<Self>,
         center: FloatTensor<Self>,
-        options: HostLossOptions,
+        options: CpuLossOptions,
     ) -> FloatTensor<Self>;
 }
 
@@ -127,7 +128,7 @@ macro_rules! host_nt_xent {
                 x1: FloatTensor<Self>,
                 x2: FloatTensor<Self>,
                 center: FloatTensor<Self>,
-                options: HostLossOptions,
+                options: CpuLossOptions,
             ) -> FloatTensor<Self> {
                 compute::<Self>(&x1, &x2, &center, options, false).0
             }
@@ -145,7 +146,7 @@ fn compute<B: HostFloats>(
     x1: &FloatTensor<B>,
     x2: &FloatTensor<B>,
     center: &FloatTensor<B>,
-    options: HostLossOptions,
+    options: CpuLossOptions,
     with_grad: bool,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let dims = x1.shape();
@@ -153,7 +154,7 @@ fn compute<B: HostFloats>(
     let (dtype, device) = (x1.dtype(), x1.device());
     let views = [B::host_values(x1), B::host_values(x2)];
     let center = options.shifted.then(|| B::host_values(center));
-    let out = host_kernel::nt_xent(
+    let out = kernel::nt_xent(
         [&views[0], &views[1]],
         center.as_deref(),
         b,
@@ -211,7 +212,7 @@ impl<B: HostFloats, C: CheckpointStrategy> NtXentBackend for Autodiff<B, C> {
         x1: FloatTensor<Self>,
         x2: FloatTensor<Self>,
         center: FloatTensor<Self>,
-        options: HostLossOptions,
+        options: CpuLossOptions,
     ) -> FloatTensor<Self> {
         let (x1, node1) = x1.into_parts();
         let (x2, node2) = x2.into_parts();

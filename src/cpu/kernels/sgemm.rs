@@ -107,10 +107,29 @@ fn check(
     true
 }
 
-/// Which library runs the products: `"openblas"` or `"gemm"`.
-pub(crate) fn library() -> &'static str {
-    backend::NAME
+/// The libraries that can run [`sgemm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Library {
+    /// The pure-Rust `gemm` crate (the default).
+    Gemm,
+    /// The system's OpenBLAS (the `openblas` feature).
+    #[cfg_attr(not(feature = "openblas"), allow(dead_code))]
+    OpenBlas,
 }
+
+#[cfg(test)]
+impl Library {
+    /// Its name in test output (`gemm`, `openblas`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Library::Gemm => "gemm",
+            Library::OpenBlas => "openblas",
+        }
+    }
+}
+
+/// Which library runs [`sgemm`] in this build.
+pub(crate) const LIBRARY: Library = backend::LIBRARY;
 
 #[cfg(feature = "openblas")]
 mod backend {
@@ -121,7 +140,7 @@ mod backend {
     #[link(name = "openblas")]
     unsafe extern "C" {}
 
-    pub(super) const NAME: &str = "openblas";
+    pub(super) const LIBRARY: super::Library = super::Library::OpenBlas;
 
     pub(super) fn sgemm(
         (m, n, k): (usize, usize, usize),
@@ -136,7 +155,8 @@ mod backend {
             true => CBLAS_TRANSPOSE::CblasTrans,
             false => CBLAS_TRANSPOSE::CblasNoTrans,
         };
-        // SAFETY: `super::check` checked every slice against the shape and strides.
+        // SAFETY: `super::check` checked every slice against the shape and strides; the
+        // dimensions fit an i32 (`dim` panics otherwise, before the call).
         unsafe {
             cblas_sgemm(
                 CBLAS_LAYOUT::CblasRowMajor,
@@ -162,7 +182,7 @@ mod backend {
 mod backend {
     use super::Operand;
 
-    pub(super) const NAME: &str = "gemm";
+    pub(super) const LIBRARY: super::Library = super::Library::Gemm;
 
     pub(super) fn sgemm(
         shape: (usize, usize, usize),
@@ -286,7 +306,11 @@ mod tests {
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + k as f64),
                             "{} {m}x{n}x{k} at={at} bt={bt} acc={acc} at ({i},{j}): {got} vs {want}",
-                            if serial { "gemm (serial)" } else { library() }
+                            if serial {
+                                "gemm (serial)"
+                            } else {
+                                LIBRARY.name()
+                            }
                         );
                     }
                     // The padding between rows is left alone.

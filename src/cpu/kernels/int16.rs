@@ -4,7 +4,7 @@
 //!
 //! The values come as *pair words*: one `i32` holds two consecutive `i16` of a row (the even
 //! dimension in the low half), as `vpmaddwd` reads them. A row of D values is ⌈D / 2⌉ words,
-//! the last one padded with a zero. The quantiser ([`super::screen`]) bounds every row's L2 norm
+//! the last one padded with a zero. The quantiser (`cpu::knn::screen`) bounds every row's L2 norm
 //! below 46 340, so that by Cauchy–Schwarz no dot product, nor any partial sum of one, leaves
 //! the `i32` range: the integer products are exact.
 //!
@@ -12,10 +12,13 @@
 //! f32 kernel), the right operand (the bank) into panels of 16 rows ([`PackedBank`]), each
 //! stored word-major.
 
-use crate::packed_product::{Kernel, MR, NR, pack_panel};
+use super::tile::{MR, NR, pack_panel};
+use crate::cpu::isa::{Avx2, Kernel};
 
-/// Query rows (r × words pair words) as the ⌈r / 6⌉ panels of the left operand.
-pub(crate) use crate::packed_product::pack_a;
+/// Which integer micro-kernel computes the products: AVX2's `vpmaddwd` (FMA is not needed),
+/// or plain Rust. Where neither is selected ([`Kernel::select`]), the kNN search runs on f32
+/// products alone.
+pub(crate) type Int16Kernel = Kernel<Avx2>;
 
 /// Pair words per pass over a micro-tile: one 16 × 256-word panel of B (16 KiB) stays in the
 /// L1 cache while the panels of A stream past it.
@@ -34,15 +37,14 @@ pub(crate) struct PackedBank {
     panels: Vec<i32>,
     n: usize,
     words: usize,
-    kernel: Kernel,
+    kernel: Int16Kernel,
 }
 
 impl PackedBank {
     /// Packs `rows` (n × `words` pair words, row-major) on the calling thread (the scorer
     /// packs its bank inside a `OnceLock` initialiser, where waiting on rayon tasks could let
     /// the thread pick up another search of the same scorer and re-enter it).
-    /// [`Kernel::Avx2Fma`] must only be passed where [`Kernel::detect`] returned it.
-    pub(crate) fn from_rows(rows: &[i32], n: usize, words: usize, kernel: Kernel) -> Self {
+    pub(crate) fn from_rows(rows: &[i32], n: usize, words: usize, kernel: Int16Kernel) -> Self {
         let mut panels = vec![0; n.div_ceil(NR) * words * NR];
         if words > 0 {
             for (p, panel) in panels.chunks_exact_mut(words * NR).enumerate() {
@@ -98,10 +100,11 @@ impl PackedBank {
                     let out = &mut c[ip * MR * ldc + jp * NR..];
                     match self.kernel {
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `Avx2Fma` is only chosen where the CPU has AVX2
-                        // (`Kernel::detect`); the slices hold kc × 6, kc × 16 and 6 rows of
-                        // `ldc` ≥ 16 words (asserted above).
-                        Kernel::Avx2Fma => unsafe { avx2::kernel(kc, a, b, (out, ldc), k0 > 0) },
+                        // SAFETY: the token proves the CPU has AVX2; the slices hold kc × 6,
+                        // kc × 16 and 6 rows of `ldc` ≥ 16 words (asserted above).
+                        Int16Kernel::Fast(_) => unsafe {
+                            avx2::kernel(kc, a, b, (out, ldc), k0 > 0)
+                        },
                         _ => portable_kernel(kc, a, b, (out, ldc), k0 > 0),
                     }
                 }
@@ -169,7 +172,7 @@ mod avx2 {
         debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
         let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
         let mut acc: [[__m256i; 2]; MR] = [[_mm256_setzero_si256(); 2]; MR];
-        // SAFETY (whole body): the reads stay within kc × 6 words of `a` and kc × 16 words of
+        // SAFETY: (the whole body) the reads stay within kc × 6 words of `a` and kc × 16 words of
         // `b`, the writes within six rows of 16 words `ldc` apart in `c` (the caller's
         // contract). The broadcast reads a word through an f32 pointer: a plain 4-byte load,
         // whose bits are only ever used as integers.
@@ -205,7 +208,9 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tile::pack_a;
     use super::*;
+    use crate::cpu::isa::report_tested;
 
     /// Pair words whose halves are spread over the whole i16 range (but never −32768, which
     /// the quantiser does not produce).
@@ -230,7 +235,8 @@ mod tests {
     /// panels on both sides and a partial last block of pair words.
     #[test]
     fn products_equal_the_naive_product() {
-        let kernels = [Some(Kernel::Portable), Kernel::detect()];
+        let kernels = Int16Kernel::all();
+        report_tested("int16 kernel", &kernels);
         for (m, n, words) in [(1, 1, 1), (13, 37, 300), (6, 16, 256), (7, 70, 600)] {
             // Small enough values that no sum leaves the i32 range.
             let shrink = |v: Vec<i32>| -> Vec<i32> {
@@ -243,7 +249,7 @@ mod tests {
             };
             let a = shrink(filled(m * words, 1));
             let bt = shrink(filled(n * words, 2));
-            for kernel in kernels.into_iter().flatten() {
+            for &kernel in &kernels {
                 let packed_a = pack_a(&a, m, words);
                 let a_panels = m.div_ceil(MR);
                 let packed = PackedBank::from_rows(&bt, n, words, kernel);

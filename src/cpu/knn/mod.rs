@@ -1,62 +1,27 @@
-//! Exact kNN on host memory, spread over rayon threads: the integer screen (`super::screen`)
-//! for batches of queries on AVX2 CPUs, tiled sgemm (`crate::sgemm`) with a top-k pass over
-//! each tile otherwise.
+//! Exact kNN on host memory, spread over rayon threads: the integer screen ([`screen`]) for
+//! batches of queries where the CPU has AVX2, tiled sgemm with a top-k pass over each tile
+//! otherwise. The public face is `crate::knn::HostKnnScorer`, which checks its input; the
+//! search here assumes it checked.
+
+mod screen;
 
 use std::sync::OnceLock;
 
-use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
-use super::DEFAULT_TILE_BYTES;
-use super::quantized_product::pack_a;
-use super::screen::{QuantizedRows, ScreenBank};
-use crate::packed_product::{Kernel, MR, NR};
-use crate::sgemm::{Operand, sgemm, sgemm_serial};
-use crate::{Error, Result};
+use super::kernels::int16::Int16Kernel;
+use super::kernels::sgemm::{LIBRARY, Library, Operand, sgemm, sgemm_serial};
+use super::kernels::tile::{MR, NR, pack_a};
+use screen::{QuantizedRows, ScreenBank};
 
-/// The k nearest bank rows of every query, by squared L2 distance, for features held in host
-/// memory. Same semantics as [`KnnScorer`](super::KnnScorer), which runs on any device.
-///
-/// On x86-64 CPUs with AVX2, a search of at least 6 queries per rayon thread (12 on two) is
-/// *screened*: every row is quantised to 16-bit integers with its own scale, the integer dot
-/// products (exact, and about 1.4x as fast as f32 ones) bound each squared distance within a
-/// proven margin, and only the bank rows whose lower bound is within a query's k-th smallest
-/// upper bound are measured exactly, as Σ (q − b)² in f64. The k nearest are then exact (equal
-/// distances ordered by index). The first such search quantises and packs the bank once (half
-/// the bank's size, kept with the scorer); each task quantises a block of up to 192 queries,
-/// and each tile of dot products (up to 192 × 128) is screened while still in cache.
-///
-/// Otherwise the search runs on f32 products: for fewer queries, on other CPUs, for D above
-/// 2²⁴ or a bank with a row of squared norm above 10³⁰, and for a query of such a norm or
-/// one whose candidates outgrow its share of the memory budget (rows nearly equidistant from
-/// it: thousands on a few threads under the default budget, fewer on many). Distances are
-/// estimated as ‖q‖² + ‖b‖² − 2 q·b in tiles (one sgemm per tile, as faiss's
-/// `IndexFlatL2`), the k smallest estimates kept per query without sorting whole rows, and the
-/// k winners' distances recomputed exactly in f64. There, rows whose distances differ by less
-/// than the estimate's f32 rounding (which grows with D and ‖q‖² + ‖b‖²) may be chosen in
-/// either order.
-///
-/// Memory beyond the bank, the quantised bank, the output and the quantised block of queries
-/// of each task is bounded by the tile budget ([`HostKnnScorer::with_tile_bytes`]).
-///
-/// ```
-/// use ndarray::array;
-/// use msad::knn::HostKnnScorer;
-///
-/// # fn main() -> msad::Result<()> {
-/// let bank = array![[0.0f32, 0.0], [1.0, 0.0], [0.0, 2.0]];
-/// let knn = HostKnnScorer::new(bank.view(), 2)?;
-/// let scores = knn.score(array![[0.0f32, 0.5]].view())?;
-/// assert_eq!(scores, vec![0.25 + 1.25]); // (0,0) at 0.25, (1,0) at 1.25
-/// # Ok(())
-/// # }
-/// ```
+/// An exact search over a bank of N rows of D features (see `crate::knn::HostKnnScorer` for
+/// what it does and guarantees).
 #[derive(Clone, Debug)]
-pub struct HostKnnScorer {
+pub(crate) struct ExactSearch {
     bank: Vec<f32>,
     bank_sq: Vec<f32>,
     /// The micro-kernel the screen runs on, where the CPU has one.
-    kernel: Option<Kernel>,
+    kernel: Option<Int16Kernel>,
     /// The bank quantised for the screen, made by the first search that uses it (`None`
     /// where the screen does not apply to this bank).
     screen: OnceLock<Option<ScreenBank>>,
@@ -66,116 +31,43 @@ pub struct HostKnnScorer {
     tile_bytes: usize,
 }
 
-impl HostKnnScorer {
-    /// A scorer over `bank` (N × D) returning the `k` nearest rows. Errors: an empty bank,
-    /// D = 0, k = 0 or k > N, a non-finite value (naming its row and column).
-    pub fn new(bank: ArrayView2<'_, f32>, k: usize) -> Result<Self> {
-        let (n, d) = bank.dim();
-        check_bank(n, d, k)?;
-        let bank: Vec<f32> = bank.iter().copied().collect();
-        check_finite("bank", &bank, d)?;
-        Ok(Self::from_checked(bank, n, d, k))
-    }
-
-    /// [`HostKnnScorer::new`] from a row-major slice of `n` rows.
-    pub fn from_slice(bank: &[f32], n: usize, k: usize) -> Result<Self> {
-        if n == 0 || !bank.len().is_multiple_of(n) {
-            return Err(Error::InvalidShape {
-                what: "bank".into(),
-                expected: format!("{n} rows of equal length"),
-                found: vec![bank.len()],
-            });
-        }
-        let d = bank.len() / n;
-        check_bank(n, d, k)?;
-        check_finite("bank", bank, d)?;
-        Ok(Self::from_checked(bank.to_vec(), n, d, k))
-    }
-
-    pub(crate) fn from_checked(bank: Vec<f32>, n: usize, d: usize, k: usize) -> Self {
+impl ExactSearch {
+    /// A search for the `k` nearest of the `n` rows of `bank` (row-major, n × d), with a
+    /// budget of `tile_bytes` for the tiles in flight. The caller has checked that n, d ≥ 1,
+    /// 1 ≤ k ≤ n, `bank.len() == n·d` and every value is finite.
+    pub(crate) fn new(bank: Vec<f32>, (n, d): (usize, usize), k: usize, tile_bytes: usize) -> Self {
         let bank_sq = bank.chunks_exact(d).map(dot_self).collect();
         Self {
             bank,
             bank_sq,
-            kernel: Kernel::detect(),
+            kernel: Int16Kernel::select(),
             screen: OnceLock::new(),
             n,
             d,
             k,
-            tile_bytes: DEFAULT_TILE_BYTES,
+            tile_bytes: tile_bytes.max(4),
         }
     }
 
-    /// Caps the memory of the distance tiles in flight and (half each) of the screen's
-    /// candidate lists, in bytes, all threads together. Default [`DEFAULT_TILE_BYTES`]. Below
-    /// the cap, at least one bank row per query tile is always used (one 6 × 16 tile on the
-    /// screen's micro-kernel), and a screen may always hold 2k + 320 candidates per query.
-    pub fn with_tile_bytes(mut self, bytes: usize) -> Self {
+    /// The same search with another budget for the tiles in flight.
+    pub(crate) fn with_tile_bytes(mut self, bytes: usize) -> Self {
         self.tile_bytes = bytes.max(4);
         self
     }
 
-    /// Neighbours per query.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    /// Bank rows N.
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
-    /// Whether the bank is empty (never: [`HostKnnScorer::new`] refuses that).
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-
-    /// Feature dimension D.
-    pub fn dim(&self) -> usize {
-        self.d
-    }
-
     /// The bank, row-major N × D.
-    pub fn bank(&self) -> &[f32] {
+    pub(crate) fn bank(&self) -> &[f32] {
         &self.bank
     }
 
-    /// Sum of the squared distances to the k nearest bank rows, per query row.
-    pub fn score(&self, queries: ArrayView2<'_, f32>) -> Result<Vec<f32>> {
-        let (dist, _) = self.neighbours(queries)?;
-        Ok(dist.rows().into_iter().map(|r| r.sum()).collect())
+    /// (N, D).
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.n, self.d)
     }
 
-    /// The k nearest bank rows per query, nearest first: (Q × k squared distances,
-    /// Q × k bank indices). Equal distances are ordered by index.
-    pub fn neighbours(&self, queries: ArrayView2<'_, f32>) -> Result<(Array2<f32>, Array2<usize>)> {
-        let (q, d) = queries.dim();
-        if d != self.d {
-            return Err(Error::InvalidShape {
-                what: "queries".into(),
-                expected: format!("[Q, {}] (the bank's feature dimension)", self.d),
-                found: vec![q, d],
-            });
-        }
-        let owned;
-        let queries: &[f32] = match queries.as_slice() {
-            Some(contiguous) => contiguous,
-            None => {
-                owned = queries.iter().copied().collect::<Vec<f32>>();
-                &owned
-            }
-        };
-        check_finite("queries", queries, d)?;
-        let found = self.search(queries, q);
-        let mut dist = Array2::zeros((q, self.k));
-        let mut idx = Array2::zeros((q, self.k));
-        for (row, list) in found.into_iter().enumerate() {
-            for (j, (dd, ii)) in list.into_iter().enumerate() {
-                dist[[row, j]] = dd;
-                idx[[row, j]] = ii;
-            }
-        }
-        Ok((dist, idx))
+    /// Neighbours per query.
+    pub(crate) fn k(&self) -> usize {
+        self.k
     }
 
     /// Per query: the k nearest (exact distance, index), nearest first.
@@ -221,7 +113,7 @@ impl HostKnnScorer {
         let q_sq: Vec<f32> = queries.chunks_exact(d).map(dot_self).collect();
         let mut merged: Vec<TopK> = (0..q).map(|_| TopK::new(self.k)).collect();
         let threads = rayon::current_num_threads().max(1);
-        if crate::sgemm::library() != "openblas" || q < 16 * threads {
+        if LIBRARY != Library::OpenBlas || q < 16 * threads {
             // Tiles of up to 1024 × 1024, spread over the threads, each one product on its
             // thread (large enough to amortise the packing of both operands) whose 4 MiB of
             // distances are still in cache when the top-k pass reads them.
@@ -305,7 +197,7 @@ impl HostKnnScorer {
             .collect()
     }
 
-    /// The screened search ([`super::screen`]): each task quantises and packs a block of up
+    /// The screened search ([`screen`]): each task quantises and packs a block of up
     /// to 192 queries, walks its share of the packed bank in tiles of up to 128 rows whose
     /// integer dot products are offered to the queries' screens while still in cache, and
     /// measures its candidates exactly. With fewer query blocks than threads (few queries),
@@ -475,38 +367,6 @@ fn dot_self(row: &[f32]) -> f32 {
     row.iter().map(|v| v * v).sum()
 }
 
-pub(crate) fn check_bank(n: usize, d: usize, k: usize) -> Result<()> {
-    if n == 0 || d == 0 {
-        return Err(Error::InvalidShape {
-            what: "bank".into(),
-            expected: "[N, D] with N ≥ 1 and D ≥ 1".into(),
-            found: vec![n, d],
-        });
-    }
-    if k == 0 || k > n {
-        return Err(Error::invalid(
-            "k",
-            format!("{k}; must be between 1 and the bank size {n}"),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_finite(what: &str, values: &[f32], d: usize) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(Error::invalid(
-            what,
-            format!(
-                "non-finite value {} at row {}, column {}",
-                values[i],
-                i / d,
-                i % d
-            ),
-        )),
-    }
-}
-
 /// The k smallest (distance, index) pairs seen, ascending, ties by index.
 struct TopK {
     k: usize,
@@ -544,11 +404,39 @@ impl TopK {
     }
 }
 
+/// Per query: every bank row by exact f64 squared distance to it, nearest first (equal
+/// distances by index): the reference the searches are tested against.
+#[cfg(test)]
+pub(crate) fn brute_force(bank: &[f32], queries: &[f32], d: usize) -> Vec<Vec<(f64, usize)>> {
+    queries
+        .chunks_exact(d)
+        .map(|q| {
+            let mut all: Vec<(f64, usize)> = bank
+                .chunks_exact(d)
+                .enumerate()
+                .map(|(j, b)| {
+                    let dist = q
+                        .iter()
+                        .zip(b)
+                        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+                        .sum();
+                    (dist, j)
+                })
+                .collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            all
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
+
+    use super::*;
+
+    const DEFAULT_TILE_BYTES: usize = crate::knn::DEFAULT_TILE_BYTES;
 
     fn random_rows(rng: &mut StdRng, rows: usize, d: usize) -> Vec<f32> {
         (0..rows * d)
@@ -556,8 +444,7 @@ mod tests {
             .collect()
     }
 
-    /// The screened search alone (on the portable kernel where the CPU has no AVX2), on every
-    /// shape, in pools of 1, 2 and 7 threads: k = N, N below one panel, few queries (the bank
+    /// The screened search alone, on every int16 kernel this CPU runs, on every shape, in pools of 1, 2 and 7 threads: k = N, N below one panel, few queries (the bank
     /// split across threads), a tight budget, crowded banks. Its neighbours are the exact
     /// ones; a tight budget makes crowded queries overflow, and only those.
     #[test]
@@ -572,7 +459,7 @@ mod tests {
     }
 
     fn screened_search_is_exact_on_this_pool() {
-        let kernel = Kernel::detect().unwrap_or(Kernel::Portable);
+        let kernels = Int16Kernel::all();
         let mut rng = StdRng::seed_from_u64(11);
         let threads = rayon::current_num_threads();
         // (n, q, d, k, tile bytes, equal leading bank rows). The crowd of 1900 stays above
@@ -600,31 +487,34 @@ mod tests {
                     }
                 }
             }
-            let knn = HostKnnScorer::from_slice(&bank, n, k)
-                .unwrap()
-                .with_tile_bytes(tile_bytes);
-            let screen = ScreenBank::new(&bank, d, kernel).unwrap();
-            let (found, overflowed) = knn.search_screened(&screen, &queries, q);
-            let what = format!("n {n} q {q} d {d} k {k} budget {tile_bytes} threads {threads}");
-            if equal > 0 && tile_bytes < 1000 {
-                assert_eq!(overflowed.len(), q, "{what}: every query overflows");
-                continue;
-            }
-            assert!(overflowed.is_empty(), "{what}: {overflowed:?}");
-            for (i, (got, all)) in found
-                .iter()
-                .zip(crate::knn::brute_force(&bank, &queries, d))
-                .enumerate()
-            {
-                assert_eq!(got.len(), k, "{what}: query {i}");
-                for (rank, &(dist, index)) in got.iter().enumerate() {
-                    let (want, want_index) = all[rank];
-                    assert!(
-                        (dist as f64 - want).abs() <= 1e-6 * want.max(1e-3),
-                        "{what}: query {i} rank {rank}: {dist} vs {want}"
-                    );
-                    // Equal rows tie exactly and are ordered by index.
-                    assert_eq!(index, want_index, "{what}: query {i} rank {rank}");
+            let knn = ExactSearch::new(bank.clone(), (n, d), k, tile_bytes);
+            for &kernel in &kernels {
+                let screen = ScreenBank::new(&bank, d, kernel).unwrap();
+                let (found, overflowed) = knn.search_screened(&screen, &queries, q);
+                let what = format!(
+                    "n {n} q {q} d {d} k {k} budget {tile_bytes} threads {threads} {}",
+                    kernel.level()
+                );
+                if equal > 0 && tile_bytes < 1000 {
+                    assert_eq!(overflowed.len(), q, "{what}: every query overflows");
+                    continue;
+                }
+                assert!(overflowed.is_empty(), "{what}: {overflowed:?}");
+                for (i, (got, all)) in found
+                    .iter()
+                    .zip(brute_force(&bank, &queries, d))
+                    .enumerate()
+                {
+                    assert_eq!(got.len(), k, "{what}: query {i}");
+                    for (rank, &(dist, index)) in got.iter().enumerate() {
+                        let (want, want_index) = all[rank];
+                        assert!(
+                            (dist as f64 - want).abs() <= 1e-6 * want.max(1e-3),
+                            "{what}: query {i} rank {rank}: {dist} vs {want}"
+                        );
+                        // Equal rows tie exactly and are ordered by index.
+                        assert_eq!(index, want_index, "{what}: query {i} rank {rank}");
+                    }
                 }
             }
         }

@@ -1,0 +1,26 @@
+//! Convolutions and pooling on host memory: the layers the ResNet engines ([`super::resnet`])
+//! are built of.
+//!
+//! Activations are channel-major, C × B·H·W ([`Maps`]), so that a conv's output is directly
+//! the next conv's input and a conv is one matrix product over the whole batch. Each conv has
+//! its BatchNorm folded in ([`FoldedConv`]) and runs as im2col + [`sgemm`] in column chunks
+//! ([`ConvPlan`]), or as Winograd F(2×2, 3×3) ([`winograd`]) where that pays.
+//!
+//! Imports run one way: this module uses [`super::kernels`] and nothing above it.
+//!
+//! [`sgemm`]: super::kernels::sgemm
+
+mod folded;
+mod geometry;
+mod im2col;
+mod maps;
+mod pool;
+mod scratch;
+pub(crate) mod winograd;
+
+pub(crate) use folded::{ConvBnWeights, FoldedConv};
+pub(crate) use geometry::{ConvLayout, ConvShape};
+pub(crate) use im2col::col2im;
+pub(crate) use maps::Maps;
+pub(crate) use pool::{max_pool, max_pool_backward};
+pub(crate) use scratch::ColsBuffer;

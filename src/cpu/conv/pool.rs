@@ -1,0 +1,72 @@
+//! The stem's 3x3 stride-2 max pooling (padding 1) and its backward.
+
+use rayon::prelude::*;
+
+use super::maps::Maps;
+
+/// The taps k (of 0..3) of output position o whose input position 2·o + k − 1 lies in 0..len.
+fn taps(o: usize, len: usize) -> std::ops::Range<usize> {
+    let start = usize::from(o == 0);
+    start..3.min(len + 1 - 2 * o).max(start)
+}
+
+/// 3x3 stride-2 max pooling with padding 1 (padding never wins: `-inf`), with the position of
+/// each maximum in its input plane (the first one on ties) for the backward.
+pub(crate) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
+    let ho = (x.h + 2 - 3) / 2 + 1;
+    let wo = (x.w + 2 - 3) / 2 + 1;
+    let mut out = vec![0f32; x.c * x.b * ho * wo];
+    let mut idx = vec![0u32; out.len()];
+    out.par_chunks_mut(ho * wo)
+        .zip(idx.par_chunks_mut(ho * wo))
+        .enumerate()
+        .for_each(|(plane, (dst, at))| {
+            let src = &x.data[plane * x.h * x.w..(plane + 1) * x.h * x.w];
+            for oy in 0..ho {
+                // The taps inside the input: rows 2·oy − 1 + ky, columns 2·ox − 1 + kx.
+                let ky = taps(oy, x.h);
+                let (dst, at) = (&mut dst[oy * wo..][..wo], &mut at[oy * wo..][..wo]);
+                for (ox, (d, a)) in dst.iter_mut().zip(at.iter_mut()).enumerate() {
+                    let kx = taps(ox, x.w);
+                    let (mut m, mut best) = (f32::NEG_INFINITY, 0usize);
+                    for iy in (2 * oy + ky.start - 1)..(2 * oy + ky.end - 1) {
+                        let row = iy * x.w;
+                        for ix in (2 * ox + kx.start - 1)..(2 * ox + kx.end - 1) {
+                            if src[row + ix] > m {
+                                (m, best) = (src[row + ix], row + ix);
+                            }
+                        }
+                    }
+                    *d = m;
+                    *a = best as u32;
+                }
+            }
+        });
+    let pooled = Maps {
+        data: out,
+        c: x.c,
+        b: x.b,
+        h: ho,
+        w: wo,
+    };
+    (pooled, idx)
+}
+
+/// The gradient of the pooling's input: each output's gradient goes to its maximum.
+pub(crate) fn max_pool_backward(
+    d_out: &[f32],
+    idx: &[u32],
+    input: &Maps,
+    out_plane: usize,
+) -> Vec<f32> {
+    let plane = input.h * input.w;
+    let mut dx = vec![0f32; input.data.len()];
+    dx.par_chunks_mut(plane)
+        .zip(d_out.par_chunks(out_plane).zip(idx.par_chunks(out_plane)))
+        .for_each(|(dst, (g, at))| {
+            for (g, i) in g.iter().zip(at) {
+                dst[*i as usize] += g;
+            }
+        });
+    dx
+}
