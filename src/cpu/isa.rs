@@ -155,39 +155,40 @@ pub(crate) fn report_tested<T: Token>(kernel: &str, kernels: &[Kernel<T>]) {
     );
 }
 
-/// Proof that this CPU has AVX2 (and that `MSAD_CPU_ISA` allows it).
-///
-/// Only its [`Token::detect`] makes one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Avx2 {
-    _private: (),
+/// A token type for the instruction set `$level`: a private field, so that only its
+/// [`Token::detect`] makes one.
+macro_rules! token {
+    ($(#[$doc:meta])* $name:ident, $level:expr) => {
+        $(#[$doc])*
+        ///
+        /// Only its [`Token::detect`] makes one.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub(crate) struct $name {
+            _private: (),
+        }
+
+        impl Token for $name {
+            #[cfg(test)]
+            const LEVEL: Level = $level;
+
+            fn detect() -> Option<Self> {
+                (Level::current() >= $level).then_some(Self { _private: () })
+            }
+        }
+    };
 }
 
-impl Token for Avx2 {
-    #[cfg(test)]
-    const LEVEL: Level = Level::Avx2;
+token!(
+    /// Proof that this CPU has AVX2 (and that `MSAD_CPU_ISA` allows it).
+    Avx2,
+    Level::Avx2
+);
 
-    fn detect() -> Option<Self> {
-        (Level::current() >= Level::Avx2).then_some(Self { _private: () })
-    }
-}
-
-/// Proof that this CPU has AVX2 and FMA (and that `MSAD_CPU_ISA` allows them).
-///
-/// Only its [`Token::detect`] makes one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Avx2Fma {
-    _private: (),
-}
-
-impl Token for Avx2Fma {
-    #[cfg(test)]
-    const LEVEL: Level = Level::Avx2Fma;
-
-    fn detect() -> Option<Self> {
-        (Level::current() >= Level::Avx2Fma).then_some(Self { _private: () })
-    }
-}
+token!(
+    /// Proof that this CPU has AVX2 and FMA (and that `MSAD_CPU_ISA` allows them).
+    Avx2Fma,
+    Level::Avx2Fma
+);
 
 #[cfg(test)]
 mod tests {
