@@ -53,31 +53,41 @@ def main():
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=6.0, help="PyTorch time per round")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--binary", default="target/release/examples/throughput")
+    parser.add_argument("--binary", action="append", default=None,
+                        help="the throughput example, or NAME=PATH; repeat to time several "
+                             "msad builds in each round (default target/release/examples/throughput)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; msad: {args.binary}")
+    binaries = [
+        b.split("=", 1) if "=" in b else ["msad", b]
+        for b in (args.binary or ["target/release/examples/throughput"])
+    ]
+    print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+          f"{torch.get_num_threads()} threads; msad: {binaries}")
     for name in args.cases:
         work, arch, size, batch, iters = CASES[name]
         step = torch_step(work, arch, size, batch)
         step()  # warm-up
-        ratios = []
+        ratios = {label: [] for label, _ in binaries}
         for _ in range(args.rounds):
             runs, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds or runs < 2:
                 step()
                 runs += 1
             reference = runs * batch / (time.perf_counter() - start)
-            cmd = [args.binary, work, "--arch", arch, "--size", str(size), "--batch", str(batch),
-                   "--iters", str(iters)]
-            ours = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            ratios.append(ours / reference)
-            print(f"{name}: torch {reference:.2f}  msad {ours:.2f}  ratio {ours / reference:.2f}",
-                  flush=True)
-        print(f"{name}: ratio min {min(ratios):.2f}, median {np.median(ratios):.2f}, "
-              f"max {max(ratios):.2f}", flush=True)
+            line = [f"torch {reference:.2f}"]
+            for label, binary in binaries:
+                cmd = [binary, work, "--arch", arch, "--size", str(size), "--batch", str(batch),
+                       "--iters", str(iters)]
+                ours = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                ratios[label].append(ours / reference)
+                line.append(f"{label} {ours:.2f} ({ours / reference:.2f}x)")
+            print(f"{name}: " + "  ".join(line), flush=True)
+        for label, r in ratios.items():
+            print(f"{name}: {label} / torch min {min(r):.2f}, median {np.median(r):.2f}, "
+                  f"max {max(r):.2f}", flush=True)
 
 
 if __name__ == "__main__":

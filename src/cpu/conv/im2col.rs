@@ -19,11 +19,15 @@ pub(crate) fn im2col(
     let (ho, wo, r0) = (plan.ho, plan.wo, chunk.rows.start);
     let width = chunk.width();
     let plane = x.plane();
+    let same_size = s == 1 && ho == x.h && wo == x.w;
     cols.par_chunks_mut(width)
         .enumerate()
         .for_each(|(row, dst)| {
             let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
             let src = &x.data[ci * plane..(ci + 1) * plane];
+            if same_size {
+                return same_size_row(src, dst, (ky, kx, p), (x.h, x.w), r0);
+            }
             // The same output columns read inside the input on every row of this (ci, ky, kx).
             let (lo, hi) = inside_columns(kx, s, p, x.w, wo);
             // Where hi > lo, lo·s + kx ≥ p.
@@ -61,6 +65,58 @@ pub(crate) fn im2col(
                 }
             }
         });
+}
+
+/// One row (ci, ky, kx) of im2col for a stride-1 conv whose output has its input's size
+/// (h × w, padding p): `src` is channel ci of all images (B·h·w), `dst` the output rows from
+/// `r0` on (of all images, w positions each).
+///
+/// With w = wo and h = ho, output position j of the chunk reads input position
+/// r0·w + j + (ky − p)·w + (kx − p) of the channel, the same offset for every position of every
+/// image. So the row is one contiguous copy, after which the positions that read outside
+/// their image (top or bottom rows for ky ≠ p, side columns for kx ≠ p) are set to zero. On
+/// small maps this replaced a loop over output rows whose per-row work cost more than the
+/// copying (a fifth of a ResNet-18 forward at 32 px).
+fn same_size_row(
+    src: &[f32],
+    dst: &mut [f32],
+    (ky, kx, p): (usize, usize, usize),
+    (h, w): (usize, usize),
+    r0: usize,
+) {
+    // dst[j] = src[j + offset], offset = r0·w + (ky − p)·w + (kx − p), where inside src.
+    let offset = (r0 * w + ky * w + kx) as isize - (p * w + p) as isize;
+    let len = dst.len() as isize;
+    let start = (-offset).clamp(0, len);
+    let end = (src.len() as isize - offset).clamp(start, len);
+    let (start, end) = (start as usize, end as usize);
+    dst[..start].fill(0.0);
+    dst[end..].fill(0.0);
+    if end > start {
+        let from = (start as isize + offset) as usize;
+        dst[start..end].copy_from_slice(&src[from..from + (end - start)]);
+    }
+    // Output rows (global over images: r = img·h + oy) reading outside their image.
+    let (dy, dx) = (ky as isize - p as isize, kx as isize - p as isize);
+    // The rows oy (of h) that read inside: oy + dy in 0..h.
+    let (top, bottom) = (
+        (-dy).max(0) as usize,
+        (h as isize - dy.max(0)).max(0) as usize,
+    );
+    let mut oy = r0 % h;
+    for line in dst.chunks_exact_mut(w) {
+        if oy < top || oy >= bottom {
+            line.fill(0.0);
+        } else if dx < 0 {
+            line[..((-dx) as usize).min(w)].fill(0.0);
+        } else if dx > 0 {
+            line[w.saturating_sub(dx as usize)..].fill(0.0);
+        }
+        oy += 1;
+        if oy == h {
+            oy = 0;
+        }
+    }
 }
 
 /// The output columns `lo..hi` whose input column ox·s + kx − p lies inside 0..w.
@@ -131,6 +187,79 @@ pub(crate) fn col2im(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// im2col by its definition, element by element: the reference.
+    fn naive(x: &Maps, shape: &ConvShape, plan: &ConvPlan, chunk: &Chunk) -> Vec<f32> {
+        let (k, s, p) = (shape.k, shape.stride, shape.pad);
+        let mut out = Vec::new();
+        for ci in 0..x.c {
+            for ky in 0..k {
+                for kx in 0..k {
+                    for r in chunk.rows.clone() {
+                        let (img, oy) = (r / plan.ho, r % plan.ho);
+                        for ox in 0..plan.wo {
+                            let (iy, ix) = (
+                                (oy * s + ky) as isize - p as isize,
+                                (ox * s + kx) as isize - p as isize,
+                            );
+                            let inside =
+                                (0..x.h as isize).contains(&iy) && (0..x.w as isize).contains(&ix);
+                            out.push(if inside {
+                                x.data[((ci * x.b + img) * x.h + iy as usize) * x.w + ix as usize]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Both paths (stride 1 on maps of the output's size, and the general one) equal the
+    /// definition, for chunks that start and end inside an image.
+    #[test]
+    fn im2col_equals_its_definition() {
+        for (k, s) in [(1, 1), (3, 1), (3, 2), (5, 1), (7, 2), (7, 1)] {
+            for (h, w) in [(1, 1), (2, 2), (2, 5), (4, 3), (9, 7)] {
+                let (c, b) = (2, 3);
+                let shape = ConvShape {
+                    cin: c,
+                    cout: 1,
+                    k,
+                    stride: s,
+                    pad: k / 2,
+                };
+                let x = Maps {
+                    data: (0..c * b * h * w).map(|i| i as f32 + 1.0).collect(),
+                    c,
+                    b,
+                    h,
+                    w,
+                };
+                let plan = shape.plan(&x);
+                for per in [1, 2, plan.rows_total] {
+                    let plan = ConvPlan {
+                        rows_per_chunk: per,
+                        ..plan
+                    };
+                    for chunk in plan.chunks() {
+                        let mut cols = vec![f32::NAN; shape.patch() * chunk.width()];
+                        im2col(&x, &shape, &plan, &chunk, &mut cols);
+                        assert_eq!(
+                            cols,
+                            naive(&x, &shape, &plan, &chunk),
+                            "k {k} s {s} {h}x{w} chunk {:?}",
+                            chunk.rows
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn inside_columns_are_exactly_the_in_bounds_ones() {
         for k in [1, 3, 7] {

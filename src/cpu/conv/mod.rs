@@ -18,7 +18,7 @@ mod pool;
 mod scratch;
 pub(crate) mod winograd;
 
-pub(crate) use folded::{ConvBnWeights, FoldedConv};
+pub(crate) use folded::{ConvBnWeights, ConvMethod, FoldedConv};
 pub(crate) use geometry::{ConvLayout, ConvShape};
 pub(crate) use im2col::col2im;
 pub(crate) use maps::Maps;

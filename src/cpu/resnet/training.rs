@@ -15,7 +15,9 @@ use rayon::prelude::*;
 
 use super::{Block, Layer, LayerWeights, Net, NetWeights, check_images};
 use crate::cpu::conv::winograd::{self, Shape, WinogradFilter};
-use crate::cpu::conv::{ColsBuffer, FoldedConv, Maps, col2im, max_pool, max_pool_backward};
+use crate::cpu::conv::{
+    ColsBuffer, ConvMethod, FoldedConv, Maps, col2im, max_pool, max_pool_backward,
+};
 use crate::cpu::kernels::sgemm::{Operand, sgemm};
 use crate::{Error, NORM_EPS, Result};
 
@@ -115,22 +117,41 @@ impl ConvBn {
     /// G (C_out × C_in·k·k) = g · colsᵀ (`dz` is g), accumulated over column chunks.
     fn weight_grad(&self, x: &Maps, dz: &[f32]) -> Vec<f32> {
         let shape = &self.folded.shape;
-        if self.folded.uses_winograd(x) {
-            return winograd::kernel_gradient(&x.data, Shape::of(x), dz, shape.cout);
-        }
         let kk = shape.patch();
         let n = dz.len() / shape.cout;
         let mut dw = vec![0f32; shape.cout * kk];
-        self.folded.for_each_chunk(x, |chunk, rhs, stride| {
-            sgemm(
-                (shape.cout, kk, chunk.width()),
-                Operand::rows(&dz[chunk.first_column()..], n),
-                Operand::transposed(rhs, stride),
-                &mut dw,
-                kk,
-                chunk.index > 0,
-            );
-        });
+        match self.folded.method(x) {
+            ConvMethod::CenterTap => {
+                // Only the center tap read the input: G_center = g · xᵀ, zero elsewhere.
+                let cin = shape.cin;
+                let mut center = vec![0f32; shape.cout * cin];
+                sgemm(
+                    (shape.cout, cin, n),
+                    Operand::rows(dz, n),
+                    Operand::transposed(&x.data, n),
+                    &mut center,
+                    cin,
+                    false,
+                );
+                let (taps, tap) = (shape.k * shape.k, shape.pad * shape.k + shape.pad);
+                for (kernel, v) in dw.chunks_exact_mut(taps).zip(center) {
+                    kernel[tap] = v;
+                }
+            }
+            ConvMethod::Winograd => {
+                return winograd::kernel_gradient(&x.data, Shape::of(x), dz, shape.cout);
+            }
+            ConvMethod::Im2col => self.folded.for_each_chunk(x, |chunk, rhs, stride| {
+                sgemm(
+                    (shape.cout, kk, chunk.width()),
+                    Operand::rows(&dz[chunk.first_column()..], n),
+                    Operand::transposed(rhs, stride),
+                    &mut dw,
+                    kk,
+                    chunk.index > 0,
+                );
+            }),
+        }
         dw
     }
 
@@ -147,7 +168,20 @@ impl ConvBn {
             h: x.h,
             w: x.w,
         };
-        if self.folded.uses_winograd(x) {
+        let method = self.folded.method(x);
+        if method == ConvMethod::CenterTap {
+            // dX (C_in × B) = W_centerᵀ · g.
+            sgemm(
+                (shape.cin, n, shape.cout),
+                Operand::transposed(self.folded.center_weights(), shape.cin),
+                Operand::rows(dz, n),
+                &mut dx.data,
+                n,
+                false,
+            );
+            return dx;
+        }
+        if method == ConvMethod::Winograd {
             // A 3x3 stride-1 padding-1 conv's input gradient is the conv of g with the
             // kernels turned over and the channels swapped: F(2×2, 3×3) again.
             let adjoint = WinogradFilter::adjoint(&self.folded.w, shape.cout, shape.cin);
