@@ -5,14 +5,15 @@
 //! token by value, and a token has a private field, so the only way to get one is
 //! [`Avx2::detect`] / [`Avx2Fma::detect`], which ask the CPU (as `matrixmultiply` and `pulp`
 //! do). Safe code therefore cannot run a kernel the CPU lacks. There is one token per real
-//! requirement: the integer screen needs AVX2 alone, the f32 kernels AVX2 and FMA.
+//! requirement: the integer screen needs AVX2 alone (or AVX-512 VNNI for its faster form),
+//! the f32 kernels AVX2 and FMA.
 //!
 //! `MSAD_CPU_ISA` caps what detection reports, for the whole process (read once):
 //!
 //! | value | msad's own kernels |
 //! |---|---|
 //! | unset, `native` | the best the CPU has |
-//! | `avx2-fma`, `avx2` | at most that set |
+//! | `avx512-vnni`, `avx2-fma`, `avx2` | at most that set |
 //! | `portable` | the plain-Rust reference kernels only, even where the CPU has more |
 //!
 //! `portable` is how the test-suite runs the engines on the reference kernels end to end (see
@@ -31,6 +32,10 @@ pub(crate) enum Level {
     Avx2,
     /// x86-64 AVX2 and FMA.
     Avx2Fma,
+    /// x86-64 AVX-512 F and VL with VNNI (the integer dot products `vpdpwssd`), which the
+    /// CPUs that have them (Intel since Cascade Lake and Ice Lake, AMD since Zen 4) pair with
+    /// AVX2 and FMA.
+    Avx512Vnni,
 }
 
 impl Level {
@@ -47,12 +52,17 @@ impl Level {
     /// What the CPU has.
     fn detected() -> Level {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return if std::arch::is_x86_feature_detected!("fma") {
-                Level::Avx2Fma
-            } else {
-                Level::Avx2
-            };
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+                    return Level::Avx512Vnni;
+                }
+                return Level::Avx2Fma;
+            }
+            if has!("avx2") {
+                return Level::Avx2;
+            }
         }
         Level::Portable
     }
@@ -60,15 +70,17 @@ impl Level {
     /// The cap a value of `MSAD_CPU_ISA` sets (no cap where unset or unknown).
     fn parse_cap(value: Option<&str>) -> Level {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("" | "native") => Level::Avx2Fma,
+            None | Some("" | "native") => Level::Avx512Vnni,
+            Some("avx512-vnni" | "avx512vnni" | "avx512") => Level::Avx512Vnni,
             Some("avx2-fma" | "avx2+fma" | "avx2fma") => Level::Avx2Fma,
             Some("avx2") => Level::Avx2,
             Some("portable") => Level::Portable,
             Some(other) => {
                 log::warn!(
-                    "MSAD_CPU_ISA={other} is not one of native, avx2-fma, avx2, portable; ignored"
+                    "MSAD_CPU_ISA={other} is not one of native, avx512-vnni, avx2-fma, avx2, \
+                     portable; ignored"
                 );
-                Level::Avx2Fma
+                Level::Avx512Vnni
             }
         }
     }
@@ -84,6 +96,7 @@ impl Level {
             Level::Portable => "portable",
             Level::Avx2 => "avx2",
             Level::Avx2Fma => "avx2+fma",
+            Level::Avx512Vnni => "avx512-vnni",
         }
     }
 }
@@ -96,11 +109,19 @@ impl fmt::Display for Level {
 
 /// A token type: proof of an instruction set, made only by [`Token::detect`].
 pub(crate) trait Token: Copy {
+    /// The token, where the CPU has the instruction set (and `MSAD_CPU_ISA` allows it); for a
+    /// choice of several, the best one.
+    fn detect() -> Option<Self>;
+
+    /// Every token this CPU allows (for a choice of several, each one it has), for tests.
+    #[cfg(test)]
+    fn all_detected() -> Vec<Self> {
+        Self::detect().into_iter().collect()
+    }
+
     /// The instruction set the token proves.
     #[cfg(test)]
-    const LEVEL: Level;
-    /// The token, where the CPU has the instruction set (and `MSAD_CPU_ISA` allows it).
-    fn detect() -> Option<Self>;
+    fn level(self) -> Level;
 }
 
 /// Which of a kernel's two implementations runs: the intrinsics the token `T` allows, or the
@@ -128,7 +149,7 @@ impl<T: Token> Kernel<T> {
     #[cfg(test)]
     pub(crate) fn all() -> Vec<Self> {
         let mut all = vec![Self::Portable];
-        all.extend(T::detect().map(Self::Fast));
+        all.extend(T::all_detected().into_iter().map(Self::Fast));
         all
     }
 
@@ -136,7 +157,7 @@ impl<T: Token> Kernel<T> {
     #[cfg(test)]
     pub(crate) fn level(self) -> Level {
         match self {
-            Self::Fast(_) => T::LEVEL,
+            Self::Fast(token) => token.level(),
             Self::Portable => Level::Portable,
         }
     }
@@ -168,11 +189,13 @@ macro_rules! token {
         }
 
         impl Token for $name {
-            #[cfg(test)]
-            const LEVEL: Level = $level;
-
             fn detect() -> Option<Self> {
                 (Level::current() >= $level).then_some(Self { _private: () })
+            }
+
+            #[cfg(test)]
+            fn level(self) -> Level {
+                $level
             }
         }
     };
@@ -190,16 +213,24 @@ token!(
     Level::Avx2Fma
 );
 
+token!(
+    /// Proof that this CPU has AVX-512 F, VL and VNNI, with AVX2 and FMA (and that
+    /// `MSAD_CPU_ISA` allows them).
+    Avx512Vnni,
+    Level::Avx512Vnni
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_cap_only_lowers_the_level() {
-        assert_eq!(Level::parse_cap(None), Level::Avx2Fma);
+        assert_eq!(Level::parse_cap(None), Level::Avx512Vnni);
+        assert_eq!(Level::parse_cap(Some("avx2-fma")), Level::Avx2Fma);
         assert_eq!(Level::parse_cap(Some(" Portable ")), Level::Portable);
         assert_eq!(Level::parse_cap(Some("avx2")), Level::Avx2);
-        assert_eq!(Level::parse_cap(Some("sse9")), Level::Avx2Fma);
+        assert_eq!(Level::parse_cap(Some("sse9")), Level::Avx512Vnni);
         assert!(Level::current() <= Level::detected());
     }
 
@@ -208,6 +239,7 @@ mod tests {
         let level = Level::current();
         assert_eq!(Avx2::detect().is_some(), level >= Level::Avx2);
         assert_eq!(Avx2Fma::detect().is_some(), level >= Level::Avx2Fma);
+        assert_eq!(Avx512Vnni::detect().is_some(), level >= Level::Avx512Vnni);
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),

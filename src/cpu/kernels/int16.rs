@@ -13,12 +13,48 @@
 //! stored word-major.
 
 use super::tile::{MR, NR, pack_panel};
-use crate::cpu::isa::{Avx2, Kernel};
+#[cfg(test)]
+use crate::cpu::isa::Level;
+use crate::cpu::isa::{Avx2, Avx512Vnni, Kernel, Token};
 
-/// Which integer micro-kernel computes the products: AVX2's `vpmaddwd` (FMA is not needed),
-/// or plain Rust. Where neither is selected ([`Kernel::select`]), the kNN search runs on f32
-/// products alone.
-pub(crate) type Int16Kernel = Kernel<Avx2>;
+/// Which integer micro-kernel computes the products: AVX-512 VNNI's `vpdpwssd`, AVX2's
+/// `vpmaddwd` (FMA is not needed), or plain Rust. Where none is selected ([`Kernel::select`]),
+/// the kNN search runs on f32 products alone.
+pub(crate) type Int16Kernel = Kernel<Int16Isa>;
+
+/// The instruction sets the integer kernel has intrinsics for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Int16Isa {
+    /// `vpdpwssd` (AVX-512 VNNI, on 256-bit registers): a multiply-add of pairs in one
+    /// instruction.
+    Avx512Vnni(Avx512Vnni),
+    /// `vpmaddwd` then `vpaddd` (AVX2).
+    Avx2(Avx2),
+}
+
+impl Token for Int16Isa {
+    fn detect() -> Option<Self> {
+        Avx512Vnni::detect()
+            .map(Self::Avx512Vnni)
+            .or_else(|| Avx2::detect().map(Self::Avx2))
+    }
+
+    #[cfg(test)]
+    fn all_detected() -> Vec<Self> {
+        let avx2 = Avx2::detect().map(Self::Avx2);
+        avx2.into_iter()
+            .chain(Avx512Vnni::detect().map(Self::Avx512Vnni))
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn level(self) -> Level {
+        match self {
+            Self::Avx512Vnni(token) => token.level(),
+            Self::Avx2(token) => token.level(),
+        }
+    }
+}
 
 /// Pair words per pass over a micro-tile: one 16 × 256-word panel of B (16 KiB) stays in the
 /// L1 cache while the panels of A stream past it.
@@ -98,14 +134,21 @@ impl PackedBank {
                 for ip in 0..a_panels {
                     let a = &a[(ip * words + k0) * MR..][..kc * MR];
                     let out = &mut c[ip * MR * ldc + jp * NR..];
+                    let acc = k0 > 0;
                     match self.kernel {
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: the token proves the CPU has AVX2; the slices hold kc × 6,
-                        // kc × 16 and 6 rows of `ldc` ≥ 16 words (asserted above).
-                        Int16Kernel::Fast(_) => unsafe {
-                            avx2::kernel(kc, a, b, (out, ldc), k0 > 0)
+                        // SAFETY: the token proves the CPU has AVX-512 VNNI and VL (and AVX2);
+                        // the slices hold kc × 6, kc × 16 and 6 rows of `ldc` ≥ 16 words
+                        // (asserted above).
+                        Int16Kernel::Fast(Int16Isa::Avx512Vnni(_)) => unsafe {
+                            x86::avx512_vnni(kc, a, b, (out, ldc), acc)
                         },
-                        _ => portable_kernel(kc, a, b, (out, ldc), k0 > 0),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the token proves the CPU has AVX2; the slices as above.
+                        Int16Kernel::Fast(Int16Isa::Avx2(_)) => unsafe {
+                            x86::avx2(kc, a, b, (out, ldc), acc)
+                        },
+                        _ => portable_kernel(kc, a, b, (out, ldc), acc),
                     }
                 }
             }
@@ -146,64 +189,87 @@ fn portable_kernel(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use std::arch::x86_64::{
-        __m256i, _mm256_add_epi32, _mm256_broadcast_ss, _mm256_castps_si256, _mm256_loadu_si256,
-        _mm256_madd_epi16, _mm256_setzero_si256, _mm256_storeu_si256,
+        __m256i, _mm256_add_epi32, _mm256_broadcast_ss, _mm256_castps_si256, _mm256_dpwssd_epi32,
+        _mm256_loadu_si256, _mm256_madd_epi16, _mm256_setzero_si256, _mm256_storeu_si256,
     };
 
     use super::{MR, NR};
 
-    /// The 6 × 16 micro-tile c (+)= a · b over `kc` pair words: twelve 8-lane accumulators,
-    /// per word two loads of b, six broadcasts of a, twelve `vpmaddwd` and twelve adds.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2; `a` must hold kc × 6 words, `b` kc × 16 words, and `c` six rows
-    /// of 16 words `ldc` apart.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn kernel(
-        kc: usize,
-        a: &[i32],
-        b: &[i32],
-        (c, ldc): (&mut [i32], usize),
-        accumulate: bool,
-    ) {
-        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
-        debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
-        let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc: [[__m256i; 2]; MR] = [[_mm256_setzero_si256(); 2]; MR];
-        // SAFETY: (the whole body) the reads stay within kc × 6 words of `a` and kc × 16 words of
-        // `b`, the writes within six rows of 16 words `ldc` apart in `c` (the caller's
-        // contract). The broadcast reads a word through an f32 pointer: a plain 4-byte load,
-        // whose bits are only ever used as integers.
-        unsafe {
-            for _ in 0..kc {
-                let b0 = _mm256_loadu_si256(pb.cast::<__m256i>());
-                let b1 = _mm256_loadu_si256(pb.add(8).cast::<__m256i>());
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let x = _mm256_castps_si256(_mm256_broadcast_ss(&*pa.add(r).cast::<f32>()));
-                    row[0] = _mm256_add_epi32(row[0], _mm256_madd_epi16(x, b0));
-                    row[1] = _mm256_add_epi32(row[1], _mm256_madd_epi16(x, b1));
+    /// The 6 × 16 micro-tile c (+)= a · b over `kc` pair words with twelve 8-lane
+    /// accumulators (per word two loads of b, six broadcasts of a, twelve multiply-adds of
+    /// pairs `acc + x · b`), for the target features given, the multiply-add written as the
+    /// closure-like `|acc, x, b| expr`.
+    macro_rules! tile_kernel {
+        ($(#[$doc:meta])* $name:ident, $features:literal, |$acc:ident, $x:ident, $b:ident| $madd:expr) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU must have the target features; `a` must hold kc × 6 words, `b`
+            /// kc × 16 words, and `c` six rows of 16 words `ldc` apart.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                kc: usize,
+                a: &[i32],
+                b: &[i32],
+                (c, ldc): (&mut [i32], usize),
+                accumulate: bool,
+            ) {
+                debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+                debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
+                let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
+                let mut acc: [[__m256i; 2]; MR] = [[_mm256_setzero_si256(); 2]; MR];
+                // SAFETY: (the whole body) the reads stay within kc × 6 words of `a` and
+                // kc × 16 words of `b`, the writes within six rows of 16 words `ldc` apart in
+                // `c` (the caller's contract). The broadcast reads a word through an f32
+                // pointer: a plain 4-byte load, whose bits are only ever used as integers.
+                unsafe {
+                    for _ in 0..kc {
+                        let b0 = _mm256_loadu_si256(pb.cast::<__m256i>());
+                        let b1 = _mm256_loadu_si256(pb.add(8).cast::<__m256i>());
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let x = _mm256_castps_si256(_mm256_broadcast_ss(
+                                &*pa.add(r).cast::<f32>(),
+                            ));
+                            for (half, b) in [b0, b1].into_iter().enumerate() {
+                                let ($acc, $x, $b) = (row[half], x, b);
+                                row[half] = $madd;
+                            }
+                        }
+                        pa = pa.add(MR);
+                        pb = pb.add(NR);
+                    }
+                    let pc = c.as_mut_ptr();
+                    for (r, row) in acc.iter().enumerate() {
+                        for (half, v) in row.iter().enumerate() {
+                            let out = pc.add(r * ldc + 8 * half).cast::<__m256i>();
+                            let v = if accumulate {
+                                _mm256_add_epi32(_mm256_loadu_si256(out), *v)
+                            } else {
+                                *v
+                            };
+                            _mm256_storeu_si256(out, v);
+                        }
+                    }
                 }
-                pa = pa.add(MR);
-                pb = pb.add(NR);
             }
-            let pc = c.as_mut_ptr();
-            for (r, row) in acc.iter().enumerate() {
-                let (lo, hi) = (
-                    pc.add(r * ldc).cast::<__m256i>(),
-                    pc.add(r * ldc + 8).cast::<__m256i>(),
-                );
-                if accumulate {
-                    _mm256_storeu_si256(lo, _mm256_add_epi32(_mm256_loadu_si256(lo), row[0]));
-                    _mm256_storeu_si256(hi, _mm256_add_epi32(_mm256_loadu_si256(hi), row[1]));
-                } else {
-                    _mm256_storeu_si256(lo, row[0]);
-                    _mm256_storeu_si256(hi, row[1]);
-                }
-            }
-        }
+        };
     }
+
+    tile_kernel!(
+        /// On AVX2: a `vpmaddwd` and an add per multiply-add.
+        avx2,
+        "avx2",
+        |acc, x, b| _mm256_add_epi32(acc, _mm256_madd_epi16(x, b))
+    );
+
+    tile_kernel!(
+        /// On AVX-512 VNNI (256-bit forms, AVX-512 VL): one `vpdpwssd` per multiply-add.
+        avx512_vnni,
+        "avx2,avx512f,avx512vl,avx512vnni",
+        |acc, x, b| _mm256_dpwssd_epi32(acc, x, b)
+    );
 }
 
 #[cfg(test)]
