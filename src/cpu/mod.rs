@@ -5,7 +5,9 @@
 //! folded, im2col or Winograd + matrix products) and its backward, the kNN search (an exact
 //! 16-bit integer screen) and the loss (one fused pass). The backend-generic modules (encoder,
 //! loss, knn, train, detector) reach this layer only where [`crate::device::route`] says so,
-//! through one bridge each (`encoder::cpu_bridge`, `loss::cpu_op`, `knn::host_scorer`).
+//! through their bridges: `encoder::cpu_bridge` (ResNet weights in, tensors and gradients
+//! out), `loss::cpu_op` (a burn backend extension), and `knn`'s `KnnScorer` and
+//! `HostKnnScorer`, which check their input and hold a [`knn::ExactSearch`].
 //!
 //! Layers, imports running one way (each uses only those below it):
 //!
