@@ -130,20 +130,25 @@ impl NamedLayer<'_> {
     }
 }
 
-/// Whether the CPU engines cover every conv of `model` (no weight is read):
-/// [`Error::Unsupported`] naming the first layer they do not.
-pub(crate) fn check_layout(model: &ResNet) -> Result<()> {
-    layers(model).try_map(|_, layer| layer.shape()).map(drop)
+/// Whether the CPU engines cover every conv of `model`, for inference or (`training`) also
+/// for the training engine; no weight is read. [`Error::Unsupported`] names the first layer
+/// they do not cover.
+fn check_layout(model: &ResNet, training: bool) -> Result<()> {
+    layers(model)
+        .try_map(|_, layer| {
+            layer.shape()?;
+            if training {
+                layer.check_trains_whole()?;
+            }
+            Ok(())
+        })
+        .map(drop)
 }
 
 /// Whether the CPU training engine covers `model` (no weight is read): `Ok(false)`, with the
 /// documented fallback's warning, where it does not.
 pub(crate) fn cpu_training_covers(model: &ResNet) -> Result<bool> {
-    let check = layers(model).try_map(|_, layer| {
-        layer.shape()?;
-        layer.check_trains_whole()
-    });
-    unsupported_falls_back(check).map(|covered| covered.is_some())
+    unsupported_falls_back(check_layout(model, true)).map(|covered| covered.is_some())
 }
 
 /// Every layer's values, one block per rayon task.
@@ -174,7 +179,7 @@ impl CpuInference {
     /// Reads and folds `model`'s weights; [`Error::Unsupported`] for a layout the engine
     /// does not cover.
     pub(crate) fn new(model: &ResNet) -> Result<Self> {
-        check_layout(model)?;
+        check_layout(model, false)?;
         Ok(Self {
             engine: InferenceEngine::new(read(model)?),
         })
@@ -205,8 +210,8 @@ impl CpuTraining {
     /// The engine with `model`'s current weights; [`Error::Unsupported`] for a layout the
     /// engine does not cover.
     pub(crate) fn new(model: &ResNet) -> Result<Self> {
-        let layers = layers(model);
-        let params = layers
+        check_layout(model, true)?;
+        let params = layers(model)
             .layers()
             .map(|l| {
                 let (conv, bn) = (l.conv, l.bn);
@@ -216,12 +221,8 @@ impl CpuTraining {
                 )
             })
             .collect();
-        let weights = layers.try_map(|_, layer| {
-            layer.check_trains_whole()?;
-            layer.read()
-        })?;
         Ok(Self {
-            engine: TrainingEngine::new(weights)?,
+            engine: TrainingEngine::new(read(model)?)?,
             params,
         })
     }

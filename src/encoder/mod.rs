@@ -459,7 +459,8 @@ impl<'a> InferenceEncoder<'a> {
         check_images(&images)?;
         match &self.engine {
             Some(engine) if !images.is_autodiff() => engine.forward(images),
-            _ => self.model.forward_routed(images),
+            // Decided in `try_new`: the module's tensor operations.
+            _ => Ok(self.model.forward_tensor_ops(images)),
         }
     }
 
