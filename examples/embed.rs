@@ -1,10 +1,13 @@
 //! Embeds images with a torchvision ResNet: writes φ(x), the L2-normalised pooled features.
 //!
 //! ```text
-//! cargo run --release --example embed -- --weights resnet18-f37072fd.pth \
-//!     (--input images.npy | --images DIR) --output features.npy [--arch resnet18] \
+//! cargo run --release --example embed -- (--weights resnet18-f37072fd.pth | --arch resnet18) \
+//!     (--input images.npy | --images DIR) --output features.npy \
 //!     [--image-size 224] [--device auto] [--batch 32]
 //! ```
+//!
+//! `--arch A` without `--weights` fetches A's torchvision ImageNet weights on demand
+//! (`--weights-version v2` for V2); with `--weights`, the layout comes from the file's keys.
 //!
 //! `--input` is an (N, 3, H, W) float32 `.npy`, already normalised with the ImageNet mean and
 //! std. `--images` reads every image under a folder (sorted paths, recursively) with the
@@ -15,23 +18,23 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[path = "support/encoder_args.rs"]
+mod encoder_args;
+
 use clap::Parser;
+use encoder_args::EncoderArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use msad::augment::{EvalTransform, Filter};
 use msad::data::{ImageFolder, ImageSource};
-use msad::encoder::{Arch, BlockKind, ResNet, ResNetConfig};
+use msad::encoder::{Arch, BlockKind};
 use ndarray::{Axis, concatenate};
 
 /// Embed images with a torchvision ResNet (fc removed, features L2-normalised).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// torchvision checkpoint (.pth or .safetensors), e.g. resnet18-f37072fd.pth.
-    #[arg(long)]
-    weights: PathBuf,
-    /// Architecture (resnet18 ... resnet152); inferred from the checkpoint's keys when absent.
-    #[arg(long)]
-    arch: Option<Arch>,
+    #[command(flatten)]
+    encoder: EncoderArgs,
     /// (N, 3, H, W) float32 .npy, ImageNet-normalised.
     #[arg(long, required_unless_present = "images", conflicts_with = "images")]
     input: Option<PathBuf>,
@@ -56,10 +59,14 @@ fn run(args: Args) -> msad::Result<()> {
     let selected = msad::device::select(&args.device)?;
     eprintln!("device: {selected}");
     let device = selected.device();
-    let encoder = match args.arch {
-        Some(arch) => ResNetConfig::from_arch(arch).init_from_torchvision(&args.weights, device)?,
-        None => ResNet::from_torchvision(&args.weights, device)?,
-    };
+    if args.encoder.weights.is_none() && args.encoder.arch.is_none() {
+        return Err(msad::Error::InvalidArgument {
+            what: "encoder".into(),
+            reason: "give --weights FILE, or --arch A for A's ImageNet weights (fetched on demand)"
+                .into(),
+        });
+    }
+    let encoder = args.encoder.plan(Arch::Resnet18)?.build(device, 0)?;
     eprintln!("encoder: {} features", encoder.feature_dim());
 
     if args.batch == 0 {

@@ -4,7 +4,7 @@
 //! ```text
 //! # fit on normal images, score a folder, save
 //! cargo run --release --example folder -- --train good/ --score incoming/ --out scores.csv \
-//!     --save detector/ [--weights resnet18-f37072fd.pth] [--epochs 5] [--image-size 224]
+//!     --save detector/ [--arch resnet18] [--weights W.pth | --random-init] [--epochs 5]
 //! # MVTec AD: fit on <root>/<category>/train/good, score <root>/<category>/test
 //! cargo run --release --example folder -- --mvtec mvtec_ad/ --category bottle --out scores.csv
 //! # score with a saved detector
@@ -14,6 +14,9 @@
 //! The threshold of the `anomalous` column is the `--quantile` (default 0.99) of the
 //! leave-one-out scores of the normal training images (`Detector::normal_scores`), so no
 //! anomalous example is needed.
+//!
+//! Without `--weights`, `--arch`'s (default resnet18) torchvision ImageNet weights are fetched
+//! on demand; `--random-init` trains a randomly initialised net instead (a poor detector).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -22,10 +25,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[path = "support/encoder_args.rs"]
+mod encoder_args;
+
 use clap::Parser;
+use encoder_args::EncoderArgs;
 use indicatif::ProgressBar;
 use msad::data::{FolderOptions, ImageFolder, ImageSource, MvtecAd};
-use msad::encoder::{Arch, ResNetConfig};
+use msad::encoder::Arch;
 use msad::train::{Control, Evaluation, MscTrainerConfig, TrainEvent};
 use msad::{Detector, Error};
 
@@ -54,12 +61,8 @@ struct Args {
     /// Save the fitted detector to this directory.
     #[arg(long)]
     save: Option<PathBuf>,
-    /// resnet18 ... resnet152 (with --weights).
-    #[arg(long, default_value = "resnet18")]
-    arch: Arch,
-    /// torchvision checkpoint; random initialisation without.
-    #[arg(long)]
-    weights: Option<PathBuf>,
+    #[command(flatten)]
+    encoder: EncoderArgs,
     /// Fine-tuning epochs.
     #[arg(long, default_value_t = 5)]
     epochs: usize,
@@ -147,18 +150,7 @@ fn run(args: Args) -> msad::Result<()> {
             if args.image_size != 224 {
                 config = config.with_image_size(args.image_size);
             }
-            let encoder = match &args.weights {
-                Some(path) => {
-                    ResNetConfig::from_arch(args.arch).init_from_torchvision(path, device)?
-                }
-                None => {
-                    eprintln!(
-                        "warning: no --weights, the {} is randomly initialised",
-                        args.arch
-                    );
-                    ResNetConfig::from_arch(args.arch).try_init(device)?
-                }
-            };
+            let encoder = args.encoder.plan(Arch::Resnet18)?.build(device, 0)?;
             eprintln!("fitting on {} normal images", train.len());
             let bar = ProgressBar::new((args.epochs.max(1)) as u64);
             let test = labelled.as_ref().map(|(images, anomalous)| Evaluation {

@@ -1,12 +1,17 @@
-//! The paper's one-class protocol on CIFAR-10 / CIFAR-100 (binary versions): train on the
+//! The paper's one-class protocol on CIFAR-10 / CIFAR-100 (binary or python versions): train on the
 //! training images of one class, test on every test image (anomalous = other classes; CIFAR-100
 //! by its 20 superclasses), kNN ROC-AUC before fine-tuning (epoch 0) and after each epoch.
 //!
 //! ```text
-//! cargo run --release --example one_class -- --data cifar-10-batches-bin --dataset cifar10 \
-//!     --class 3 --arch resnet152 --weights resnet152-394f9c45.pth --epochs 20 --batch 64 \
-//!     --lr 1e-5 --image-size 224 [--angular] [--device auto] [--seed 0]
+//! cargo run --release --example one_class -- --data data --download --dataset cifar10 \
+//!     --class 3 --arch resnet152 --epochs 20 --batch 64 --lr 1e-5 --image-size 224 \
+//!     [--weights-version v1] [--angular] [--device auto] [--seed 0]
 //! ```
+//!
+//! Without `--weights`, `--arch`'s torchvision ImageNet weights are fetched on demand
+//! (`--weights W.pth` uses a file, whose architecture is read from its keys; `--random-init` a
+//! random net). `--download` fetches torchvision's CIFAR archive into `--data` when neither
+//! version is there.
 //!
 //! `--class all` runs every class and reports the mean, as the paper's tables do. The last line
 //! of the output is one JSON object with every figure.
@@ -17,9 +22,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[path = "support/encoder_args.rs"]
+mod encoder_args;
+
 use clap::{Parser, ValueEnum};
+use encoder_args::{EncoderArgs, fetcher_with_progress};
 use msad::data::{Cifar10, Cifar100, OneClassSplit};
-use msad::encoder::{Arch, ResNetConfig};
+use msad::encoder::Arch;
 use msad::train::{Control, EpochReport, Evaluation, MscTrainer, MscTrainerConfig, TrainEvent};
 use serde_json::json;
 
@@ -33,21 +42,21 @@ enum Dataset {
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Directory of the binary version (cifar-10-batches-bin, or cifar-100-binary).
+    /// Directory of either version (binary or python), or the folder holding it; with
+    /// --download, where torchvision's archive is fetched to when neither is there.
     #[arg(long)]
     data: PathBuf,
+    /// Fetch torchvision's CIFAR archive into --data when it is not there.
+    #[arg(long)]
+    download: bool,
     /// cifar10 or cifar100.
     #[arg(long, value_enum, default_value = "cifar10")]
     dataset: Dataset,
     /// The normal class (0-9 for CIFAR-10, superclass 0-19 for CIFAR-100), or `all`.
     #[arg(long, default_value = "0")]
     class: String,
-    /// resnet18, resnet34, resnet50, resnet101 or resnet152.
-    #[arg(long, default_value = "resnet152")]
-    arch: Arch,
-    /// The torchvision checkpoint of that architecture; random initialisation without.
-    #[arg(long)]
-    weights: Option<PathBuf>,
+    #[command(flatten)]
+    encoder: EncoderArgs,
     /// Fine-tuning epochs (0: the pretrained kNN baseline only).
     #[arg(long, default_value_t = 20)]
     epochs: usize,
@@ -99,6 +108,12 @@ fn run(args: Args) -> msad::Result<()> {
     eprintln!("device: {selected}");
     let device = selected.device();
     let data = match args.dataset {
+        Dataset::Cifar10 if args.download => {
+            Data::Cifar10(Cifar10::download(&args.data, &fetcher_with_progress())?)
+        }
+        Dataset::Cifar100 if args.download => {
+            Data::Cifar100(Cifar100::download(&args.data, &fetcher_with_progress())?)
+        }
         Dataset::Cifar10 => Data::Cifar10(Cifar10::open(&args.data)?),
         Dataset::Cifar100 => Data::Cifar100(Cifar100::open(&args.data)?),
     };
@@ -124,12 +139,7 @@ fn run(args: Args) -> msad::Result<()> {
         config = config.with_image_size(args.image_size);
     }
     let trainer = MscTrainer::new(config)?;
-    if args.weights.is_none() {
-        eprintln!(
-            "warning: no --weights, the {} is randomly initialised",
-            args.arch
-        );
-    }
+    let plan = args.encoder.plan(Arch::Resnet152)?;
     let mut results = Vec::new();
     for class in classes {
         let split = data.split(class)?;
@@ -139,13 +149,7 @@ fn run(args: Args) -> msad::Result<()> {
             split.train.len(),
             split.test.len()
         );
-        let encoder = match &args.weights {
-            Some(path) => ResNetConfig::from_arch(args.arch).init_from_torchvision(path, device)?,
-            None => {
-                device.seed(args.seed);
-                ResNetConfig::from_arch(args.arch).try_init(device)?
-            }
-        };
+        let encoder = plan.build(device, args.seed)?;
         let test = Evaluation {
             images: split.test.as_ref(),
             anomalous: &split.test_anomalous,

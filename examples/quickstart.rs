@@ -3,8 +3,11 @@
 //! argument needed.
 //!
 //! ```text
-//! cargo run --release --example quickstart [-- --digit 8 --epochs 10 --weights resnet18-f37072fd.pth]
+//! cargo run --release --example quickstart [-- --digit 8 --epochs 10 --pretrained]
 //! ```
+//!
+//! Offline by default (a randomly initialised ResNet-18); `--pretrained` fetches torchvision's
+//! ImageNet ResNet-18 on demand, `--weights FILE` uses a checkpoint on disk.
 //!
 //! Trains MSC on the chosen digit's training images (normal), tests on every test image
 //! (anomalous = another digit) and prints the kNN ROC-AUC before and after fine-tuning.
@@ -19,7 +22,8 @@ use std::time::Instant;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use msad::data::Digits;
-use msad::encoder::{Arch, ResNet, ResNetConfig};
+use msad::encoder::{Arch, ResNet, ResNetConfig, WeightFile, Weights};
+use msad::fetch::Fetcher;
 use msad::train::{Control, Evaluation, MscTrainer, MscTrainerConfig, TrainEvent};
 
 /// One-class anomaly detection on the embedded digits with Mean-Shifted Contrastive learning.
@@ -43,8 +47,12 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     image_size: u32,
     /// torchvision ResNet-18 checkpoint (resnet18-f37072fd.pth); random initialisation without.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pretrained")]
     weights: Option<PathBuf>,
+    /// torchvision's ImageNet ResNet-18 (IMAGENET1K_V1), fetched on demand (PyTorch's cache,
+    /// then msad's, then https://download.pytorch.org/models).
+    #[arg(long)]
+    pretrained: bool,
     /// auto, wgpu, flex or ndarray.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -66,7 +74,13 @@ fn run(args: Args) -> msad::Result<()> {
         split.test.len(),
         split.test_anomalous.iter().filter(|a| **a).count()
     );
-    let (encoder, default_lr) = match &args.weights {
+    let weights = if args.pretrained {
+        let file = WeightFile::find(Arch::Resnet18, Weights::ImagenetV1)?;
+        Some(file.fetch(&Fetcher::from_env())?)
+    } else {
+        args.weights.clone()
+    };
+    let (encoder, default_lr) = match &weights {
         Some(path) => {
             println!("encoder: ResNet-18 from {}", path.display());
             (
@@ -76,7 +90,7 @@ fn run(args: Args) -> msad::Result<()> {
         }
         None => {
             println!(
-                "encoder: ResNet-18, randomly initialised (pass --weights resnet18-f37072fd.pth for ImageNet weights)"
+                "encoder: ResNet-18, randomly initialised (pass --pretrained for ImageNet weights)"
             );
             device.seed(args.seed);
             let encoder: ResNet = ResNetConfig::from_arch(Arch::Resnet18).try_init(device)?;

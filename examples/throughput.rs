@@ -39,7 +39,7 @@ enum Work {
 #[command(version, about)]
 struct Args {
     work: Work,
-    /// Architecture (the training step always uses resnet18, as the bench does).
+    /// Architecture (the reference freeze policy applies: ResNet-152 through layer2).
     #[arg(long, default_value = "resnet18")]
     arch: Arch,
     /// Image side in pixels.
@@ -104,8 +104,8 @@ fn run(args: Args) -> msad::Result<f64> {
             let config = MscTrainerConfig::new()
                 .with_image_size(args.size as u32)
                 .with_batch_size(args.batch);
-            let encoder = ResNetConfig::from_arch(Arch::Resnet18).init(&device);
-            let center = Tensor::<1>::zeros([512], &device);
+            let encoder = ResNetConfig::from_arch(args.arch).init(&device);
+            let center = Tensor::<1>::zeros([encoder.feature_dim()], &device);
             let mut session = MscTrainer::new(config)?.session(encoder, center, &device)?;
             let mut rng = StdRng::seed_from_u64(0);
             session.step(&images, &mut rng)?;

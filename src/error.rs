@@ -164,9 +164,87 @@ pub enum Error {
         reason: String,
     },
 
+    /// A file that could not be fetched: not in any cache, and the download failed or was
+    /// forbidden. The message names the URL, the expected digest and where the file can be put
+    /// by hand.
+    #[error(
+        "cannot fetch {url} ({expected}): {failure}; to provide the file by hand, put it at {}",
+        manual.display()
+    )]
+    Fetch {
+        /// The URL asked for.
+        url: String,
+        /// The expected digest, in words (`sha256 f37072fd…`, `md5 c58f3010…`).
+        expected: String,
+        /// Where a file put by hand is found without any network access.
+        manual: PathBuf,
+        /// What went wrong.
+        failure: FetchFailure,
+    },
+
+    /// An archive entry that extraction refused (a path leaving the target directory, an
+    /// absolute path, a link or a device). Nothing of the archive is left extracted.
+    #[error("{}: refused archive entry `{entry}`: {reason}", path.display())]
+    Archive {
+        /// The archive file.
+        path: PathBuf,
+        /// The entry's path as stored in the archive.
+        entry: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
     /// A failure inside the compute backend (device lost, execution error).
     #[error("backend error: {0}")]
     Backend(String),
+}
+
+/// Why a fetch failed: the `failure` of [`Error::Fetch`].
+///
+/// ```
+/// use msad::FetchFailure;
+///
+/// let failure = FetchFailure::Status(404);
+/// assert_eq!(failure.to_string(), "the server answered HTTP 404");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchFailure {
+    /// `MSAD_OFFLINE` is set (or [`Fetcher::with_offline`](crate::fetch::Fetcher::with_offline)):
+    /// the network is forbidden and no cache holds the file.
+    #[error("offline (MSAD_OFFLINE is set) and the file is in no cache")]
+    Offline,
+    /// No connection, a DNS or TLS failure, a timeout.
+    #[error("network error: {0}")]
+    Network(String),
+    /// The server answered with an HTTP status other than success.
+    #[error("the server answered HTTP {0}")]
+    Status(u16),
+    /// The connection closed before the whole body arrived.
+    #[error("truncated download: {received} bytes received{}", expected.map(|e| format!(" of {e}")).unwrap_or_default())]
+    Truncated {
+        /// Bytes received.
+        received: u64,
+        /// The announced length, when the server sent one.
+        expected: Option<u64>,
+    },
+    /// The downloaded bytes do not have the expected digest; they were deleted.
+    #[error("digest mismatch: the download's digest is {found}; the download was deleted")]
+    DigestMismatch {
+        /// The digest of what arrived (full hex).
+        found: String,
+    },
+    /// The cache directory cannot be created or written.
+    #[error("cache directory {} cannot be written: {reason}", dir.display())]
+    CacheNotWritable {
+        /// The directory.
+        dir: PathBuf,
+        /// What the operating system said.
+        reason: String,
+    },
+    /// Any other local I/O failure while writing the download (a full disk, ...).
+    #[error("writing the download failed: {0}")]
+    Io(String),
 }
 
 impl Error {

@@ -39,6 +39,8 @@
 //! - [`train`]: the MSC fine-tuning loop, its settings and progress reports, and single steps
 //!   ([`train::TrainingSession`]).
 //! - [`Detector`]: fit, score, threshold, save and load.
+//! - `fetch` (feature `pretrained`, on by default): files on demand (torchvision's weights, the
+//!   CIFAR archives): caches first, then a verified download.
 //! - [`Error`], [`Result`]: the crate's error type.
 //!
 //! Under these, a private layer, `cpu`, holds everything that runs only on host memory: msad's
@@ -57,6 +59,8 @@ pub mod device;
 pub mod encoder;
 mod error;
 pub mod features;
+#[cfg(feature = "pretrained")]
+pub mod fetch;
 pub mod host;
 pub mod knn;
 pub mod loss;
@@ -65,7 +69,7 @@ pub mod npy;
 pub mod train;
 
 pub use detector::Detector;
-pub use error::{Error, Result};
+pub use error::{Error, FetchFailure, Result};
 
 /// The eps of PyTorch's `F.normalize`: rows are divided by `max(‖row‖₂, NORM_EPS)`.
 pub(crate) const NORM_EPS: f32 = 1e-12;

@@ -1,5 +1,7 @@
 //! Dataset readers: every format written to temporary directories, plus corrupt variants.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -275,6 +277,107 @@ fn cifar100_truncated_and_missing_files_are_errors_naming_them() {
     fs::remove_file(&test).unwrap();
     let (path, _, _) = dataset_error(Cifar100::open(tmp.path()).err().unwrap());
     assert_eq!(path, test);
+}
+
+// ------------------------------------------------------------------------------------------
+// CIFAR python version (pickles written by scripts/make_cifar_pickle.py)
+// ------------------------------------------------------------------------------------------
+
+/// A copy of a fixture folder in a temporary directory.
+fn copy_fixture(folder: &str) -> (TempDir, PathBuf) {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join(folder);
+    fs::create_dir_all(&dir).unwrap();
+    for entry in fs::read_dir(common::fixture("cifar", folder)).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+#[test]
+fn cifar10_python_version_equals_the_binary_version() {
+    let python = Cifar10::open(common::fixture("cifar", "cifar-10-batches-py")).unwrap();
+    let binary = Cifar10::open(common::fixture("cifar", "cifar-10-batches-bin")).unwrap();
+    assert_eq!(python.train_images().len(), 15);
+    assert_eq!(python.test_images().len(), 3);
+    assert_eq!(python.train_labels(), binary.train_labels());
+    assert_eq!(python.test_labels(), binary.test_labels());
+    assert_eq!(python.train_images(), binary.train_images());
+    assert_eq!(python.test_images(), binary.test_images());
+    // Not every image is the same: the comparison above can fail.
+    assert_ne!(python.train_images()[0], python.train_images()[1]);
+}
+
+#[test]
+fn cifar100_python_version_equals_the_binary_version() {
+    let python = Cifar100::open(common::fixture("cifar", "cifar-100-python")).unwrap();
+    let binary = Cifar100::open(common::fixture("cifar", "cifar-100-binary")).unwrap();
+    assert_eq!(python.train_images().len(), 3);
+    assert_eq!(python.train_coarse_labels(), binary.train_coarse_labels());
+    assert_eq!(python.train_fine_labels(), binary.train_fine_labels());
+    assert_eq!(python.test_coarse_labels(), binary.test_coarse_labels());
+    assert_eq!(python.test_fine_labels(), binary.test_fine_labels());
+    assert_eq!(python.train_images(), binary.train_images());
+    assert_eq!(python.test_images(), binary.test_images());
+}
+
+#[test]
+fn cifar_open_finds_the_python_folder_inside_a_data_directory() {
+    let (tmp, _) = copy_fixture("cifar-10-batches-py");
+    let cifar = Cifar10::open(tmp.path()).unwrap();
+    assert!(cifar.dir().ends_with("cifar-10-batches-py"));
+    let (tmp, _) = copy_fixture("cifar-100-python");
+    assert!(Cifar100::open(tmp.path()).is_ok());
+}
+
+#[test]
+fn cifar_open_on_an_empty_directory_lists_the_files_it_looked_for() {
+    let tmp = TempDir::new().unwrap();
+    let (path, _, message) = dataset_error(Cifar10::open(tmp.path()).err().unwrap());
+    assert_eq!(path, tmp.path());
+    for name in [
+        "data_batch_1.bin",
+        "cifar-10-batches-bin",
+        "data_batch_1,",
+        "cifar-10-batches-py",
+    ] {
+        assert!(message.contains(name), "{name} not in {message}");
+    }
+    let (_, _, message) = dataset_error(Cifar100::open(tmp.path()).err().unwrap());
+    assert!(message.contains("cifar-100-python"), "{message}");
+}
+
+#[test]
+fn cifar_python_truncated_file_names_file_and_offset() {
+    let (_tmp, dir) = copy_fixture("cifar-10-batches-py");
+    let file = dir.join("data_batch_3");
+    let bytes = fs::read(&file).unwrap();
+    for cut in [1, 40, bytes.len() / 2, bytes.len() - 1] {
+        fs::write(&file, &bytes[..cut]).unwrap();
+        let (path, _, message) = dataset_error(Cifar10::open(&dir).err().unwrap());
+        assert_eq!(path, file, "cut at {cut}");
+        assert!(message.contains("offset"), "cut at {cut}: {message}");
+    }
+}
+
+#[test]
+fn cifar_python_file_calling_os_system_is_refused_naming_the_offset() {
+    let (_tmp, dir) = copy_fixture("cifar-100-python");
+    let file = dir.join("test");
+    // PROTO 2, then GLOBAL 'os system', as a malicious pickle starts.
+    fs::write(
+        &file,
+        b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.",
+    )
+    .unwrap();
+    let (path, _, message) = dataset_error(Cifar100::open(&dir).err().unwrap());
+    assert_eq!(path, file);
+    assert!(message.contains("offset 2"), "{message}");
+    assert!(
+        message.contains("os") && message.contains("system"),
+        "{message}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-//! CIFAR-10 and CIFAR-100, binary version, read whole into memory.
+//! CIFAR-10 and CIFAR-100, binary or python version, read whole into memory.
 //!
-//! The files are those of the "binary version" archives of
-//! <https://www.cs.toronto.edu/~kriz/cifar.html> (Krizhevsky, *Learning Multiple Layers of
-//! Features from Tiny Images*, 2009): `cifar-10-batches-bin/` holds `data_batch_1.bin` ..
-//! `data_batch_5.bin` and `test_batch.bin`, `cifar-100-binary/` holds `train.bin` and
-//! `test.bin`. The record layout is parsed by [`super::cifar_format`].
+//! The files are those of the archives of <https://www.cs.toronto.edu/~kriz/cifar.html>
+//! (Krizhevsky, *Learning Multiple Layers of Features from Tiny Images*, 2009), either version:
+//!
+//! | | binary version | python version (torchvision's) |
+//! |---|---|---|
+//! | CIFAR-10 | `cifar-10-batches-bin/data_batch_{1..5}.bin`, `test_batch.bin` | `cifar-10-batches-py/data_batch_{1..5}`, `test_batch` |
+//! | CIFAR-100 | `cifar-100-binary/train.bin`, `test.bin` | `cifar-100-python/train`, `test` |
+//!
+//! The binary records are parsed by [`super::cifar_format`], the pickles by
+//! [`super::cifar_pickle`]; both give the same images and labels.
 //!
 //! Memory: all images are decoded at open and kept as [`RgbImage`]s, about 3 KB each
 //! (CIFAR-10: 60,000 images, ~185 MB; CIFAR-100: 60,000 images, ~185 MB). One-class splits
@@ -18,26 +23,76 @@ use rayon::prelude::*;
 
 use super::OneClassSplit;
 use super::cifar_format::{self, FormatError, Layout, SIDE};
+use super::cifar_pickle;
 use super::subset::InMemorySubset;
 use crate::{Error, Result};
 
-/// The CIFAR-10 training batch files, in order.
-const CIFAR10_TRAIN_FILES: [&str; 5] = [
-    "data_batch_1.bin",
-    "data_batch_2.bin",
-    "data_batch_3.bin",
-    "data_batch_4.bin",
-    "data_batch_5.bin",
+/// Where one version of a dataset keeps its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Files {
+    /// Which version: the two are parsed differently.
+    pub(crate) version: Version,
+    /// The training files, in order.
+    pub(crate) train: &'static [&'static str],
+    /// The test file.
+    pub(crate) test: &'static str,
+    /// The folder the archive extracts to.
+    pub(crate) folder: &'static str,
+}
+
+/// The two published versions of the CIFAR files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// Fixed-size records (`cifar-10-binary.tar.gz`, `cifar-100-binary.tar.gz`).
+    Binary,
+    /// Python 2 pickles (`cifar-10-python.tar.gz`, `cifar-100-python.tar.gz`), what
+    /// torchvision and the authors' code download.
+    Python,
+}
+
+/// CIFAR-10's two versions, the binary one first.
+pub(crate) const CIFAR10_FILES: [Files; 2] = [
+    Files {
+        version: Version::Binary,
+        train: &[
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+            "data_batch_5.bin",
+        ],
+        test: "test_batch.bin",
+        folder: "cifar-10-batches-bin",
+    },
+    Files {
+        version: Version::Python,
+        train: &[
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+        ],
+        test: "test_batch",
+        folder: "cifar-10-batches-py",
+    },
 ];
-/// The CIFAR-10 test batch file.
-const CIFAR10_TEST_FILE: &str = "test_batch.bin";
-/// The folder the CIFAR-10 archive extracts to.
-const CIFAR10_ARCHIVE_DIR: &str = "cifar-10-batches-bin";
-/// The CIFAR-100 files.
-const CIFAR100_TRAIN_FILE: &str = "train.bin";
-const CIFAR100_TEST_FILE: &str = "test.bin";
-/// The folder the CIFAR-100 archive extracts to.
-const CIFAR100_ARCHIVE_DIR: &str = "cifar-100-binary";
+
+/// CIFAR-100's two versions, the binary one first.
+pub(crate) const CIFAR100_FILES: [Files; 2] = [
+    Files {
+        version: Version::Binary,
+        train: &["train.bin"],
+        test: "test.bin",
+        folder: "cifar-100-binary",
+    },
+    Files {
+        version: Version::Python,
+        train: &["train"],
+        test: "test",
+        folder: "cifar-100-python",
+    },
+];
 
 /// CIFAR-10: 50,000 training and 10,000 test images, 32×32, in ten classes.
 ///
@@ -78,24 +133,27 @@ impl Cifar10 {
         "truck",
     ];
 
-    /// Reads `data_batch_1.bin` .. `data_batch_5.bin` (training, in that order) and
-    /// `test_batch.bin` from `dir`, or from `dir/cifar-10-batches-bin/` when `dir` itself
-    /// lacks them.
+    /// Reads the training batches (in order) and the test batch from `dir`, or from the
+    /// folder its archive extracts to inside `dir`: the binary version
+    /// (`data_batch_1.bin` .. `data_batch_5.bin`, `test_batch.bin`, folder
+    /// `cifar-10-batches-bin`) or the python version (`data_batch_1` .. `data_batch_5`,
+    /// `test_batch`, folder `cifar-10-batches-py`), whichever is there (binary first).
     ///
-    /// Errors: [`Error::Dataset`] naming a missing file, a file whose size is not a whole
-    /// number of 3,073-byte records, or a record whose label is above 9 (with the record
-    /// index); [`Error::Io`] when a file cannot be read.
+    /// Errors: [`Error::Dataset`] naming the files looked for when neither version is there, a
+    /// missing file of a version partly there, a binary file whose size is not a whole number
+    /// of 3,073-byte records, a pickle that is not CIFAR's (with the byte offset), or a label
+    /// above 9 (with the record index); [`Error::Io`] when a file cannot be read.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = archive_dir(dir.as_ref(), CIFAR10_TRAIN_FILES[0], CIFAR10_ARCHIVE_DIR);
-        let mut files: Vec<PathBuf> = CIFAR10_TRAIN_FILES.iter().map(|f| dir.join(f)).collect();
-        files.push(dir.join(CIFAR10_TEST_FILE));
+        let (dir, files) = locate(dir.as_ref(), &CIFAR10_FILES, "CIFAR-10")?;
+        let mut paths: Vec<PathBuf> = files.train.iter().map(|f| dir.join(f)).collect();
+        paths.push(dir.join(files.test));
         // Report a missing file before spending time on the others.
-        for file in &files {
+        for file in &paths {
             require_file(file, "CIFAR-10 batch file")?;
         }
-        let mut batches = files
+        let mut batches = paths
             .par_iter()
-            .map(|file| read_batch(file, Layout::Cifar10))
+            .map(|file| read_batch(file, Layout::Cifar10, files.version))
             .collect::<Result<Vec<_>>>()?;
         let test = batches.pop().unwrap_or_default();
         let mut train = Batch::default();
@@ -216,21 +274,25 @@ impl Cifar100 {
         "vehicles_2",
     ];
 
-    /// Reads `train.bin` and `test.bin` from `dir`, or from `dir/cifar-100-binary/` when `dir`
-    /// itself lacks them.
+    /// Reads the training and test files from `dir`, or from the folder its archive extracts
+    /// to inside `dir`: the binary version (`train.bin`, `test.bin`, folder
+    /// `cifar-100-binary`) or the python version (`train`, `test`, folder
+    /// `cifar-100-python`), whichever is there (binary first).
     ///
-    /// Errors: [`Error::Dataset`] naming a missing file, a file whose size is not a whole
-    /// number of 3,074-byte records, or a record whose coarse label is above 19 or fine label
-    /// above 99 (with the record index); [`Error::Io`] when a file cannot be read.
+    /// Errors: [`Error::Dataset`] naming the files looked for when neither version is there, a
+    /// missing file, a binary file whose size is not a whole number of 3,074-byte records, a
+    /// pickle that is not CIFAR's (with the byte offset), or a record whose coarse label is
+    /// above 19 or fine label above 99 (with the record index); [`Error::Io`] when a file
+    /// cannot be read.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = archive_dir(dir.as_ref(), CIFAR100_TRAIN_FILE, CIFAR100_ARCHIVE_DIR);
-        let train_file = dir.join(CIFAR100_TRAIN_FILE);
-        let test_file = dir.join(CIFAR100_TEST_FILE);
+        let (dir, files) = locate(dir.as_ref(), &CIFAR100_FILES, "CIFAR-100")?;
+        let train_file = dir.join(files.train[0]);
+        let test_file = dir.join(files.test);
         require_file(&train_file, "CIFAR-100 file")?;
         require_file(&test_file, "CIFAR-100 file")?;
         let (train, test) = rayon::join(
-            || read_batch(&train_file, Layout::Cifar100),
-            || read_batch(&test_file, Layout::Cifar100),
+            || read_batch(&train_file, Layout::Cifar100, files.version),
+            || read_batch(&test_file, Layout::Cifar100, files.version),
         );
         let (train, test) = (train?, test?);
         let (train_coarse, train_fine) = train.labels.iter().map(|l| (l[0], l[1])).unzip();
@@ -328,14 +390,41 @@ impl std::fmt::Debug for Cifar100 {
     }
 }
 
-/// `dir`, or `dir/<archive>` when `dir` lacks `probe` and that folder has it.
-fn archive_dir(dir: &Path, probe: &str, archive: &str) -> PathBuf {
-    let nested = dir.join(archive);
-    if !dir.join(probe).exists() && nested.join(probe).exists() {
-        nested
-    } else {
-        dir.to_path_buf()
+/// The directory and version to read: the first of `versions` whose first training file is in
+/// `dir` itself, else in `dir/<folder>`.
+///
+/// Errors: [`Error::Dataset`] on `dir` listing every file and folder looked for.
+pub(crate) fn locate(dir: &Path, versions: &[Files], dataset: &str) -> Result<(PathBuf, Files)> {
+    for files in versions {
+        for candidate in [dir.to_path_buf(), dir.join(files.folder)] {
+            if candidate.join(files.train[0]).is_file() {
+                return Ok((candidate, *files));
+            }
+        }
     }
+    let looked_for: Vec<String> = versions
+        .iter()
+        .map(|f| {
+            let version = match f.version {
+                Version::Binary => "binary version",
+                Version::Python => "python version",
+            };
+            format!(
+                "{} and {} ({version}), here or in {}/",
+                f.train.join(", "),
+                f.test,
+                f.folder
+            )
+        })
+        .collect();
+    Err(Error::Dataset {
+        path: dir.to_path_buf(),
+        record: None,
+        reason: format!(
+            "no {dataset} files: looked for {}",
+            looked_for.join("; or ")
+        ),
+    })
 }
 
 /// [`Error::Dataset`] unless `file` is an existing file.
@@ -365,8 +454,8 @@ impl Batch {
     }
 }
 
-/// Reads and parses one record file.
-fn read_batch(file: &Path, layout: Layout) -> Result<Batch> {
+/// Reads and parses one file of either version.
+fn read_batch(file: &Path, layout: Layout, version: Version) -> Result<Batch> {
     let bytes = std::fs::read(file).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::Dataset {
             path: file.to_path_buf(),
@@ -375,7 +464,14 @@ fn read_batch(file: &Path, layout: Layout) -> Result<Batch> {
         },
         _ => Error::io(file, e),
     })?;
-    let records = cifar_format::parse(&bytes, layout).map_err(|e| format_error(file, &e))?;
+    let records = match version {
+        Version::Binary => cifar_format::parse(&bytes, layout).map_err(|e| format_error(file, &e)),
+        Version::Python => cifar_pickle::parse(&bytes, layout).map_err(|e| Error::Dataset {
+            path: file.to_path_buf(),
+            record: None,
+            reason: format!("CIFAR python-version file: {e}"),
+        }),
+    }?;
     drop(bytes);
     let mut batch = Batch {
         images: Vec::with_capacity(records.len()),

@@ -8,6 +8,9 @@
 //! 1,024 green, then the 1,024 blue, each plane a 32×32 image in row-major order.
 //! CIFAR-10 has one label byte (0..=9); CIFAR-100 has two, the coarse label (0..=19) and the
 //! fine label (0..=99).
+//!
+//! [`from_planar`] builds the same [`Records`] from labels and planar pixel rows held apart, as
+//! the python version of the archives stores them (parsed by `cifar_pickle`).
 
 use std::fmt;
 
@@ -203,6 +206,66 @@ pub fn parse(bytes: &[u8], layout: Layout) -> Result<Records, FormatError> {
     })
 }
 
+/// Records from labels and planar pixel rows, as the python version of CIFAR stores them.
+///
+/// `planes` holds the images one after the other, each as [`IMAGE_BYTES`] planar bytes
+/// (`R…R G…G B…B`, what [`parse`] reads after a record's label bytes); `labels` holds, record by
+/// record, one byte per [`Layout::label_fields`] entry (CIFAR-100: coarse, then fine). The pixels
+/// are interleaved once, into the returned [`Records`]; `labels` is kept as it is.
+///
+/// Errors: [`FormatError::Empty`] for no images, [`FormatError::PartialRecord`] (with
+/// `record_bytes` = [`IMAGE_BYTES`]) when `planes` is not a whole number of images,
+/// [`FormatError::LabelOutOfRange`] naming the first record whose label is invalid.
+///
+/// # Panics
+///
+/// When `labels` does not hold exactly one byte per label field and image
+/// (`labels.len() != planes.len() / IMAGE_BYTES * layout.label_fields().len()`): the caller
+/// pairs the two, so a mismatch is its bug, not bad input.
+pub fn from_planar(layout: Layout, labels: Vec<u8>, planes: &[u8]) -> Result<Records, FormatError> {
+    if planes.is_empty() {
+        return Err(FormatError::Empty);
+    }
+    if !planes.len().is_multiple_of(IMAGE_BYTES) {
+        return Err(FormatError::PartialRecord {
+            len: planes.len(),
+            record_bytes: IMAGE_BYTES,
+        });
+    }
+    let fields = layout.label_fields();
+    let count = planes.len() / IMAGE_BYTES;
+    assert_eq!(
+        labels.len(),
+        count * fields.len(),
+        "from_planar: {count} images need {} label bytes",
+        count * fields.len()
+    );
+    for (record, label_bytes) in labels.chunks_exact(fields.len()).enumerate() {
+        for (field, &value) in fields.iter().zip(label_bytes) {
+            if value >= field.classes {
+                return Err(FormatError::LabelOutOfRange {
+                    record,
+                    field: field.name,
+                    value,
+                    classes: field.classes,
+                });
+            }
+        }
+    }
+    let mut pixels = vec![0u8; planes.len()];
+    for (image, out) in planes
+        .chunks_exact(IMAGE_BYTES)
+        .zip(pixels.chunks_exact_mut(IMAGE_BYTES))
+    {
+        planar_to_interleaved(image, out);
+    }
+    Ok(Records {
+        layout,
+        labels,
+        pixels,
+    })
+}
+
 /// Writes three consecutive planes (`R…R G…G B…B`) as interleaved pixels (`R G B R G B …`).
 ///
 /// Both slices must be [`IMAGE_BYTES`] long; shorter ones are handled up to the shorter length.
@@ -252,6 +315,41 @@ mod tests {
         assert_eq!(records.labels(0), Some(&[19u8, 99][..]));
         assert_eq!(records.labels(1), Some(&[3u8, 42][..]));
         assert_eq!(records.labels(2), None);
+    }
+
+    #[test]
+    fn from_planar_matches_parse() {
+        let mut bytes = record(&[19, 99], |i| (i % 251) as u8);
+        bytes.extend(record(&[3, 42], |i| (i % 13) as u8));
+        let parsed = parse(&bytes, Layout::Cifar100).unwrap();
+        let record_bytes = Layout::Cifar100.record_bytes();
+        let mut labels = Vec::new();
+        let mut planes = Vec::new();
+        for chunk in bytes.chunks_exact(record_bytes) {
+            labels.extend_from_slice(&chunk[..2]);
+            planes.extend_from_slice(&chunk[2..]);
+        }
+        assert_eq!(
+            from_planar(Layout::Cifar100, labels, &planes).unwrap(),
+            parsed
+        );
+
+        assert_eq!(
+            from_planar(Layout::Cifar10, Vec::new(), &[]),
+            Err(FormatError::Empty)
+        );
+        assert!(matches!(
+            from_planar(Layout::Cifar10, vec![0], &[0; IMAGE_BYTES + 1]),
+            Err(FormatError::PartialRecord { len, record_bytes: IMAGE_BYTES }) if len == IMAGE_BYTES + 1
+        ));
+        let err = from_planar(Layout::Cifar10, vec![9, 10], &[0; 2 * IMAGE_BYTES]).unwrap_err();
+        assert_eq!(err.record(), Some(1));
+    }
+
+    #[test]
+    #[should_panic(expected = "label bytes")]
+    fn from_planar_panics_on_a_label_count_mismatch() {
+        let _ = from_planar(Layout::Cifar100, vec![0], &[0; IMAGE_BYTES]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! are converted. A [`OneClassSplit`] holds the normal training images and the test images with
 //! their anomaly labels (`true` = anomalous).
 //!
-//! - [`Cifar10`], [`Cifar100`]: the binary versions, read whole into memory at open.
+//! - [`Cifar10`], [`Cifar100`]: the binary or python (torchvision's) versions, read whole into
+//!   memory at open; `Cifar10::download` fetches torchvision's archive (feature `pretrained`).
 //! - [`ImageFolder`]: a directory of PNG, JPEG, BMP or TIFF files, decoded one at a time on
 //!   [`ImageSource::get`]; [`FolderOptions`] chooses strict (the default) or lenient reading.
 //! - [`MvtecAd`]: the MVTec AD category layout, on top of [`ImageFolder`].
@@ -47,13 +48,18 @@
 //! ```
 
 mod cifar;
+#[cfg(feature = "pretrained")]
+mod cifar_download;
 mod cifar_format;
+mod cifar_pickle;
 mod digits;
 mod folder;
 mod mvtec;
 mod subset;
 
 pub use cifar::{Cifar10, Cifar100};
+#[cfg(feature = "pretrained")]
+pub use cifar_download::{CIFAR10_PYTHON_ARCHIVE, CIFAR100_PYTHON_ARCHIVE, DatasetArchive};
 pub use digits::Digits;
 pub use folder::{FolderOptions, IMAGE_EXTENSIONS, ImageFolder, Skipped};
 pub use mvtec::MvtecAd;

@@ -26,10 +26,14 @@
 mod block;
 mod cpu_bridge;
 mod freeze;
+#[cfg(feature = "pretrained")]
+mod pretrained;
 pub mod weights;
 
 pub use block::{BasicBlock, BlockKind, Bottleneck, Downsample, ResidualBlock};
 pub use freeze::{FreezePolicy, Stage};
+#[cfg(feature = "pretrained")]
+pub use pretrained::{TORCHVISION_WEIGHTS, WeightFile, Weights};
 
 use std::fmt;
 use std::str::FromStr;
