@@ -37,6 +37,13 @@ pub(super) fn download(
         .timeout_connect(Some(fetcher.connect_timeout))
         .timeout_recv_response(Some(RESPONSE_TIMEOUT))
         .user_agent(format!("msad/{}", env!("CARGO_PKG_VERSION")))
+        // The operating system's trust store, as curl and pip use: it holds the certificates
+        // of corporate TLS proxies and private mirrors, which Mozilla's bundled list lacks.
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                .build(),
+        )
         .build()
         .into();
     let response = agent

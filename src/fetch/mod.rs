@@ -8,7 +8,7 @@
 //!    `$TORCH_HOME/hub/checkpoints`, where a PyTorch user already has them), then in msad's
 //!    cache; a file found there is used when its digest matches;
 //! 2. otherwise, unless offline, downloads it with [ureq](https://docs.rs/ureq) over HTTPS
-//!    (rustls), streamed to a temporary file in the cache directory while hashing, checks the
+//!    (rustls, certificates checked against the operating system's trust store), streamed to a temporary file in the cache directory while hashing, checks the
 //!    length and the [`Digest`], fsyncs, and renames it into place.
 //!
 //! A crash, a full disk, a truncated body or a wrong digest therefore never leaves a file a
