@@ -1,5 +1,5 @@
 //! Fit a detector on a folder of normal images (or an MVTec AD category), score another folder,
-//! write `path,score,anomalous` CSV, save the detector; or score with a saved one.
+//! write `path,normalized,raw,anomalous,error` CSV, save the detector; or score with a saved one.
 //!
 //! ```text
 //! # fit on normal images, score a folder, save
@@ -11,9 +11,12 @@
 //! cargo run --release --example folder -- --load detector/ --score incoming/ --out scores.csv
 //! ```
 //!
-//! The threshold of the `anomalous` column is the `--quantile` (default 0.99) of the
-//! leave-one-out scores of the normal training images (`Detector::normal_scores`), so no
-//! anomalous example is needed.
+//! The threshold of the `anomalous` column is the detector's calibration: the 0.99 quantile
+//! (`--quantile` changes it) of the leave-one-out scores of the normal training images
+//! (`Detector::normal_scores`), so no anomalous example is needed. It is saved with the
+//! detector, and `--load` works on any directory `Detector::save` wrote. `normalized` puts the
+//! threshold at 0.5. Images are scored as a stream (`Detector::score_each`): an unreadable one
+//! gets its error in the `error` column and the others are scored.
 //!
 //! Without `--weights`, `--arch`'s (default resnet18) torchvision ImageNet weights are fetched
 //! on demand; `--random-init` trains a randomly initialised net instead (a poor detector).
@@ -21,7 +24,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,7 +57,8 @@ struct Args {
     /// Folder of images to score (with --mvtec: the category's test images).
     #[arg(long)]
     score: Option<PathBuf>,
-    /// CSV output: path,score,anomalous.
+    /// CSV output: path,normalized,raw,anomalous,error (one row per image; an unreadable image
+    /// gets its error instead of scores).
     #[arg(long, default_value = "scores.csv")]
     out: PathBuf,
     /// Save the fitted detector to this directory.
@@ -77,10 +80,12 @@ struct Args {
     /// size resizes and crops to it, and the training crop is that size.
     #[arg(long, default_value_t = 224)]
     image_size: u32,
-    /// Quantile of the leave-one-out scores of the normal training images used as the threshold.
-    #[arg(long, default_value_t = 0.99)]
-    quantile: f64,
-    /// Skip unreadable images (and list them) instead of failing.
+    /// Recalibrate: the threshold becomes this quantile of the leave-one-out scores of the
+    /// normal training images (fitting calibrates at 0.99; a loaded detector keeps its own).
+    #[arg(long)]
+    quantile: Option<f64>,
+    /// Skip unreadable training images (and list them), and exit successfully when some
+    /// images to score were unreadable (their rows say why).
     #[arg(long)]
     lenient: bool,
     /// auto, wgpu, flex or ndarray.
@@ -130,18 +135,8 @@ fn run(args: Args) -> msad::Result<()> {
         (None, None) => (None, None),
     };
 
-    let (detector, threshold) = match (&args.load, train) {
-        (Some(dir), _) => {
-            let detector = Detector::load(dir, device)?;
-            let threshold = std::fs::read_to_string(dir.join("threshold.txt"))
-                .ok()
-                .and_then(|t| t.trim().parse::<f32>().ok())
-                .ok_or_else(|| Error::InvalidArgument {
-                    what: "--load".into(),
-                    reason: format!("{} has no threshold.txt", dir.display()),
-                })?;
-            (detector, threshold)
-        }
+    let mut detector = match (&args.load, train) {
+        (Some(dir), _) => Detector::load(dir, device)?,
         (None, Some(train)) => {
             let mut config = MscTrainerConfig::new()
                 .with_epochs(args.epochs)
@@ -171,9 +166,7 @@ fn run(args: Args) -> msad::Result<()> {
                     Control::Continue
                 })?;
             bar.finish_and_clear();
-            let normal_scores = detector.normal_scores()?;
-            let threshold = Detector::threshold_from_normal_scores(&normal_scores, args.quantile)?;
-            (detector, threshold)
+            detector
         }
         (None, None) => {
             return Err(Error::InvalidArgument {
@@ -182,13 +175,25 @@ fn run(args: Args) -> msad::Result<()> {
             });
         }
     };
-    eprintln!("threshold: {threshold}");
+    if let Some(quantile) = args.quantile {
+        detector.calibrate(quantile)?;
+    }
+    let calibration = *detector
+        .calibration()
+        .ok_or_else(|| Error::InvalidArgument {
+            what: "detector".into(),
+            reason: "not calibrated: it needs more normal images than k".into(),
+        })?;
+    eprintln!(
+        "threshold: {} (quantile {} of the leave-one-out normal scores)",
+        calibration.threshold, calibration.quantile
+    );
     if let Some(dir) = &args.save {
         detector.save(dir)?;
-        let path = dir.join("threshold.txt");
-        std::fs::write(&path, format!("{threshold}\n"))
-            .map_err(|e| Error::Io { path, source: e })?;
-        eprintln!("saved the detector to {}", dir.display());
+        eprintln!(
+            "saved the detector (threshold included) to {}",
+            dir.display()
+        );
     }
 
     let images = match (&to_score, &labelled) {
@@ -197,25 +202,63 @@ fn run(args: Args) -> msad::Result<()> {
         (None, None) => None,
     };
     if let Some(images) = images {
-        let scores = detector.score_source(images)?;
-        let file = std::fs::File::create(&args.out).map_err(|e| Error::Io {
+        let csv_error = |e: csv::Error| Error::InvalidArgument {
+            what: args.out.display().to_string(),
+            reason: format!("cannot write the CSV: {e}"),
+        };
+        let mut csv = csv::Writer::from_path(&args.out).map_err(csv_error)?;
+        csv.write_record(["path", "normalized", "raw", "anomalous", "error"])
+            .map_err(csv_error)?;
+        let (mut scored, mut failed) = (Vec::new(), 0usize);
+        for result in detector.score_each(images) {
+            let record = match &result.outcome {
+                Ok(s) => {
+                    scored.push((result.index, s.raw));
+                    [
+                        result.name,
+                        s.normalized.to_string(),
+                        s.raw.to_string(),
+                        s.anomalous.to_string(),
+                        String::new(),
+                    ]
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{}: {e}", result.name);
+                    [
+                        result.name,
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        e.to_string(),
+                    ]
+                }
+            };
+            csv.write_record(&record).map_err(csv_error)?;
+        }
+        csv.flush().map_err(|e| Error::Io {
             path: args.out.clone(),
             source: e,
         })?;
-        let mut csv = std::io::BufWriter::new(file);
-        let write_err = |e: std::io::Error| Error::Io {
-            path: args.out.clone(),
-            source: e,
-        };
-        writeln!(csv, "path,score,anomalous").map_err(write_err)?;
-        for (i, s) in scores.iter().enumerate() {
-            let name = images.name(i).replace('"', "\"\"");
-            writeln!(csv, "\"{name}\",{s},{}", *s > threshold).map_err(write_err)?;
-        }
-        csv.flush().map_err(write_err)?;
-        eprintln!("wrote {} scores to {}", scores.len(), args.out.display());
+        eprintln!(
+            "wrote {} scores and {failed} errors to {}",
+            scored.len(),
+            args.out.display()
+        );
         if let Some(labels) = labels {
-            println!("ROC-AUC {:.4}", msad::metrics::roc_auc(&scores, labels)?);
+            let scores: Vec<f32> = scored.iter().map(|&(_, s)| s).collect();
+            let labels: Vec<bool> = scored.iter().map(|&(i, _)| labels[i]).collect();
+            println!("ROC-AUC {:.4}", msad::metrics::roc_auc(&scores, &labels)?);
+        }
+        if failed > 0 && !args.lenient {
+            return Err(Error::InvalidArgument {
+                what: "images".into(),
+                reason: format!(
+                    "{failed} could not be scored (the error column of {} says why; --lenient \
+                     makes this a warning)",
+                    args.out.display()
+                ),
+            });
         }
     }
     Ok(())

@@ -164,6 +164,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A value that must be finite is not (NaN or ±inf): a weight, the center, the bank, a
+    /// threshold, or a score computed from such values or from a non-finite image.
+    #[error("{what} is not finite: {detail}")]
+    NonFinite {
+        /// What holds the value (`center.npy`, `threshold`, `the score of image 3`).
+        what: String,
+        /// Which value, and what it is.
+        detail: String,
+    },
+
     /// A file that could not be fetched: not in any cache, and the download failed or was
     /// forbidden. The message names the URL, the expected digest and where the file can be put
     /// by hand.

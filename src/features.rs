@@ -57,18 +57,15 @@ pub fn embed_source(
     batch_size: usize,
     device: &Device,
 ) -> Result<Tensor<2>> {
-    let n = source.len();
-    if let Some(empty) = nothing_to_embed(encoder, n, batch_size, device)? {
-        return Ok(empty);
-    }
     let embedder = InferenceEncoder::new(encoder, device);
-    let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
-    for start in (0..n).step_by(batch_size) {
-        let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
-        let images = load_images(source, &indices)?;
-        parts.push(embedder.try_embed(eval.try_batch(&images, device)?)?);
-    }
-    Ok(Tensor::cat(parts, 0))
+    embed_source_with(
+        |images| embedder.try_embed(images),
+        encoder.feature_dim(),
+        source,
+        eval,
+        batch_size,
+        device,
+    )
 }
 
 /// φ of in-memory images, `batch_size` at a time. A zero-sized image is an error naming its
@@ -92,6 +89,32 @@ pub fn embed_images(
         .chunks(batch_size)
         .map(|chunk| embedder.try_embed(eval.try_batch(chunk, device)?))
         .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(parts, 0))
+}
+
+/// φ of every image of `source` through `embed` (a prepared encoder's `try_embed`), with the
+/// same batching and errors as [`embed_source`].
+pub(crate) fn embed_source_with(
+    embed: impl Fn(Tensor<4>) -> Result<Tensor<2>>,
+    feature_dim: usize,
+    source: &dyn ImageSource,
+    eval: &EvalTransform,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Tensor<2>> {
+    let n = source.len();
+    if batch_size == 0 {
+        return Err(Error::invalid("batch size", "must be at least 1"));
+    }
+    if n == 0 {
+        return Ok(Tensor::zeros([0, feature_dim], device));
+    }
+    let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
+    for start in (0..n).step_by(batch_size) {
+        let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+        let images = load_images(source, &indices)?;
+        parts.push(embed(eval.try_batch(&images, device)?)?);
+    }
     Ok(Tensor::cat(parts, 0))
 }
 

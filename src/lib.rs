@@ -68,7 +68,7 @@ pub mod metrics;
 pub mod npy;
 pub mod train;
 
-pub use detector::Detector;
+pub use detector::{Calibration, Detector, ImageResult, ScoreStream, Scored};
 pub use error::{Error, FetchFailure, Result};
 
 /// The eps of PyTorch's `F.normalize`: rows are divided by `max(‖row‖₂, NORM_EPS)`.

@@ -1,15 +1,19 @@
 //! Augmentation: the explicit-parameter primitives against torchvision/PIL fixtures, the random
-//! sampling against torchvision's distributions, determinism, and bad input.
+//! sampling against torchvision's distributions, determinism, and bad input; the evaluation
+//! transform on thin images and the folder reader's pixel limit, under a memory limit.
 
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
 
 use burn::tensor::Device;
 use image::RgbImage;
 use msad::Error;
 use msad::augment::ops::{self, CropBox, Filter};
 use msad::augment::{EvalTransform, TrainAugmentConfig};
+use msad::data::{FolderOptions, ImageFolder, ImageSource};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -60,7 +64,10 @@ fn primitives_match_torchvision_on_pil() {
         let f = |k: &str| p[k].as_f64().unwrap() as f32;
         let (got, tolerance) = match case.op.as_str() {
             "resize" => (ops::resize(&src, u("width"), u("height"), filter(p)), 2),
-            "resize_shorter" => (ops::resize_shorter_side(&src, u("size"), filter(p)), 2),
+            "resize_shorter" => (
+                ops::resize_shorter_side(&src, u("size"), filter(p)).unwrap(),
+                2,
+            ),
             "resized_crop" => {
                 let region = CropBox {
                     top: u("top"),
@@ -128,6 +135,13 @@ fn normalisation_and_the_eval_transform_match_torchvision() {
             "eval_bicubic_64_64_b.npy",
         ),
     ] {
+        // The crop computed alone, bit for bit the crop of the whole resized image.
+        let whole = ops::center_crop(
+            &ops::resize_shorter_side(&png(src), transform.resize, transform.filter).unwrap(),
+            transform.crop,
+            transform.crop,
+        );
+        assert_eq!(transform.try_apply(&png(src)).unwrap(), whole, "{file}");
         let batch = transform.try_batch(&[png(src)], &device).unwrap();
         let got = msad::host::vec_from_tensor(batch).unwrap();
         let want = msad::npy::read_f32(fixture("augment", file)).unwrap();
@@ -387,4 +401,337 @@ fn bad_input_is_an_error() {
     // Absurd or non-finite blur strengths are clamped, not overflowed.
     assert_eq!(ops::gaussian_blur(&src, f32::NAN), src);
     assert_eq!(ops::gaussian_blur(&src, 1e12).dimensions(), (w, h));
+}
+
+/// A deterministic pseudo-random image.
+fn noise(width: u32, height: u32, seed: u64) -> RgbImage {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    RgbImage::from_fn(width, height, |_, _| {
+        let mut byte = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 32) as u8
+        };
+        image::Rgb([byte(), byte(), byte()])
+    })
+}
+
+#[test]
+fn eval_transform_is_resize_then_center_crop_bit_for_bit() {
+    // The crop is computed alone (without the resized image): every pixel must be the one of
+    // the whole resize, cropped, including where CenterCrop pads a small resize with zeros.
+    let mut cases = 0;
+    for (i, (w, h)) in [
+        (1, 1),
+        (1, 7),
+        (9, 2),
+        (31, 17),
+        (48, 40),
+        (64, 64),
+        (100, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = noise(w, h, i as u64);
+        for filter in [Filter::Bilinear, Filter::Bicubic] {
+            for (size, crop_w, crop_h) in [
+                (1, 1, 1),
+                (5, 3, 3),
+                (8, 13, 13),
+                (16, 16, 9),
+                (37, 24, 30),
+                (50, 40, 40),
+                (64, 64, 64),
+                (20, 90, 7),
+            ] {
+                let got = ops::resize_and_center_crop(&img, size, crop_w, crop_h, filter);
+                let resized = ops::resize_shorter_side(&img, size, filter).unwrap();
+                let want = ops::center_crop(&resized, crop_w, crop_h);
+                assert_eq!(got, want, "{w}x{h}, size {size}, crop {crop_w}x{crop_h}");
+                if crop_w == crop_h {
+                    let eval = EvalTransform::new(size, crop_w).with_filter(filter);
+                    assert_eq!(eval.try_apply(&img).unwrap(), want);
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 7 * 2 * 8);
+}
+
+/// Runs this test binary's test `name` again in a child process whose address space is
+/// limited to `limit_mib` MiB (`ulimit -v`; on Linux only, elsewhere unlimited), with
+/// `MSAD_AUGMENT_CHILD` set, so that an allocation the limit refuses aborts the child, not
+/// the test run. Returns the child's stdout; fails unless it exited normally.
+fn run_child_under_memory_limit(name: &str, limit_mib: u64) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let limit = if cfg!(target_os = "linux") {
+        format!("ulimit -v {} && ", limit_mib * 1024)
+    } else {
+        String::new()
+    };
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limit}exec \"$0\" \"$@\""))
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("MSAD_AUGMENT_CHILD", "1")
+        // One malloc arena and one rayon thread: the limit is on address space, which every
+        // arena and thread stack reserves.
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && stdout.contains("child finished"),
+        "child {name} under {limit_mib} MiB: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn in_child() -> bool {
+    std::env::var_os("MSAD_AUGMENT_CHILD").is_some()
+}
+
+/// The address-space limits of the children: far below what the unguarded paths would take
+/// (a 1 × 65535 image resized to 256 is 12 GB; a 22000 × 22000 grayscale PNG's buffer is
+/// 484 MB before its conversion to RGB), well above what the children need (the thin images
+/// themselves are 2 × 48 MiB; either child runs in 150 MiB).
+const THIN_LIMIT_MIB: u64 = 512;
+const BOMB_LIMIT_MIB: u64 = 256;
+
+#[test]
+fn thin_images_take_the_eval_transform_in_bounded_memory() {
+    if !in_child() {
+        run_child_under_memory_limit(
+            "thin_images_take_the_eval_transform_in_bounded_memory",
+            THIN_LIMIT_MIB,
+        );
+        return;
+    }
+    // Resize(256): the scale 1/256 is exact in binary, so a thin image of length N and one of
+    // length M ≡ N (mod 4) with the same pixels around their middles (shifted by
+    // D = (N − M) / 2) have the same crops: compare the thin image against the whole
+    // resize-then-crop of a small one.
+    let tmp = tempfile::tempdir().unwrap();
+    for (n, m) in [(65535u32, 63u32), (1 << 24, 64)] {
+        let d = (n - m) / 2;
+        let small = noise(1, m, u64::from(m));
+        let fill = noise(1, 4096, 99);
+        let column = |r: u32| {
+            if (d..d + m).contains(&r) {
+                *small.get_pixel(0, r - d)
+            } else {
+                *fill.get_pixel(0, r % 4096)
+            }
+        };
+        let tall = RgbImage::from_fn(1, n, |_, y| column(y));
+        let wide = RgbImage::from_fn(n, 1, |x, _| column(x));
+        let small_wide = image::imageops::rotate90(&small);
+        let small_wide = image::imageops::flip_horizontal(&small_wide);
+        assert_eq!(*small_wide.get_pixel(5, 0), *small.get_pixel(0, 5));
+        // A valid PNG of a few hundred bytes (65535 × 1) decodes to the thin image.
+        let (tall, wide) = if n == 65535 {
+            let read = |img: &RgbImage, name: &str| {
+                let dir = tmp.path().join(name);
+                std::fs::create_dir(&dir).unwrap();
+                img.save(dir.join("thin.png")).unwrap();
+                ImageFolder::open(&dir).unwrap().get(0).unwrap()
+            };
+            (read(&tall, "tall"), read(&wide, "wide"))
+        } else {
+            (tall, wide)
+        };
+        for filter in [Filter::Bilinear, Filter::Bicubic] {
+            let eval = EvalTransform::new(256, 224).with_filter(filter);
+            for (thin, reference) in [(&tall, &small), (&wide, &small_wide)] {
+                let resized = ops::resize_shorter_side(reference, 256, filter).unwrap();
+                let want = ops::center_crop(&resized, 224, 224);
+                let got = eval.try_apply(thin).unwrap();
+                assert_eq!(got, want, "{}x{} {filter:?}", thin.width(), thin.height());
+                // Not a blank: the crop shows the middle pixels.
+                assert!(got.pixels().any(|p| p.0 != [0, 0, 0]));
+            }
+        }
+        // The whole resize is refused, naming the image, when its longer side overflows u32.
+        if n == 1 << 24 {
+            let err = ops::resize_shorter_side(&tall, 256, Filter::Bilinear).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { ref reason, .. } if reason.contains("1x16777216")),
+                "{err}"
+            );
+        }
+        println!("thin 1x{n} and {n}x1: equal to the small reference");
+    }
+    // The batch path (rayon, normalisation) takes them too.
+    let thin = noise(1, 65535, 3);
+    let batch = EvalTransform::resnet152()
+        .try_batch(&[thin.clone(), thin], &Device::flex())
+        .unwrap();
+    assert_eq!(batch.dims(), [2, 3, 224, 224]);
+    println!("child finished");
+}
+
+/// The CRC-32 of PNG chunks (ISO 3309).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A PNG of `width` × `height` 8-bit grayscale pixels whose one IDAT chunk holds the zlib
+/// stream of a single zero byte: a valid header, the data of one pixel.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8; 4], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let start = png.len();
+        png.extend(kind);
+        png.extend(data);
+        let crc = crc32(&png[start..]);
+        png.extend(crc.to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]); // 8 bits, grayscale, deflate, adaptive filters, no interlace
+    chunk(b"IHDR", &ihdr);
+    chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
+    chunk(b"IEND", &[]);
+    png
+}
+
+/// The error of reading the one image of folder `dir`, strict, with `options`; and that a
+/// lenient open skips it with the same reason.
+fn refusal(dir: &Path, options: FolderOptions) -> String {
+    let folder = ImageFolder::open_with(dir, options).unwrap();
+    let err = folder.get(0).unwrap_err();
+    let Error::Image {
+        ref path,
+        ref reason,
+    } = err
+    else {
+        panic!("not an Error::Image: {err}");
+    };
+    assert_eq!(path, &folder.paths()[0]);
+    let lenient = FolderOptions::lenient().with_max_pixels(options.max_pixels);
+    let lenient = ImageFolder::open_with(dir, lenient).unwrap();
+    assert_eq!(lenient.len(), 0);
+    assert_eq!(lenient.skipped().len(), 1);
+    assert!(lenient.skipped()[0].reason.contains(reason.as_str()));
+    err.to_string()
+}
+
+#[test]
+fn a_png_claiming_huge_dimensions_is_an_error_not_an_abort() {
+    if !in_child() {
+        let out = run_child_under_memory_limit(
+            "a_png_claiming_huge_dimensions_is_an_error_not_an_abort",
+            BOMB_LIMIT_MIB,
+        );
+        assert!(out.contains("100000x100000 = 10000000000 pixels"), "{out}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Each a few dozen bytes; decoded they would take 10 GB, 484 MB (under the image crate's
+    // own 512 MiB allocation limit, so only msad's pixel limit stops it before the child's
+    // memory limit does), and 16 MB against a lowered limit.
+    let side = "a side is longer than 1048576 pixels".to_string();
+    for (width, height, options, size) in [
+        (100_000, 100_000, FolderOptions::default(), None),
+        (22_000, 22_000, FolderOptions::default(), None),
+        // Refused by the decoder's limit on each side, before the pixel count.
+        (
+            1,
+            1 << 24,
+            FolderOptions::strict().with_max_pixels(1 << 20),
+            Some(side),
+        ),
+    ] {
+        let dir = tmp.path().join(format!("{width}x{height}"));
+        std::fs::create_dir(&dir).unwrap();
+        let file = dir.join("bomb.png");
+        let bytes = png_claiming(width, height);
+        assert!(bytes.len() < 100);
+        std::fs::write(&file, bytes).unwrap();
+        let message = refusal(&dir, options);
+        let pixels = u64::from(width) * u64::from(height);
+        let max = options.max_pixels;
+        let size = size.unwrap_or(format!(
+            "{width}x{height} = {pixels} pixels, over the limit"
+        ));
+        for part in [
+            file.display().to_string(),
+            size,
+            format!("limit of {max} pixels an image"),
+            "FolderOptions::with_max_pixels".to_string(),
+        ] {
+            assert!(message.contains(&part), "{message:?} lacks {part:?}");
+        }
+        println!("{message}");
+    }
+    println!("child finished");
+}
+
+#[test]
+fn images_over_max_pixels_are_refused_naming_the_file_and_the_limit() {
+    assert_eq!(FolderOptions::DEFAULT_MAX_PIXELS, 1 << 27);
+    assert_eq!(FolderOptions::default().max_pixels, 1 << 27);
+    assert_eq!(FolderOptions::lenient().max_pixels, 1 << 27);
+    let tmp = tempfile::tempdir().unwrap();
+    // A valid, highly compressible 1500 × 1000 black PNG (a few KB).
+    let (train, test) = (tmp.path().join("train"), tmp.path().join("test"));
+    for dir in [&train, &test] {
+        std::fs::create_dir(dir).unwrap();
+        RgbImage::new(1500, 1000)
+            .save(dir.join("black.png"))
+            .unwrap();
+    }
+    let low = FolderOptions::strict().with_max_pixels(1_000_000);
+    let message = refusal(&train, low);
+    assert!(
+        message.contains("black.png")
+            && message.contains("1500x1000 = 1500000 pixels")
+            && message.contains("over the limit of 1000000 pixels an image")
+            && message.contains("FolderOptions::with_max_pixels"),
+        "{message}"
+    );
+    // At the limit exactly, and above it, the image decodes.
+    for max_pixels in [1_500_000, 1 << 27] {
+        let folder = ImageFolder::open_with(&train, low.with_max_pixels(max_pixels)).unwrap();
+        assert_eq!(folder.get(0).unwrap().dimensions(), (1500, 1000));
+    }
+    // Joined folders keep the limit each was opened with.
+    let split = ImageFolder::one_class(
+        ImageFolder::open_with(&train, low).unwrap(),
+        ImageFolder::open_with(&test, FolderOptions::default()).unwrap(),
+        Some(ImageFolder::open_with(&train, low).unwrap()),
+    )
+    .unwrap();
+    assert!(matches!(split.train.get(0), Err(Error::Image { .. })));
+    assert_eq!(split.test.get(0).unwrap().dimensions(), (1500, 1000));
+    assert!(matches!(split.test.get(1), Err(Error::Image { .. })));
+    // A limit of 0 would refuse everything: refused when opening.
+    let err = ImageFolder::open_with(&train, low.with_max_pixels(0)).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref what, .. } if what.contains("max_pixels")),
+        "{err}"
+    );
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::optim::decay::WeightDecayConfig;
@@ -440,5 +441,311 @@ fn reference_freeze_policy_is_resnet152_through_layer2() {
         Arch::Resnet101,
     ] {
         assert!(FreezePolicy::reference(arch).frozen_stages().is_empty());
+    }
+}
+
+/// Images of 4 × 3 × `h` × `w`: image 0 clean, image 1 with a NaN in its green plane, image 2
+/// with +inf in red, image 3 with −inf in blue.
+fn non_finite_images(h: usize, w: usize, device: &Device) -> Tensor<4> {
+    let plane = h * w;
+    let mut values: Vec<f32> = common::splitmix_uniform(plane as u64, 4 * 3 * plane)
+        .iter()
+        .map(|v| *v as f32 * 2.0)
+        .collect();
+    let at = (h / 2) * w + w / 3;
+    values[3 * plane + plane + at] = f32::NAN;
+    values[2 * 3 * plane + at] = f32::INFINITY;
+    values[3 * 3 * plane + 2 * plane + at] = f32::NEG_INFINITY;
+    Tensor::<4>::from_data(burn::tensor::TensorData::new(values, [4, 3, h, w]), device)
+}
+
+/// NaN and infinities propagate through the CPU engine as through PyTorch's ResNet and flex's
+/// tensor path (the specification on CPU devices): burn's relu and max-pool keep NaN on flex,
+/// and so does the CPU engine now (its ReLU mapped NaN to 0). Images with a NaN, a +inf or a
+/// −inf pixel beside a clean one give NaN features at the same positions as flex's tensor
+/// path, through `forward` (the CPU engine) and an `InferenceEncoder`, on flex and on ndarray,
+/// at sizes where the convs run on im2col and on F(2×2, 3×3); the other features agree.
+///
+/// Two tensor paths differ from PyTorch here, and are only checked on the clean image (which
+/// the others in its batch must not disturb): ndarray's max-pool skips NaN (`val > max`), and
+/// wgpu's drops it too on lavapipe (a GPU `max` returns the operand that is not NaN), so that
+/// there a NaN pixel can vanish from the features.
+#[test]
+fn non_finite_pixels_give_nan_features_as_the_tensor_path() {
+    let flex = Device::flex();
+    for net in ["narrow18", "narrow50"] {
+        let checkpoint = fixture("encoder", &format!("{net}.pth"));
+        let reference_model = ResNet::from_torchvision(&checkpoint, &flex).unwrap();
+        for [h, w] in [[37, 29], [64, 64], [9, 9]] {
+            let reference = msad::host::vec_from_tensor(
+                reference_model.forward_tensor_ops(non_finite_images(h, w, &flex)),
+            )
+            .unwrap();
+            let d = reference_model.feature_dim();
+            let what = format!("{net} {h}x{w}");
+            assert!(
+                reference[..d].iter().all(|v| v.is_finite()),
+                "{what}: the clean image"
+            );
+            assert!(
+                reference[d..2 * d].iter().all(|v| v.is_nan()),
+                "{what}: the NaN image"
+            );
+            let nan = |v: &[f32]| v.iter().map(|x| x.is_nan()).collect::<Vec<bool>>();
+            let scale = reference
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(1f32, |m, v| m.max(v.abs()));
+            for selected in backends() {
+                let device = selected.device();
+                let model = ResNet::from_torchvision(&checkpoint, device).unwrap();
+                let prepared = InferenceEncoder::new(&model, device);
+                let x = non_finite_images(h, w, device);
+                let paths = [
+                    ("forward", model.forward(x.clone())),
+                    ("InferenceEncoder", prepared.try_forward(x.clone()).unwrap()),
+                    ("forward_tensor_ops", model.forward_tensor_ops(x)),
+                ];
+                for (path, found) in paths {
+                    let found = msad::host::vec_from_tensor(found).unwrap();
+                    let what = format!("{what} on {selected}: {path}");
+                    let follows_pytorch = match selected.backend() {
+                        msad::device::Backend::Flex => true,
+                        // The CPU engine.
+                        msad::device::Backend::NdArray => path != "forward_tensor_ops",
+                        _ => false,
+                    };
+                    let checked = if follows_pytorch {
+                        assert_eq!(nan(&found), nan(&reference), "{what}: NaN positions");
+                        found.len()
+                    } else {
+                        d
+                    };
+                    for (i, (a, b)) in found[..checked].iter().zip(&reference).enumerate() {
+                        if !b.is_nan() {
+                            assert!(
+                                a == b || (a - b).abs() <= 1e-4 * scale,
+                                "{what}: feature {i}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The narrow18 safetensors fixture with one value of `key` replaced, in a temporary file.
+fn patched_checkpoint(dir: &std::path::Path, key: &str, index: usize, value: f32) -> PathBuf {
+    let path = dir.join(format!("{key}.{index}.safetensors"));
+    common::patch_safetensors(
+        &fixture("encoder", "narrow18.safetensors"),
+        &path,
+        key,
+        index,
+        value,
+    );
+    path
+}
+
+/// A NaN or infinite weight ([`Error::NonFinite`]), or a negative BatchNorm running variance
+/// ([`Error::Checkpoint`]), is refused when the checkpoint is loaded, naming the file, the key,
+/// the value and its index, whichever way it is loaded.
+#[test]
+fn non_finite_weights_and_negative_variances_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let config = Checkpoint::open(fixture("encoder", "narrow18.safetensors"))
+        .unwrap()
+        .infer_config()
+        .unwrap();
+    for (key, index, value, words) in [
+        (
+            "layer1.0.bn1.running_var",
+            3,
+            -0.5,
+            "tensor `layer1.0.bn1.running_var` has a negative value (-0.5) at index 3",
+        ),
+        (
+            "layer2.0.conv1.weight",
+            5,
+            f32::NAN,
+            "tensor `layer2.0.conv1.weight` is not finite: value 5 (row-major) is NaN",
+        ),
+        (
+            "bn1.weight",
+            0,
+            f32::INFINITY,
+            "tensor `bn1.weight` is not finite: value 0 (row-major) is inf",
+        ),
+        (
+            "layer2.0.downsample.1.running_mean",
+            7,
+            f32::NEG_INFINITY,
+            "tensor `layer2.0.downsample.1.running_mean` is not finite: value 7 (row-major) is -inf",
+        ),
+        (
+            "layer2.0.downsample.0.weight",
+            1,
+            f32::NAN,
+            "tensor `layer2.0.downsample.0.weight` is not finite: value 1 (row-major) is NaN",
+        ),
+        (
+            "layer4.1.bn2.running_var",
+            0,
+            f32::NAN,
+            "tensor `layer4.1.bn2.running_var` is not finite: value 0 (row-major) is NaN",
+        ),
+    ] {
+        let path = patched_checkpoint(dir.path(), key, index, value);
+        let mut errors = vec![
+            config.init_from_torchvision(&path, &device).unwrap_err(),
+            Checkpoint::open(&path)
+                .unwrap()
+                .load(&config, &device)
+                .unwrap_err(),
+        ];
+        // The check runs on the device the weights are loaded onto.
+        errors.extend(
+            backends()
+                .iter()
+                .map(|selected| ResNet::from_torchvision(&path, selected.device()).unwrap_err()),
+        );
+        for err in errors {
+            let message = err.to_string();
+            assert!(
+                message.contains(words) && message.contains(&*path.to_string_lossy()),
+                "{message}"
+            );
+            match (&err, value.is_finite()) {
+                (Error::Checkpoint { path: p, .. }, true) => assert_eq!(p, &path),
+                (Error::NonFinite { .. }, false) => {}
+                (other, _) => panic!("{key}: unexpected {other:?}"),
+            }
+        }
+    }
+    // A running variance of exactly 0 is a valid one.
+    let path = patched_checkpoint(dir.path(), "layer1.0.bn1.running_var", 3, 0.0);
+    ResNet::from_torchvision(&path, &device).unwrap();
+}
+
+/// Writes a safetensors file of zero-filled tensors (`F32`, or `I64` for
+/// `num_batches_tracked`) with these keys and shapes.
+fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (key, shape) in tensors {
+        let (dtype, size) = if key.ends_with("num_batches_tracked") {
+            ("I64", 8)
+        } else {
+            ("F32", 4)
+        };
+        let len = size * shape.iter().product::<usize>();
+        header.insert(
+            key.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    bytes.resize(bytes.len() + offset, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Set by `oversized_layouts_are_refused_in_bounded_time_and_memory` for its child process.
+const OVERSIZED_CHILD: &str = "MSAD_TEST_OVERSIZED_CHILD";
+
+/// Layouts of absurd size read from files: refused before anything loops or allocates per
+/// block. Run in a child process limited to 1 GiB of address space and 60 s, so that an
+/// allocation without bound (an abort) or a loop over 10⁹ blocks fails the test.
+#[test]
+fn oversized_layouts_are_refused_in_bounded_time_and_memory() {
+    let exe = std::env::current_exe().unwrap();
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
+        .arg(&exe)
+        .args([
+            "--exact",
+            "oversized_layouts_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(OVERSIZED_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the oversized layouts were not refused within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let output = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        status.success() && out.contains("1 passed"),
+        "child {status} after {:?}:\n{out}\n{err}",
+        started.elapsed()
+    );
+}
+
+/// The body of `oversized_layouts_are_refused_in_bounded_time_and_memory`, in its child
+/// process (it does nothing elsewhere).
+#[test]
+#[ignore = "run by oversized_layouts_are_refused_in_bounded_time_and_memory"]
+fn oversized_layouts_child() {
+    if std::env::var_os(OVERSIZED_CHILD).is_none() {
+        return;
+    }
+    let device = Device::flex();
+    // A layout as a manifest would hold it, with 10⁸ blocks in layer1.
+    let config: ResNetConfig = serde_json::from_str(
+        r#"{"block":"Basic","layers":[100000000,2,2,2],"stem_width":64,"widths":[64,128,256,512]}"#,
+    )
+    .unwrap();
+    for err in [
+        config.validate().unwrap_err(),
+        config.try_init(&device).unwrap_err(),
+        Checkpoint::open(fixture("encoder", "narrow18.safetensors"))
+            .unwrap()
+            .check(&config)
+            .unwrap_err(),
+    ] {
+        assert!(err.to_string().contains("blocks per stage"), "{err}");
+    }
+    let wide: ResNetConfig = serde_json::from_str(
+        r#"{"block":"Bottleneck","layers":[3,4,6,3],"stem_width":64,"widths":[64,128,256,4611686018427387904]}"#,
+    )
+    .unwrap();
+    assert!(wide.try_init(&device).is_err());
+    // A checkpoint whose one key names block 10⁹ of layer1.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep.safetensors");
+    let mut tensors = vec![("conv1.weight", vec![8, 3, 7, 7])];
+    let firsts: Vec<String> = (1..=4)
+        .map(|s| format!("layer{s}.0.conv1.weight"))
+        .collect();
+    tensors.extend(firsts.iter().map(|k| (k.as_str(), vec![8, 8, 3, 3])));
+    tensors.push(("layer1.1000000000.bn1.num_batches_tracked", vec![]));
+    write_safetensors(&path, &tensors);
+    let err = ResNet::from_torchvision(&path, &device).unwrap_err();
+    match &err {
+        Error::UnknownArchitecture { reason, .. } => assert!(
+            reason.contains("`layer1.1000000000.bn1.num_batches_tracked`"),
+            "{err}"
+        ),
+        other => panic!("unexpected {other}"),
     }
 }

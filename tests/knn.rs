@@ -427,3 +427,162 @@ fn bad_input_is_an_error() {
         "{err}"
     );
 }
+
+/// Per query, its k nearest as (distance, bank index).
+type Lists = Vec<Vec<(f32, usize)>>;
+
+/// A case of `huge_features_are_measured_exactly_on_every_engine`: (bank, N, queries, Q, k,
+/// the expected lists).
+type HugeCase<'a> = (&'a [f32], usize, &'a [f32], usize, usize, Lists);
+
+/// The k nearest of each query on every engine: `KnnScorer` on every backend, on its CPU engine
+/// (CPU devices) and on its tensor operations, and `HostKnnScorer`, as (distance, index) lists.
+fn every_engine(
+    bank: &[f32],
+    n: usize,
+    queries: &[f32],
+    q: usize,
+    k: usize,
+) -> Vec<(String, Result<Lists, Error>)> {
+    let d = bank.len() / n;
+    let lists = |dist: Vec<f32>, idx: Vec<usize>| {
+        dist.chunks(k)
+            .zip(idx.chunks(k))
+            .map(|(dd, ii)| dd.iter().copied().zip(ii.iter().copied()).collect())
+            .collect::<Lists>()
+    };
+    let mut found = Vec::new();
+    for selected in backends() {
+        let device = selected.device();
+        for tensor_ops in [false, true] {
+            let bank = tensor(bank, n, d, device);
+            let knn = if tensor_ops {
+                KnnScorer::with_tensor_ops(bank, k, 1 << 20)
+            } else {
+                KnnScorer::new(bank, k)
+            }
+            .unwrap();
+            let result = knn
+                .neighbours(tensor(queries, q, d, device))
+                .map(|(dist, idx)| {
+                    let idx = idx
+                        .into_data()
+                        .convert::<i64>()
+                        .iter::<i64>()
+                        .map(|v| v as usize)
+                        .collect();
+                    lists(msad::host::vec_from_tensor(dist).unwrap(), idx)
+                });
+            found.push((format!("{selected} (tensor ops: {tensor_ops})"), result));
+        }
+    }
+    let host = HostKnnScorer::from_slice(bank, n, k).unwrap();
+    let queries = Array2::from_shape_vec((q, d), queries.to_vec()).unwrap();
+    let result = host.neighbours(queries.view()).map(|(dist, idx)| {
+        lists(
+            dist.iter().copied().collect(),
+            idx.iter().copied().collect(),
+        )
+    });
+    found.push(("host".into(), result));
+    found
+}
+
+/// Features so large that their squared norms overflow f32 (1e20² = 1e40): the estimate
+/// ‖q‖² + ‖b‖² − 2 q·b would be ∞ − ∞, and clamped to 0 it made the lowest index win. Such
+/// rows (squared norm above 2¹²⁴) are measured exactly, as Σ (q − b)², on every engine; a
+/// distance beyond f32's range is `inf` (f32::MAX on a device that saturates).
+#[test]
+fn huge_features_are_measured_exactly_on_every_engine() {
+    let mixed_bank = [0.0f32, 0.0, 1.0, 0.0, 1e20, 0.0, 1e20, 1.0];
+    let mixed_queries = [0.25f32, 0.0, 1e20, 0.75, 0.75, 0.0];
+    let mixed_expected = vec![
+        vec![(0.0625, 0), (0.5625, 1)],
+        vec![(0.0625, 3), (0.5625, 2)],
+        vec![(0.0625, 1), (0.5625, 0)],
+    ];
+    // The same queries seven times over (21 ≥ the screen's 6 per thread): normal and huge
+    // queries interleaved in one search.
+    let many_queries: Vec<f32> = mixed_queries.repeat(7);
+    let many_expected: Lists = (0..7).flat_map(|_| mixed_expected.clone()).collect();
+    let cases: Vec<HugeCase> = vec![
+        // The review's case: row 1 is the query itself.
+        (
+            &[1e20, 0.0, 1e20, 1.0],
+            2,
+            &[1e20, 1.0],
+            1,
+            1,
+            vec![vec![(0.0, 1)]],
+        ),
+        (
+            &[1e20, 0.0, 1e20, 1.0],
+            2,
+            &[1e20, 1.0],
+            1,
+            2,
+            vec![vec![(0.0, 1), (1.0, 0)]],
+        ),
+        // Huge and ordinary rows in one bank, huge and ordinary queries.
+        (&mixed_bank, 4, &mixed_queries, 3, 2, mixed_expected),
+        (&mixed_bank, 4, &many_queries, 21, 2, many_expected),
+        // An ordinary query whose only neighbour is huge: beyond f32's range (`inf`, or
+        // f32::MAX where the device saturates, as lavapipe does).
+        (
+            &[1e20, 0.0],
+            1,
+            &[0.0, 0.0],
+            1,
+            1,
+            vec![vec![(f32::MAX, 0)]],
+        ),
+    ];
+    // One thread: the 21 queries also take the CPU search's path for many queries per thread
+    // (one product on all threads, with OpenBLAS).
+    let host = HostKnnScorer::from_slice(&mixed_bank, 4, 2).unwrap();
+    let queries = Array2::from_shape_vec((21, 2), many_queries.clone()).unwrap();
+    let (dist, idx) = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| host.neighbours(queries.view()))
+        .unwrap();
+    let found: Lists = dist
+        .rows()
+        .into_iter()
+        .zip(idx.rows())
+        .map(|(dd, ii)| dd.iter().copied().zip(ii.iter().copied()).collect())
+        .collect();
+    assert_eq!(found, cases[3].5, "host, one thread");
+    for (c, (bank, n, queries, q, k, expected)) in cases.into_iter().enumerate() {
+        for (engine, found) in every_engine(bank, n, queries, q, k) {
+            let found: Lists = found
+                .unwrap()
+                .into_iter()
+                .map(|row| row.into_iter().map(|(d, i)| (d.min(f32::MAX), i)).collect())
+                .collect();
+            assert_eq!(found, expected, "case {c} on {engine}");
+        }
+    }
+}
+
+/// A query with a NaN or an infinite value is an error naming its row and column on every
+/// engine, never a score (finite or NaN): the features of a broken image, say, are reported.
+#[test]
+fn non_finite_queries_are_errors_naming_them_on_every_engine() {
+    let bank = [0.0f32, 0.0, 1.0, 0.0, 0.0, 1.0];
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let queries = [0.5f32, 0.5, 0.25, bad];
+        for (engine, found) in every_engine(&bank, 3, &queries, 2, 2) {
+            let err = found.expect_err(&engine);
+            assert!(
+                matches!(err, Error::InvalidArgument { ref what, .. } if what == "queries"),
+                "{bad} on {engine}: {err}"
+            );
+            assert!(
+                err.to_string().contains("row 1, column 1"),
+                "{bad} on {engine}: {err}"
+            );
+        }
+    }
+}

@@ -132,12 +132,20 @@ impl EvalTransform {
         check_mean_std(self.mean, self.std)
     }
 
-    /// The resized and cropped image (before normalisation).
+    /// The resized and cropped image (before normalisation): [`ops::resize_and_center_crop`],
+    /// which computes only the crop. Time and memory go with the crop, not with the image's
+    /// shape: a 1 × 65535 image, 224 × 14.7 million pixels once resized to 224, costs one
+    /// 224 × 224 crop.
     pub fn try_apply(&self, img: &RgbImage) -> Result<RgbImage> {
         self.check()?;
         check_image(img, 0)?;
-        let resized = ops::resize_shorter_side(img, self.resize, self.filter);
-        Ok(ops::center_crop(&resized, self.crop, self.crop))
+        Ok(ops::resize_and_center_crop(
+            img,
+            self.resize,
+            self.crop,
+            self.crop,
+            self.filter,
+        ))
     }
 
     /// The batch as a B × 3 × crop × crop tensor on `device`, images transformed in parallel.

@@ -102,29 +102,48 @@ impl CropBox {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output pixel: the first input index, the number of taps, and fixed-point weights
-/// (Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc`).
+/// Per output pixel of a run of output indices: the first input index, the number of taps,
+/// and fixed-point weights (Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc`).
 struct Coefficients {
     bounds: Vec<(usize, usize)>,
     ksize: usize,
     weights: Vec<i32>,
 }
 
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+impl Coefficients {
+    /// The weights of output index `i` of the run (`bounds[i].1` of them).
+    fn of(&self, i: usize) -> &[i32] {
+        &self.weights[i * self.ksize..i * self.ksize + self.bounds[i].1]
+    }
+}
+
+/// The coefficients of output indices `first..first + count` of a resize from `in_size` to
+/// `out_size` samples. Each index's coefficients depend only on the index, so a run gives
+/// exactly the values the whole resize gives there (which is what lets [`resize_and_center_crop`]
+/// compute only its crop). The first input indices and the tap ends (`xmin + taps`) never
+/// decrease along the run, and stay within `0..=in_size`.
+fn coefficients(
+    in_size: usize,
+    out_size: u64,
+    first: u64,
+    count: usize,
+    filter: Filter,
+) -> Coefficients {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
+    let mut bounds = Vec::with_capacity(count);
+    let mut weights = vec![0i32; count * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    for i in 0..count {
+        let xx = first + i as u64;
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) truncates toward zero, and `center - support + 0.5` can be negative.
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmin = ((center - support + 0.5) as i64).clamp(0, in_size as i64) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let taps = xmax.saturating_sub(xmin);
+        let taps = xmax.saturating_sub(xmin).min(ksize);
         let mut total = 0.0;
         for (x, w) in k.iter_mut().enumerate().take(taps) {
             *w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
@@ -133,7 +152,7 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
         for x in 0..taps {
             let w = if total != 0.0 { k[x] / total } else { k[x] };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 {
+            weights[i * ksize + x] = if w < 0.0 {
                 (fixed - 0.5) as i32
             } else {
                 (fixed + 0.5) as i32
@@ -158,6 +177,9 @@ fn clip8(acc: i32) -> u8 {
 /// each in 22-bit fixed point with 8-bit intermediate rounding; a pass is skipped when its
 /// size does not change. A `region` outside the image is an error; a zero output size gives an
 /// empty image.
+///
+/// Memory: the output, the filters' weights (about 16 bytes per pixel of the region's width
+/// and height) and at most 1 MiB of accumulators, whatever the region's shape.
 pub fn resize_region(
     img: &RgbImage,
     region: CropBox,
@@ -177,76 +199,136 @@ fn resize_inside(
     height: u32,
     filter: Filter,
 ) -> RgbImage {
+    let whole = Window {
+        left: 0,
+        top: 0,
+        width,
+        height,
+    };
+    resize_window(
+        img,
+        region,
+        (u64::from(width), u64::from(height)),
+        whole,
+        filter,
+    )
+}
+
+/// A rectangle of a resized image, which may be far larger than `u32` coordinates reach
+/// (the window's own size is at most the crop's).
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    left: u64,
+    top: u64,
+    width: u32,
+    height: u32,
+}
+
+/// The most bytes of vertical-pass accumulators [`resize_window`] holds at a time (at least
+/// one output row's).
+const ACCUMULATOR_BYTES: usize = 1 << 20;
+
+/// The pixels `window` of the `region` of `img` resized to `out_size` = (width, height),
+/// computed without the rest of the resized image: `window` must lie inside `out_size` (a
+/// region inside `img` is the caller's promise too). Each output pixel is the one a full
+/// resize gives there, bit for bit: Pillow's horizontal pass (8-bit rounded) on the source rows
+/// the window's vertical taps read, then its vertical pass; the vertical sums are accumulated
+/// source row by source row, in the order of the taps, for at most [`ACCUMULATOR_BYTES`] of
+/// output rows at a time.
+fn resize_window(
+    img: &RgbImage,
+    region: CropBox,
+    out_size: (u64, u64),
+    window: Window,
+    filter: Filter,
+) -> RgbImage {
     let (in_w, in_h) = (region.width as usize, region.height as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
-    if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
-        return RgbImage::new(width, height);
+    let (win_w, win_h) = (window.width as usize, window.height as usize);
+    if win_w == 0 || win_h == 0 || in_w == 0 || in_h == 0 {
+        return RgbImage::new(window.width, window.height);
     }
+    let (out_w, out_h) = out_size;
     let src = img.as_raw();
     let stride = img.width() as usize * 3;
     let origin = region.top as usize * stride + region.left as usize * 3;
-    let pixel = |y: usize, x: usize| origin + y * stride + x * 3;
+    let row_len = win_w * 3;
 
-    let vert = coefficients(in_h, out_h, filter);
-    let need_h = out_w != in_w;
-    let need_v = out_h != in_h;
-    // Rows the vertical pass reads.
-    let y_first = vert.bounds[0].0;
-    let y_last = vert.bounds[out_h - 1].0 + vert.bounds[out_h - 1].1;
-
-    // Horizontal pass over the rows in use: temp is (y_last - y_first) × out_w.
-    let (temp, temp_w, temp_row0) = if need_h {
-        let horiz = coefficients(in_w, out_w, filter);
-        let rows = y_last - y_first;
-        let mut temp = vec![0u8; rows * out_w * 3];
-        for r in 0..rows {
-            let y = y_first + r;
-            let out_row = &mut temp[r * out_w * 3..(r + 1) * out_w * 3];
-            for xx in 0..out_w {
-                let (xmin, taps) = horiz.bounds[xx];
-                let k = &horiz.weights[xx * horiz.ksize..xx * horiz.ksize + taps];
-                let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
-                let base = pixel(y, xmin);
-                for (t, w) in k.iter().enumerate() {
-                    let p = base + t * 3;
-                    acc[0] += src[p] as i32 * w;
-                    acc[1] += src[p + 1] as i32 * w;
-                    acc[2] += src[p + 2] as i32 * w;
+    // Without a horizontal change, window columns are region columns.
+    let horiz =
+        (out_w != in_w as u64).then(|| coefficients(in_w, out_w, window.left, win_w, filter));
+    // Row `y` of the region after the horizontal pass, window columns only.
+    let horizontal_row = |y: usize, out_row: &mut [u8]| {
+        let row = origin + y * stride;
+        match &horiz {
+            None => {
+                let start = row + window.left as usize * 3;
+                out_row.copy_from_slice(&src[start..start + row_len]);
+            }
+            Some(horiz) => {
+                for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+                    let (xmin, _) = horiz.bounds[xx];
+                    let mut acc = [1i32 << (PRECISION_BITS - 1); 3];
+                    let base = row + xmin * 3;
+                    for (t, w) in horiz.of(xx).iter().enumerate() {
+                        let p = base + t * 3;
+                        acc[0] += src[p] as i32 * w;
+                        acc[1] += src[p + 1] as i32 * w;
+                        acc[2] += src[p + 2] as i32 * w;
+                    }
+                    px[0] = clip8(acc[0]);
+                    px[1] = clip8(acc[1]);
+                    px[2] = clip8(acc[2]);
                 }
-                out_row[xx * 3] = clip8(acc[0]);
-                out_row[xx * 3 + 1] = clip8(acc[1]);
-                out_row[xx * 3 + 2] = clip8(acc[2]);
             }
         }
-        (temp, out_w, y_first)
-    } else {
-        // No horizontal change: copy the region's rows.
-        let mut temp = vec![0u8; in_h * in_w * 3];
-        for y in 0..in_h {
-            let start = pixel(y, 0);
-            temp[y * in_w * 3..(y + 1) * in_w * 3].copy_from_slice(&src[start..start + in_w * 3]);
-        }
-        (temp, in_w, 0)
     };
 
-    if !need_v {
-        return RgbImage::from_raw(width, height, temp).expect("buffer of the output size");
-    }
-    let mut out = vec![0u8; out_h * out_w * 3];
-    let tstride = temp_w * 3;
-    for yy in 0..out_h {
-        let (ymin, taps) = vert.bounds[yy];
-        let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + taps];
-        let out_row = &mut out[yy * tstride..(yy + 1) * tstride];
-        for (c, o) in out_row.iter_mut().enumerate() {
-            let mut acc = 1i32 << (PRECISION_BITS - 1);
-            for (t, w) in k.iter().enumerate() {
-                acc += temp[(ymin - temp_row0 + t) * tstride + c] as i32 * w;
+    let mut out = vec![0u8; win_h * row_len];
+    if out_h == in_h as u64 {
+        // No vertical change: window rows are region rows.
+        for (yy, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+            horizontal_row(window.top as usize + yy, out_row);
+        }
+    } else {
+        let vert = coefficients(in_h, out_h, window.top, win_h, filter);
+        let block = (ACCUMULATOR_BYTES / (row_len * 4)).clamp(1, win_h);
+        let mut acc = vec![0i32; block * row_len];
+        let mut line = vec![0u8; row_len];
+        for b0 in (0..win_h).step_by(block) {
+            let b1 = (b0 + block).min(win_h);
+            let acc = &mut acc[..(b1 - b0) * row_len];
+            acc.fill(1 << (PRECISION_BITS - 1));
+            let tap_end = |yy: usize| vert.bounds[yy].0 + vert.bounds[yy].1;
+            let first = vert.bounds[b0].0;
+            let last = (b0..b1).map(tap_end).max().unwrap_or(first).min(in_h);
+            // Output rows [lo, hi) of the block are those whose taps cover source row y.
+            let (mut lo, mut hi) = (b0, b0);
+            for y in first..last {
+                horizontal_row(y, &mut line);
+                while lo < b1 && tap_end(lo) <= y {
+                    lo += 1;
+                }
+                while hi < b1 && vert.bounds[hi].0 <= y {
+                    hi += 1;
+                }
+                for yy in lo..hi {
+                    let (ymin, taps) = vert.bounds[yy];
+                    if y < ymin || y >= ymin + taps {
+                        continue;
+                    }
+                    let w = vert.of(yy)[y - ymin];
+                    let acc_row = &mut acc[(yy - b0) * row_len..(yy - b0 + 1) * row_len];
+                    for (a, &v) in acc_row.iter_mut().zip(&line) {
+                        *a += v as i32 * w;
+                    }
+                }
             }
-            *o = clip8(acc);
+            for (o, &a) in out[b0 * row_len..b1 * row_len].iter_mut().zip(acc.iter()) {
+                *o = clip8(a);
+            }
         }
     }
-    RgbImage::from_raw(width, height, out).expect("buffer of the output size")
+    RgbImage::from_raw(window.width, window.height, out).unwrap_or_default()
 }
 
 /// The whole image resized to `width` × `height` (PIL's `Image.resize`).
@@ -260,16 +342,91 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
     resize_inside(img, full, width, height, filter)
 }
 
+/// The size torchvision's `Resize(size)` gives a `width` × `height` image: the shorter side
+/// becomes `size`, the longer `int(size · long / short)`. In `u64`, where it cannot overflow.
+fn shorter_side_size(width: u32, height: u32, size: u32) -> (u64, u64) {
+    let (w, h, size) = (u64::from(width), u64::from(height), u64::from(size));
+    if w <= h {
+        (size, size * h / w.max(1))
+    } else {
+        (size * w / h.max(1), size)
+    }
+}
+
 /// torchvision's `Resize(size)` for an int size: the shorter side becomes `size`, the longer
 /// `int(size · long / short)`.
-pub fn resize_shorter_side(img: &RgbImage, size: u32, filter: Filter) -> RgbImage {
+///
+/// Errors: [`Error::InvalidArgument`] naming the image's size when the longer side would not
+/// fit in a `u32` (a 1 × 2²⁴ image resized to 256). The result is allocated whole: to crop it
+/// afterwards, [`resize_and_center_crop`] computes only the crop.
+pub fn resize_shorter_side(img: &RgbImage, size: u32, filter: Filter) -> Result<RgbImage> {
     let (w, h) = img.dimensions();
-    let (new_w, new_h) = if w <= h {
-        (size, (size as u64 * h as u64 / w.max(1) as u64) as u32)
-    } else {
-        ((size as u64 * w as u64 / h.max(1) as u64) as u32, size)
+    let (new_w, new_h) = shorter_side_size(w, h, size);
+    match (u32::try_from(new_w), u32::try_from(new_h)) {
+        (Ok(new_w), Ok(new_h)) => Ok(resize(img, new_w, new_h, filter)),
+        _ => Err(Error::invalid(
+            "image",
+            format!(
+                "the {w}x{h} image resized to a shorter side of {size} would be \
+                 {new_w}x{new_h}, more than {} pixels on a side",
+                u32::MAX
+            ),
+        )),
+    }
+}
+
+/// torchvision's `Resize(size)` followed by `CenterCrop((height, width))` (the evaluation
+/// transform), computed for the crop only: equal, bit for bit, to [`center_crop`] of
+/// [`resize_shorter_side`], without making the resized image. Its time and memory depend on
+/// the crop and on the source pixels under it, not on the resized size: a 1 × 65535 image
+/// resized to 224 would be 224 × 14,679,840 (10 GB), of which a 224 × 224 crop costs 150 KB
+/// here. Where the resized image is smaller than the crop, the rest is zero, as
+/// `CenterCrop`'s padding makes it. A zero-sized image gives a zero (black) crop.
+pub fn resize_and_center_crop(
+    img: &RgbImage,
+    size: u32,
+    width: u32,
+    height: u32,
+    filter: Filter,
+) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (new_w, new_h) = shorter_side_size(w, h, size);
+    // Per axis: where the crop starts in the resized image, how many resized pixels it
+    // covers, and how many zeros CenterCrop pads before them.
+    let axis = |resized: u64, crop: u32| -> (u64, u32, u32) {
+        let crop64 = u64::from(crop);
+        if resized < crop64 {
+            // Padding [(crop − resized) // 2, (crop − resized + 1) // 2], then offset 0. Both
+            // numbers are below `crop`, so they fit a u32.
+            let covered = u32::try_from(resized).unwrap_or(crop);
+            (0, covered, (crop - covered) / 2)
+        } else {
+            let spare = resized - crop64;
+            let offset = (round_half_even(spare as f64 / 2.0) as u64).min(spare);
+            (offset, crop, 0)
+        }
     };
-    resize(img, new_w, new_h, filter)
+    let (left, win_w, pad_x) = axis(new_w, width);
+    let (top, win_h, pad_y) = axis(new_h, height);
+    let full = CropBox {
+        top: 0,
+        left: 0,
+        height: h,
+        width: w,
+    };
+    let window = Window {
+        left,
+        top,
+        width: win_w,
+        height: win_h,
+    };
+    let inner = resize_window(img, full, (new_w, new_h), window, filter);
+    if (win_w, win_h) == (width, height) {
+        return inner;
+    }
+    let mut out = RgbImage::new(width, height);
+    image::imageops::replace(&mut out, &inner, i64::from(pad_x), i64::from(pad_y));
+    out
 }
 
 /// The pixels of `region`; a region outside the image is an error.

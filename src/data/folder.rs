@@ -3,7 +3,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use image::{ImageReader, RgbImage};
+use image::error::LimitErrorKind;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use rayon::prelude::*;
 
 use super::{ImageSource, OneClassSplit};
@@ -17,29 +18,74 @@ pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "ti
 /// The default is strict: every file with an image extension is listed, and one that cannot
 /// be decoded is an [`Error::Image`] (or [`Error::Io`]) naming it when it is read.
 ///
+/// Images larger than [`FolderOptions::max_pixels`] (default
+/// [`FolderOptions::DEFAULT_MAX_PIXELS`]) are refused the same way, an [`Error::Image`] naming
+/// the file, its size and the limit.
+///
 /// ```
 /// use msad::data::FolderOptions;
 ///
 /// assert!(!FolderOptions::default().lenient);
 /// assert!(FolderOptions::lenient().lenient);
+/// assert_eq!(FolderOptions::default().max_pixels, FolderOptions::DEFAULT_MAX_PIXELS);
+/// let gigapixel = FolderOptions::strict().with_max_pixels(1 << 30);
+/// assert_eq!(gigapixel.max_pixels, 1 << 30);
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FolderOptions {
     /// Decode every file once at open (in parallel; the pixels are dropped right away) and
     /// leave out, and report in [`ImageFolder::skipped`], those that fail.
     pub lenient: bool,
+    /// The most pixels (width × height) an image may have; a file whose header claims more is
+    /// an [`Error::Image`] before its pixels are decoded (lenient: skipped and reported).
+    /// Also bounds each side, and the decoder's allocations to 8 bytes a pixel (16-bit RGBA)
+    /// or 512 MiB, whichever is larger. Default: [`FolderOptions::DEFAULT_MAX_PIXELS`]; must
+    /// be at least 1.
+    ///
+    /// A decoded image costs 3 bytes a pixel as 8-bit RGB, more while it is converted, on
+    /// each thread that decodes one.
+    pub max_pixels: u64,
+}
+
+impl Default for FolderOptions {
+    fn default() -> Self {
+        Self::strict()
+    }
 }
 
 impl FolderOptions {
+    /// The default largest image a folder reader decodes, in pixels: 2²⁷ = 134,217,728 (e.g.
+    /// 16384 × 8192 or 11585²), 384 MiB as 8-bit RGB.
+    ///
+    /// It admits every camera and scanner image in common use (a 100-megapixel medium-format
+    /// frame is 11648 × 8736 = 102 M; MVTec AD's largest are 1024²) and sits between Pillow's
+    /// decompression-bomb warning (89.5 M pixels) and its error (179 M). A file claiming more is
+    /// refused from its header, before any pixel buffer is allocated: a few hundred bytes of PNG
+    /// can claim 100000 × 100000 pixels (30 GB). Raise it with [`FolderOptions::with_max_pixels`].
+    pub const DEFAULT_MAX_PIXELS: u64 = 1 << 27;
+
     /// Strict reading (the default): unreadable files are errors when read.
     pub fn strict() -> Self {
-        Self { lenient: false }
+        Self {
+            lenient: false,
+            max_pixels: Self::DEFAULT_MAX_PIXELS,
+        }
     }
 
     /// Lenient reading: unreadable files are found at open, skipped and reported.
     pub fn lenient() -> Self {
-        Self { lenient: true }
+        Self {
+            lenient: true,
+            ..Self::strict()
+        }
+    }
+
+    /// The same options with at most `max_pixels` pixels an image (see
+    /// [`FolderOptions::max_pixels`]; 0 is refused when a folder is opened).
+    #[must_use]
+    pub fn with_max_pixels(self, max_pixels: u64) -> Self {
+        Self { max_pixels, ..self }
     }
 }
 
@@ -84,6 +130,9 @@ pub struct ImageFolder {
     root: PathBuf,
     paths: Vec<PathBuf>,
     skipped: Vec<Skipped>,
+    /// (first index, pixel limit) per run of paths opened with the same options, by index:
+    /// one run, unless folders were joined.
+    limits: Vec<(usize, u64)>,
 }
 
 impl ImageFolder {
@@ -98,8 +147,16 @@ impl ImageFolder {
     /// decoded once now, and those that fail are left out and listed in
     /// [`ImageFolder::skipped`].
     ///
-    /// Errors: [`Error::Io`] naming `dir` (or a subdirectory) when it cannot be listed.
+    /// Errors: [`Error::Io`] naming `dir` (or a subdirectory) when it cannot be listed;
+    /// [`Error::InvalidArgument`] when `options.max_pixels` is 0.
     pub fn open_with(dir: impl AsRef<Path>, options: FolderOptions) -> Result<Self> {
+        let max_pixels = options.max_pixels;
+        if max_pixels == 0 {
+            return Err(Error::invalid(
+                "FolderOptions::max_pixels",
+                "0 would refuse every image; it must be at least 1",
+            ));
+        }
         let root = dir.as_ref().to_path_buf();
         let mut paths = Vec::new();
         let mut visited = HashSet::new();
@@ -109,7 +166,7 @@ impl ImageFolder {
         if options.lenient {
             let failures: Vec<Option<String>> = paths
                 .par_iter()
-                .map(|path| decode(path).err().map(failure_reason))
+                .map(|path| decode(path, max_pixels).err().map(failure_reason))
                 .collect();
             let mut kept = Vec::with_capacity(paths.len());
             for (path, failure) in paths.into_iter().zip(failures) {
@@ -124,6 +181,7 @@ impl ImageFolder {
             root,
             paths,
             skipped,
+            limits: vec![(0, max_pixels)],
         })
     }
 
@@ -140,6 +198,15 @@ impl ImageFolder {
     /// The files a lenient open left out, with reasons (empty when strict).
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
+    }
+
+    /// The pixel limit of the image at `index` (that of the options its folder was opened
+    /// with).
+    fn max_pixels(&self, index: usize) -> u64 {
+        let run = self.limits.partition_point(|&(first, _)| first <= index);
+        run.checked_sub(1)
+            .and_then(|run| self.limits.get(run))
+            .map_or(FolderOptions::DEFAULT_MAX_PIXELS, |&(_, limit)| limit)
     }
 
     /// The one-class split of folders: train = `train` (normal images), test = the images of
@@ -225,9 +292,17 @@ impl ImageFolder {
             root,
             paths: Vec::new(),
             skipped: Vec::new(),
+            limits: Vec::new(),
         };
         let mut flags = Vec::new();
         for (folder, flag) in groups {
+            // Each part keeps the pixel limits it was opened with.
+            let offset = joined.paths.len();
+            for (first, limit) in folder.limits {
+                if joined.limits.last().is_none_or(|&(_, last)| last != limit) {
+                    joined.limits.push((offset + first, limit));
+                }
+            }
             flags.extend(std::iter::repeat_n(flag, folder.paths.len()));
             joined.paths.extend(folder.paths);
             joined.skipped.extend(folder.skipped);
@@ -244,8 +319,9 @@ impl ImageSource for ImageFolder {
     /// Reads and decodes the file at `index`, as 8-bit RGB.
     ///
     /// Errors: [`Error::Image`] naming the file when it cannot be decoded (corrupt,
-    /// truncated, not an image); [`Error::Io`] when it cannot be opened;
-    /// [`Error::InvalidArgument`] for an index out of range.
+    /// truncated, not an image) or has more pixels than [`FolderOptions::max_pixels`];
+    /// [`Error::Io`] when it cannot be opened; [`Error::InvalidArgument`] for an index out of
+    /// range.
     fn get(&self, index: usize) -> Result<RgbImage> {
         let path = self.paths.get(index).ok_or_else(|| {
             Error::invalid(
@@ -257,7 +333,7 @@ impl ImageSource for ImageFolder {
                 ),
             )
         })?;
-        decode(path)
+        decode(path, self.max_pixels(index))
     }
 
     fn name(&self, index: usize) -> String {
@@ -323,15 +399,73 @@ fn failure_reason(error: Error) -> String {
     }
 }
 
-/// Reads and decodes one image file as 8-bit RGB.
-fn decode(path: &Path) -> Result<RgbImage> {
-    let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = reader
+/// The decoder's limits for images of at most `max_pixels` pixels: each side at most
+/// `max_pixels`, allocations at most 8 bytes a pixel (16-bit RGBA) or image's default of
+/// 512 MiB, whichever is larger.
+fn decoder_limits(max_pixels: u64) -> Limits {
+    let side = u32::try_from(max_pixels).unwrap_or(u32::MAX);
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    limits.max_alloc = Some(
+        max_pixels
+            .saturating_mul(8)
+            .max(limits.max_alloc.unwrap_or(0)),
+    );
+    limits
+}
+
+/// Reads and decodes one image file as 8-bit RGB, refusing from its header one of more than
+/// `max_pixels` pixels.
+fn decode(path: &Path, max_pixels: u64) -> Result<RgbImage> {
+    let image_error = |reason: String| Error::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let limits = decoder_limits(max_pixels);
+    let max_alloc = limits.max_alloc.unwrap_or(u64::MAX);
+    let side = limits.max_image_width.unwrap_or(u32::MAX);
+    let too_large = |what: String| {
+        image_error(format!(
+            "{what} (FolderOptions::with_max_pixels raises the limit)"
+        ))
+    };
+    let decode_error = |e: image::ImageError| match e {
+        image::ImageError::Limits(limit) => too_large(match limit.kind() {
+            LimitErrorKind::DimensionError => format!(
+                "a side is longer than {side} pixels ({limit}), over the limit of \
+                 {max_pixels} pixels an image"
+            ),
+            _ => format!(
+                "the decoder needs more than the {max_alloc} bytes allowed for images of at \
+                 most {max_pixels} pixels (it says: {limit})"
+            ),
+        }),
+        other => image_error(other.to_string()),
+    };
+    let mut reader = ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    let image = reader.decode().map_err(|e| Error::Image {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    reader.limits(limits);
+    // The decoder has read the header only: its size is checked before any pixel buffer.
+    let decoder = reader.into_decoder().map_err(decode_error)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(too_large(format!(
+            "{width}x{height} = {pixels} pixels, over the limit of {max_pixels} pixels an image"
+        )));
+    }
+    // As `ImageReader::decode` does: the pixel buffer counts against the allocation limit.
+    let bytes = decoder.total_bytes();
+    if bytes > max_alloc {
+        return Err(too_large(format!(
+            "{width}x{height} pixels of {:?} take {bytes} bytes, more than the {max_alloc} \
+             bytes allowed for images of at most {max_pixels} pixels",
+            decoder.color_type()
+        )));
+    }
+    let image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
     Ok(image.to_rgb8())
 }

@@ -364,6 +364,39 @@ mod tests {
         }
     }
 
+    /// The training engine's forward keeps NaN where the tensor path does (flex's relu and
+    /// max-pool, as PyTorch's): φ of an image with a NaN pixel is NaN, and of one with an
+    /// infinite pixel NaN where the tensor path's is, while a clean image beside them keeps
+    /// its φ. Its normalisation keeps a NaN norm, as `l2_normalize`'s `clamp_min`.
+    #[test]
+    fn the_training_forward_keeps_nan_as_the_tensor_path() {
+        let device = Device::flex();
+        for arch in [Arch::Resnet18, Arch::Resnet50] {
+            let model = narrow(arch, &device);
+            let [b, h, w] = [3, 40, 36];
+            let mut xs = vec![0.5f32; b * 3 * h * w];
+            for (i, v) in xs.iter_mut().enumerate() {
+                *v = ((i * 7919) % 113) as f32 / 56.0 - 1.0;
+            }
+            xs[3 * h * w + 5 * w + 7] = f32::NAN;
+            xs[2 * 3 * h * w + h * w + 20 * w + 30] = f32::INFINITY;
+            let engine = CpuTraining::new(&model).unwrap();
+            let (phi, _) = engine.embed(&xs, [b, 3, h, w]).unwrap();
+            let x = Tensor::<4>::from_data(TensorData::new(xs, [b, 3, h, w]), &device);
+            let reference =
+                vec_from_tensor(crate::encoder::l2_normalize(model.forward_tensor_ops(x))).unwrap();
+            let d = model.feature_dim();
+            assert!(reference[..d].iter().all(|v| v.is_finite()), "{arch:?}");
+            assert!(reference[d..2 * d].iter().all(|v| v.is_nan()), "{arch:?}");
+            for (i, (a, r)) in phi.iter().zip(&reference).enumerate() {
+                assert_eq!(a.is_nan(), r.is_nan(), "{arch:?} φ {i}: {a} vs {r}");
+                if !r.is_nan() {
+                    assert!((a - r).abs() <= 1e-5, "{arch:?} φ {i}: {a} vs {r}");
+                }
+            }
+        }
+    }
+
     fn narrow(arch: Arch, device: &Device) -> ResNet {
         ResNetConfig::from_arch(arch)
             .with_stem_width(4)

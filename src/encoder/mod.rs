@@ -26,12 +26,14 @@
 mod block;
 mod cpu_bridge;
 mod freeze;
+mod prepared;
 #[cfg(feature = "pretrained")]
 mod pretrained;
 pub mod weights;
 
 pub use block::{BasicBlock, BlockKind, Bottleneck, Downsample, ResidualBlock};
 pub use freeze::{FreezePolicy, Stage};
+pub use prepared::PreparedEncoder;
 #[cfg(feature = "pretrained")]
 pub use pretrained::{TORCHVISION_WEIGHTS, WeightFile, Weights};
 
@@ -137,6 +139,18 @@ impl FromStr for Arch {
     }
 }
 
+/// Most blocks a stage may have ([`ResNetConfig::validate`]): torchvision's deepest stage is
+/// ResNet-152's `layer3` with 36 (ResNet-200's has 36 too).
+const MAX_BLOCKS_PER_STAGE: usize = 64;
+
+/// Largest stem width or `planes` of a stage ([`ResNetConfig::validate`]): torchvision's widest
+/// is 512 (2048 channels out of a bottleneck stage); 16 times that.
+const MAX_WIDTH: usize = 8192;
+
+/// Most parameters a layout may have ([`ResNetConfig::validate`]): 2³⁰ (4 GiB of f32 weights),
+/// 17 times ResNet-152's 60 million.
+const MAX_PARAMETERS: usize = 1 << 30;
+
 /// The layout of a torchvision-style ResNet.
 ///
 /// The presets ([`ResNetConfig::from_arch`]) are torchvision's; the widths are configurable so
@@ -172,40 +186,98 @@ impl ResNetConfig {
         Arch::ALL.into_iter().find(|a| Self::from_arch(*a) == *self)
     }
 
-    /// Length of the feature vector: `widths[3] * expansion`.
+    /// Length of the feature vector: `widths[3] * expansion` (saturating, for a config that
+    /// [`ResNetConfig::validate`] would refuse).
     pub fn feature_dim(&self) -> usize {
-        self.widths[3] * self.block.expansion()
+        self.widths[3].saturating_mul(self.block.expansion())
     }
 
-    /// Checks that every width and block count is non-zero.
+    /// Checks that every width and block count is non-zero and within bounds generous for
+    /// real nets: at most 64 blocks per stage (torchvision's deepest stage has 36), widths
+    /// (stem and `planes`) at most 8192 (torchvision's widest is 512), and at most 2³⁰
+    /// parameters in all (4 GiB; ResNet-152 has 60 million). Every path that builds a
+    /// [`ResNet`] from a config checks it first, so that a layout read from a file cannot make
+    /// msad loop or allocate without bound.
     pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::invalid("ResNetConfig", reason));
         if self.stem_width == 0 || self.widths.contains(&0) {
-            return Err(Error::invalid(
-                "ResNetConfig",
-                format!(
-                    "widths must be non-zero (stem {}, stages {:?})",
-                    self.stem_width, self.widths
-                ),
+            return bad(format!(
+                "widths must be non-zero (stem {}, stages {:?})",
+                self.stem_width, self.widths
+            ));
+        }
+        if self.stem_width > MAX_WIDTH || self.widths.iter().any(|&w| w > MAX_WIDTH) {
+            return bad(format!(
+                "widths must be at most {MAX_WIDTH} (stem {}, stages {:?})",
+                self.stem_width, self.widths
             ));
         }
         if self.layers.contains(&0) {
-            return Err(Error::invalid(
-                "ResNetConfig",
-                format!("every stage needs a block (layers {:?})", self.layers),
+            return bad(format!(
+                "every stage needs a block (layers {:?})",
+                self.layers
+            ));
+        }
+        if self.layers.iter().any(|&l| l > MAX_BLOCKS_PER_STAGE) {
+            return bad(format!(
+                "at most {MAX_BLOCKS_PER_STAGE} blocks per stage (layers {:?})",
+                self.layers
+            ));
+        }
+        let parameters = self.parameter_count();
+        if parameters > MAX_PARAMETERS {
+            return bad(format!(
+                "{parameters} parameters; at most {MAX_PARAMETERS} (2^30) are supported \
+                 (layers {:?}, stem {}, stages {:?})",
+                self.layers, self.stem_width, self.widths
             ));
         }
         Ok(())
     }
 
+    /// The number of floats of [`ResNetConfig::torchvision_keys`], computed without listing
+    /// them; only for a config within the width and block caps (no overflow there: every
+    /// term is below 2⁴⁰ and there are at most 4 · 64 blocks).
+    fn parameter_count(&self) -> usize {
+        let expansion = self.block.expansion();
+        let bn = |c: usize| 4 * c;
+        let mut total = self.stem_width * 3 * 7 * 7 + bn(self.stem_width);
+        let mut in_channels = self.stem_width;
+        for (i, (&blocks, &planes)) in self.layers.iter().zip(&self.widths).enumerate() {
+            let out = planes * expansion;
+            for b in 0..blocks {
+                total += match self.block {
+                    BlockKind::Basic => {
+                        planes * in_channels * 9 + planes * planes * 9 + 2 * bn(planes)
+                    }
+                    BlockKind::Bottleneck => {
+                        planes * in_channels
+                            + planes * planes * 9
+                            + out * planes
+                            + 2 * bn(planes)
+                            + bn(out)
+                    }
+                };
+                if (i > 0 && b == 0) || in_channels != out {
+                    total += out * in_channels + bn(out);
+                }
+                in_channels = out;
+            }
+        }
+        total
+    }
+
     /// Builds the network with torchvision's initialisation (Kaiming-normal convs, BatchNorm 1/0).
     ///
     /// # Panics
-    /// On a zero width or block count; use [`ResNetConfig::try_init`] for user-supplied configs.
+    /// On a config [`ResNetConfig::validate`] refuses (a zero or oversized width or block
+    /// count); use [`ResNetConfig::try_init`] for user-supplied configs.
     pub fn init(&self, device: &Device) -> ResNet {
         self.try_init(device).expect("invalid ResNetConfig")
     }
 
-    /// [`ResNetConfig::init`] that returns an error on an invalid config.
+    /// [`ResNetConfig::init`] that returns an error on an invalid config
+    /// ([`ResNetConfig::validate`]), before anything is allocated.
     ///
     /// The random weights are drawn here, in the module's order, from the device's RNG: after
     /// `device.seed(s)`, the same config gives the same network whichever path (or thread)
@@ -217,7 +289,7 @@ impl ResNetConfig {
     }
 
     /// The network with burn's lazily initialised parameters (nothing drawn yet): for loaders,
-    /// which replace every weight.
+    /// which replace every weight. Validates the config first.
     pub(crate) fn build(&self, device: &Device) -> Result<ResNet> {
         self.validate()?;
         let expansion = self.block.expansion();
@@ -254,7 +326,8 @@ impl ResNetConfig {
     }
 
     /// Every tensor of a torchvision `state_dict` for this layout, with its shape, in
-    /// torchvision's key names (`fc.*` and `num_batches_tracked` excluded).
+    /// torchvision's key names (`fc.*` and `num_batches_tracked` excluded). The list has a
+    /// few entries per block: [`ResNetConfig::validate`] a config read from a file first.
     ///
     /// ```
     /// use msad::encoder::{Arch, ResNetConfig};
@@ -598,5 +671,65 @@ mod tests {
         let config = ResNetConfig::from_arch(Arch::Resnet18).with_widths([8, 0, 8, 8]);
         let err = config.try_init(&Device::flex()).unwrap_err();
         assert!(err.to_string().contains("widths"), "{err}");
+    }
+
+    /// The caps admit every torchvision net and refuse oversized layouts by what is wrong.
+    #[test]
+    fn oversized_layouts_are_rejected_by_what_is_too_large() {
+        for arch in Arch::ALL {
+            ResNetConfig::from_arch(arch).validate().unwrap();
+        }
+        let resnet152 = ResNetConfig::from_arch(Arch::Resnet152);
+        let expected: usize = resnet152
+            .torchvision_keys()
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(resnet152.parameter_count(), expected);
+        let basic = ResNetConfig::from_arch(Arch::Resnet18).with_widths([8, 16, 32, 64]);
+        assert_eq!(
+            basic.parameter_count(),
+            basic
+                .torchvision_keys()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum::<usize>()
+        );
+        let device = Device::flex();
+        for (config, words) in [
+            (
+                ResNetConfig::new(BlockKind::Basic, [100_000_000, 2, 2, 2]),
+                "blocks per stage",
+            ),
+            (
+                ResNetConfig::new(BlockKind::Basic, [2, 2, 2, 65]),
+                "blocks per stage",
+            ),
+            (
+                ResNetConfig::new(BlockKind::Basic, [2, 2, 2, 2]).with_stem_width(1 << 40),
+                "at most 8192",
+            ),
+            (
+                ResNetConfig::new(BlockKind::Bottleneck, [2, 2, 2, 2]).with_widths([
+                    64,
+                    128,
+                    256,
+                    usize::MAX,
+                ]),
+                "at most 8192",
+            ),
+            (
+                ResNetConfig::new(BlockKind::Bottleneck, [64, 64, 64, 64]).with_widths([8192; 4]),
+                "parameters",
+            ),
+        ] {
+            for err in [
+                config.validate().unwrap_err(),
+                config.try_init(&device).unwrap_err(),
+                config.build(&device).unwrap_err(),
+            ] {
+                assert!(err.to_string().contains(words), "{err}");
+            }
+        }
     }
 }

@@ -6,7 +6,10 @@
 //!
 //! Before any weight is applied, every key and shape is checked against the layout: a missing
 //! key, an unexpected key or a shape mismatch is an [`Error`] naming the key and both shapes.
-//! `fc.*` (the classifier MSC drops) and `*.num_batches_tracked` are ignored.
+//! `fc.*` (the classifier MSC drops) and `*.num_batches_tracked` are ignored. Once applied,
+//! every value is checked: a NaN or infinite weight ([`Error::NonFinite`]) or a negative
+//! BatchNorm `running_var` ([`Error::Checkpoint`]) is an error naming the file, the key, the
+//! value and its index, never a model that answers NaN.
 //!
 //! ```no_run
 //! # fn main() -> msad::Result<()> {
@@ -28,12 +31,13 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::store::{
     ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
 };
-use burn::tensor::{DType, Device};
+use burn::tensor::{Bool, DType, Device, Tensor};
 
-use super::{BlockKind, ResNet, ResNetConfig};
+use super::{BlockKind, MAX_BLOCKS_PER_STAGE, ResNet, ResNetConfig};
 use crate::{Error, Result};
 
 /// The on-disk formats [`Checkpoint`] reads.
@@ -187,6 +191,7 @@ impl Checkpoint {
     /// Checks every key and shape against `config`: the first problem in key order is returned
     /// as [`Error::MissingKey`], [`Error::ShapeMismatch`] or [`Error::UnexpectedKey`].
     pub fn check(&self, config: &ResNetConfig) -> Result<()> {
+        config.validate()?;
         let expected: BTreeMap<String, Vec<usize>> =
             config.torchvision_keys().into_iter().collect();
         for (key, shape) in &expected {
@@ -223,11 +228,15 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Builds the ResNet for `config` on `device` and loads the weights, after [`Checkpoint::check`].
+    /// Builds the ResNet for `config` on `device` and loads the weights, after
+    /// [`Checkpoint::check`]. A NaN or infinite value is an [`Error::NonFinite`], a negative
+    /// BatchNorm `running_var` an [`Error::Checkpoint`], each naming the key.
     pub fn load(self, config: &ResNetConfig, device: &Device) -> Result<ResNet> {
         self.check(config)?;
+        let path = self.path.clone();
         let model = self.apply(config.build(device)?)?;
         super::initialise_in_order(&model);
+        check_weight_values(&model, &path)?;
         Ok(model)
     }
 
@@ -268,6 +277,100 @@ impl Checkpoint {
             )));
         }
         Ok(model)
+    }
+}
+
+/// Checks the values of every weight of `model`, as loaded from the file `path`: every float
+/// finite, every BatchNorm `running_var` at least 0 (its square root divides). The first
+/// offender in the module's order is an error naming the file, its torchvision key, the value
+/// and its index (row-major):
+///
+/// - a NaN or ±inf value: [`Error::NonFinite`], e.g. "resnet18.pth: tensor
+///   `layer2.0.conv1.weight` is not finite: value 5 (row-major) is NaN";
+/// - a negative variance: [`Error::Checkpoint`], e.g. "resnet18.pth: not a readable checkpoint:
+///   tensor `layer1.0.bn1.running_var` has a negative value (-0.5) at index 3".
+///
+/// On the device: one reduction per tensor and a single read-back of the verdict; a tensor is
+/// read back only to name an offender.
+pub(crate) fn check_weight_values(model: &ResNet, path: &Path) -> Result<()> {
+    let mut tensors = Flattened::default();
+    model.visit(&mut tensors);
+    let flags: Vec<Tensor<1, Bool>> = tensors
+        .found
+        .iter()
+        .flat_map(|(key, values)| {
+            let non_finite = values.clone().is_finite().bool_not().any();
+            let negative = is_variance(key).then(|| values.clone().lower_elem(0.0).any());
+            std::iter::once(non_finite).chain(negative)
+        })
+        .collect();
+    if flags.is_empty() || !Tensor::cat(flags, 0).any().into_scalar::<bool>() {
+        return Ok(());
+    }
+    for (key, values) in tensors.found {
+        let values = crate::host::vec_from_tensor(values)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("{}: tensor `{key}`", path.display()),
+                detail: format!("value {i} (row-major) is {}", values[i]),
+            });
+        }
+        if is_variance(&key)
+            && let Some(i) = values.iter().position(|v| *v < 0.0)
+        {
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "tensor `{key}` has a negative value ({}) at index {i}",
+                    values[i]
+                ),
+            });
+        }
+    }
+    Err(Error::Backend(format!(
+        "{}: the device flagged a non-finite weight or a negative running_var that the values \
+         read back do not hold",
+        path.display()
+    )))
+}
+
+/// Whether a torchvision key is a BatchNorm's running variance.
+fn is_variance(key: &str) -> bool {
+    key.ends_with(".running_var")
+}
+
+/// Every float tensor of a module, flattened, by torchvision key.
+#[derive(Default)]
+struct Flattened {
+    /// The module path; `None` for an enum's variant, which torchvision's keys do not name.
+    path: Vec<Option<String>>,
+    found: Vec<(String, Tensor<1>)>,
+}
+
+impl ModuleVisitor for Flattened {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((!container_type.starts_with("Enum:")).then(|| name.to_string()));
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let mut path: Vec<&str> = self.path.iter().flatten().map(String::as_str).collect();
+        // burn's BatchNorm calls torchvision's `weight` and `bias` `gamma` and `beta`.
+        if let Some(last) = path.last_mut() {
+            *last = match *last {
+                "gamma" => "weight",
+                "beta" => "bias",
+                other => other,
+            };
+        }
+        let values = param.val();
+        let count = values.shape().num_elements();
+        self.found
+            .push((torchvision_key(&path.join(".")), values.reshape([count])));
     }
 }
 
@@ -348,12 +451,24 @@ impl ResNetConfig {
         let mut widths = [0; 4];
         for stage in 0..4 {
             let prefix = format!("layer{}.", stage + 1);
-            layers[stage] = shapes
-                .keys()
-                .filter_map(|k| k.strip_prefix(&prefix))
-                .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-                .max()
-                .map_or(0, |m| m + 1);
+            let mut blocks = 0;
+            for key in shapes.keys() {
+                let Some(index) = key
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.split('.').next()?.parse::<usize>().ok())
+                else {
+                    continue;
+                };
+                // Refused here, by name: the layout's key list (`check`) has entries per block.
+                if index >= MAX_BLOCKS_PER_STAGE {
+                    return Err(unknown(format!(
+                        "key `{key}` names block {index}; a stage has at most \
+                         {MAX_BLOCKS_PER_STAGE} blocks"
+                    )));
+                }
+                blocks = blocks.max(index + 1);
+            }
+            layers[stage] = blocks;
             let first = format!("{prefix}0.conv1.weight");
             widths[stage] = shapes
                 .get(&first)

@@ -149,3 +149,59 @@ pub fn params(model: &ResNet) -> Vec<(String, ParamId, usize, Vec<f32>)> {
     model.visit(&mut v);
     v.found
 }
+
+/// Runs the test `name` of this test binary again in a child process whose address space is
+/// capped at `limit_bytes` (`prlimit --as`), with `MSAD_IN_CHILD=1`, and returns whether it
+/// passed and what it printed. An abort or an allocation failure in the child is a failed run,
+/// so a test of "refused in bounded memory" fails where the code would abort.
+///
+/// The child test is `#[ignore]`d (it runs only here) and checks `in_child()` first.
+pub fn run_test_in_child(name: &str, limit_bytes: u64) -> (bool, String) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let output = std::process::Command::new("prlimit")
+        .arg(format!("--as={limit_bytes}"))
+        .arg("--")
+        .arg(exe)
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MSAD_IN_CHILD", "1")
+        .output()
+        .expect("prlimit (util-linux) runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success() && text.contains("1 passed"), text)
+}
+
+/// Whether this process is a child started by [`run_test_in_child`].
+pub fn in_child() -> bool {
+    std::env::var_os("MSAD_IN_CHILD").is_some()
+}
+
+/// Writes `from` (a `.safetensors` file) to `to` with value `index` (row-major) of tensor
+/// `key` replaced by `value`, as a corrupted or tampered file would hold it.
+pub fn patch_safetensors(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    key: &str,
+    index: usize,
+    value: f32,
+) {
+    let mut bytes = std::fs::read(from).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let entry = &header[key];
+    let keys: Vec<&String> = header.as_object().unwrap().keys().collect();
+    assert_eq!(entry["dtype"], "F32", "{key} among {keys:?}");
+    let start = entry["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + header_len + start + 4 * index;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(to, bytes).unwrap();
+}

@@ -207,8 +207,12 @@ impl FoldedConv {
             ConvMethod::Im2col => self.accumulate_im2col(x, &mut out),
         }
         if relu {
-            out.par_chunks_mut(n.max(1))
-                .for_each(|row| row.iter_mut().for_each(|v| *v = v.max(0.0)));
+            // Not `v.max(0.0)`, which maps NaN to 0: NaN stays NaN, as in the backends' relu
+            // (and PyTorch's). The comparison is one `maxps` with its operands in this order.
+            out.par_chunks_mut(n.max(1)).for_each(|row| {
+                row.iter_mut()
+                    .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v })
+            });
         }
         Maps {
             data: out,

@@ -10,8 +10,9 @@ fn taps(o: usize, len: usize) -> std::ops::Range<usize> {
     start..3.min(len + 1 - 2 * o).max(start)
 }
 
-/// 3x3 stride-2 max pooling with padding 1 (padding never wins: `-inf`), with the position of
-/// each maximum in its input plane (the first one on ties) for the backward.
+/// 3x3 stride-2 max pooling with padding 1 (padding never takes part), with the position of
+/// each maximum in its input plane (the first one on ties) for the backward. A NaN in a window
+/// wins (the last NaN's position is kept), as in burn's flex backend and PyTorch.
 pub(crate) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
     let ho = (x.h + 2 - 3) / 2 + 1;
     let wo = (x.w + 2 - 3) / 2 + 1;
@@ -28,12 +29,15 @@ pub(crate) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
                 let (dst, at) = (&mut dst[oy * wo..][..wo], &mut at[oy * wo..][..wo]);
                 for (ox, (d, a)) in dst.iter_mut().zip(at.iter_mut()).enumerate() {
                     let kx = taps(ox, x.w);
-                    let (mut m, mut best) = (f32::NEG_INFINITY, 0usize);
-                    for iy in (2 * oy + ky.start - 1)..(2 * oy + ky.end - 1) {
+                    let (y0, x0) = (2 * oy + ky.start - 1, 2 * ox + kx.start - 1);
+                    // Every window holds at least one input position: its first one starts.
+                    let (mut m, mut best) = (src[y0 * x.w + x0], y0 * x.w + x0);
+                    for iy in y0..(2 * oy + ky.end - 1) {
                         let row = iy * x.w;
-                        for ix in (2 * ox + kx.start - 1)..(2 * ox + kx.end - 1) {
-                            if src[row + ix] > m {
-                                (m, best) = (src[row + ix], row + ix);
+                        for ix in x0..(2 * ox + kx.end - 1) {
+                            let v = src[row + ix];
+                            if v > m || v.is_nan() {
+                                (m, best) = (v, row + ix);
                             }
                         }
                     }

@@ -14,12 +14,32 @@ use super::kernels::sgemm::{LIBRARY, Library, Operand, sgemm, sgemm_serial};
 use super::kernels::tile::{MR, NR, pack_a};
 use screen::{QuantizedRows, ScreenBank};
 
+/// Rows (bank rows or queries) of a larger squared norm, or one that overflows f32, are
+/// *huge*: their distances are never estimated as ‖q‖² + ‖b‖² − 2 q·b, which could overflow
+/// (∞ − ∞ = NaN) and rank them wrongly, but measured directly as Σ (q − b)². Below it every
+/// term of the estimate, the partial sums of q·b included (|q·b| ≤ ‖q‖‖b‖), is at most 2¹²⁴
+/// in magnitude and the estimate at most 2¹²⁶, well inside f32's range (2¹²⁸). The tensor
+/// path (`crate::knn::KnnScorer`) uses the same limit.
+pub(crate) const HUGE_SQUARED_NORM: f32 = (1u128 << 124) as f32;
+
+/// Whether a row of squared norm `sq` (as f32, possibly ∞) is huge ([`HUGE_SQUARED_NORM`]).
+#[inline]
+pub(crate) fn is_huge(sq: f32) -> bool {
+    // Also true for NaN, which finite rows never give.
+    sq.is_nan() || sq > HUGE_SQUARED_NORM
+}
+
 /// An exact search over a bank of N rows of D features (see `crate::knn::HostKnnScorer` for
 /// what it does and guarantees).
 #[derive(Clone, Debug)]
 pub(crate) struct ExactSearch {
     bank: Vec<f32>,
+    /// ‖b‖² per bank row; ∞ for the huge rows, whose products are then set to 0 so that
+    /// their estimates are ∞ and never NaN.
     bank_sq: Vec<f32>,
+    /// The huge bank rows ([`HUGE_SQUARED_NORM`]), ascending; usually none. Every query
+    /// measures its distance to each of them exactly.
+    huge: Vec<usize>,
     /// The micro-kernel the screen runs on, where the CPU has one.
     kernel: Option<Int16Kernel>,
     /// The bank quantised for the screen, made by the first search that uses it (`None`
@@ -36,10 +56,15 @@ impl ExactSearch {
     /// budget of `tile_bytes` for the tiles in flight. The caller has checked that n, d ≥ 1,
     /// 1 ≤ k ≤ n, `bank.len() == n·d` and every value is finite.
     pub(crate) fn new(bank: Vec<f32>, (n, d): (usize, usize), k: usize, tile_bytes: usize) -> Self {
-        let bank_sq = bank.chunks_exact(d).map(dot_self).collect();
+        let mut bank_sq: Vec<f32> = bank.chunks_exact(d).map(dot_self).collect();
+        let huge: Vec<usize> = (0..n).filter(|&i| is_huge(bank_sq[i])).collect();
+        for &i in &huge {
+            bank_sq[i] = f32::INFINITY;
+        }
         Self {
             bank,
             bank_sq,
+            huge,
             kernel: Int16Kernel::select(),
             screen: OnceLock::new(),
             n,
@@ -106,7 +131,9 @@ impl ExactSearch {
     }
 
     /// The search on f32 products: tiles of dot products from sgemm, the k smallest estimates
-    /// ‖q‖² + ‖b‖² − 2 q·b kept per query, and their distances then measured exactly.
+    /// ‖q‖² + ‖b‖² − 2 q·b kept per query, and their distances then measured exactly, with
+    /// those of the huge bank rows; a huge query ([`HUGE_SQUARED_NORM`]) is measured exactly
+    /// against every row instead.
     fn search_dense(&self, queries: &[f32], q: usize) -> Vec<Vec<(f32, usize)>> {
         let d = self.d;
         let elems = (self.tile_bytes / 4).max(1);
@@ -142,6 +169,7 @@ impl ExactSearch {
                         n,
                         false,
                     );
+                    self.clear_huge_products(&mut dots[..m * n], n, b0);
                     let tops = (0..m)
                         .map(|r| {
                             let mut top = TopK::new(self.k);
@@ -173,6 +201,7 @@ impl ExactSearch {
                         n,
                         false,
                     );
+                    self.clear_huge_products(&mut dots[..m * n], n, b0);
                     merged[q0..q0 + m]
                         .par_iter_mut()
                         .zip(&q_sq[q0..q0 + m])
@@ -186,15 +215,48 @@ impl ExactSearch {
             .enumerate()
             .map(|(row, top)| {
                 let query = &queries[row * d..(row + 1) * d];
+                if is_huge(q_sq[row]) {
+                    return self.search_exhaustive(query);
+                }
                 let mut exact: Vec<(f32, usize)> = top
                     .items
                     .into_iter()
                     .map(|(_, i)| (self.exact_distance(query, i), i))
                     .collect();
+                for &i in &self.huge {
+                    // A huge row may be among the k already, with its estimate of ∞.
+                    if !exact.iter().any(|&(_, j)| j == i) {
+                        exact.push((self.exact_distance(query, i), i));
+                    }
+                }
                 exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                exact.truncate(self.k);
                 exact
             })
             .collect()
+    }
+
+    /// Sets the products of the huge bank rows within `b0..b0 + n` to 0, in a tile of rows of
+    /// `n` products: with their ‖b‖² of ∞, their estimates are then ∞ (never NaN) and they
+    /// reach the exact pass only through [`ExactSearch::huge`].
+    fn clear_huge_products(&self, dots: &mut [f32], n: usize, b0: usize) {
+        let first = self.huge.partition_point(|&i| i < b0);
+        let last = self.huge.partition_point(|&i| i < b0 + n);
+        for &i in &self.huge[first..last] {
+            dots.iter_mut()
+                .skip(i - b0)
+                .step_by(n)
+                .for_each(|v| *v = 0.0);
+        }
+    }
+
+    /// The k nearest of a huge query: every bank row measured exactly.
+    fn search_exhaustive(&self, query: &[f32]) -> Vec<(f32, usize)> {
+        let mut top = TopK::new(self.k);
+        for i in 0..self.n {
+            top.push(self.exact_distance(query, i), i);
+        }
+        top.items
     }
 
     /// The screened search ([`screen`]): each task quantises and packs a block of up

@@ -221,7 +221,8 @@ impl ConvBn {
     }
 }
 
-/// `g ⊙ (y > 0)`: the gradient through a ReLU whose output was `y`.
+/// The gradient through a ReLU whose output was `y`: `g`, zeroed where `y ≤ 0` (kept where `y`
+/// is NaN, as burn's `relu_backward`).
 fn relu_backward(mut g: Vec<f32>, y: &[f32]) -> Vec<f32> {
     g.par_chunks_mut(1 << 14)
         .zip(y.par_chunks(1 << 14))
@@ -348,13 +349,14 @@ impl TrainingEngine {
         }
         let mut phi = acts.last().expect("the pooled input").global_average();
         let d = phi.len() / b;
-        // F.normalize: f / max(‖f‖, 1e-12).
+        // F.normalize: f / max(‖f‖, 1e-12), a NaN norm kept (as the tensor path's
+        // `clamp_min`: the whole row becomes NaN).
         let norms = phi
             .chunks_exact_mut(d)
             .map(|row| {
                 let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-                let live = norm > NORM_EPS;
-                let inv = 1.0 / norm.max(NORM_EPS);
+                let live = norm > NORM_EPS || norm.is_nan();
+                let inv = 1.0 / if live { norm } else { NORM_EPS };
                 row.iter_mut().for_each(|v| *v *= inv);
                 live.then_some(norm)
             })
