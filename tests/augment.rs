@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 use burn::tensor::Device;
 use image::RgbImage;
@@ -17,7 +16,7 @@ use msad::data::{FolderOptions, ImageFolder, ImageSource};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use common::fixture;
+use common::{fixture, in_child};
 
 fn png(name: &str) -> RgbImage {
     image::open(fixture("augment", &format!("{name}.png")))
@@ -461,41 +460,18 @@ fn eval_transform_is_resize_then_center_crop_bit_for_bit() {
     assert_eq!(cases, 7 * 2 * 8);
 }
 
-/// Runs this test binary's test `name` again in a child process whose address space is
-/// limited to `limit_mib` MiB (`ulimit -v`; on Linux only, elsewhere unlimited), with
-/// `MSAD_AUGMENT_CHILD` set, so that an allocation the limit refuses aborts the child, not
-/// the test run. Returns the child's stdout; fails unless it exited normally.
+/// Runs this test binary's test `name` again in a memory-capped child
+/// ([`common::run_test_in_child`]) and returns its stdout; fails unless it passed and printed
+/// "child finished".
 fn run_child_under_memory_limit(name: &str, limit_mib: u64) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let limit = if cfg!(target_os = "linux") {
-        format!("ulimit -v {} && ", limit_mib * 1024)
-    } else {
-        String::new()
-    };
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{limit}exec \"$0\" \"$@\""))
-        .arg(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("MSAD_AUGMENT_CHILD", "1")
-        // One malloc arena and one rayon thread: the limit is on address space, which every
-        // arena and thread stack reserves.
-        .env("MALLOC_ARENA_MAX", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let run = common::run_test_in_child(name, limit_mib);
     assert!(
-        output.status.success() && stdout.contains("child finished"),
-        "child {name} under {limit_mib} MiB: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        run.passed && run.stdout.contains("child finished"),
+        "child {name} under {limit_mib} MiB:\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
     );
-    stdout
-}
-
-fn in_child() -> bool {
-    std::env::var_os("MSAD_AUGMENT_CHILD").is_some()
+    run.stdout
 }
 
 /// The address-space limits of the children: far below what the unguarded paths would take

@@ -654,51 +654,13 @@ fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-/// Set by `oversized_layouts_are_refused_in_bounded_time_and_memory` for its child process.
-const OVERSIZED_CHILD: &str = "MSAD_TEST_OVERSIZED_CHILD";
-
 /// Layouts of absurd size read from files: refused before anything loops or allocates per
 /// block. Run in a child process limited to 1 GiB of address space and 60 s, so that an
 /// allocation without bound (an abort) or a loop over 10⁹ blocks fails the test.
 #[test]
 fn oversized_layouts_are_refused_in_bounded_time_and_memory() {
-    let exe = std::env::current_exe().unwrap();
-    let started = std::time::Instant::now();
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
-        .arg(&exe)
-        .args([
-            "--exact",
-            "oversized_layouts_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(OVERSIZED_CHILD, "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > std::time::Duration::from_secs(60) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the oversized layouts were not refused within 60 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let output = child.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&output.stdout);
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        status.success() && out.contains("1 passed"),
-        "child {status} after {:?}:\n{out}\n{err}",
-        started.elapsed()
-    );
+    let run = common::run_test_in_child("oversized_layouts_child", 1024);
+    assert!(run.passed, "{}\n{}", run.stdout, run.stderr);
 }
 
 /// The body of `oversized_layouts_are_refused_in_bounded_time_and_memory`, in its child
@@ -706,7 +668,7 @@ fn oversized_layouts_are_refused_in_bounded_time_and_memory() {
 #[test]
 #[ignore = "run by oversized_layouts_are_refused_in_bounded_time_and_memory"]
 fn oversized_layouts_child() {
-    if std::env::var_os(OVERSIZED_CHILD).is_none() {
+    if !common::in_child() {
         return;
     }
     let device = Device::flex();

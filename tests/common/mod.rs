@@ -150,34 +150,62 @@ pub fn params(model: &ResNet) -> Vec<(String, ParamId, usize, Vec<f32>)> {
     v.found
 }
 
+/// What a child test run printed, and whether it passed.
+pub struct ChildRun {
+    /// The child exited normally and its harness reported the test passed.
+    pub passed: bool,
+    /// Its standard output (the harness's report and `--nocapture` prints).
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
 /// Runs the test `name` of this test binary again in a child process whose address space is
-/// capped at `limit_bytes` (`prlimit --as`), with `MSAD_IN_CHILD=1`, and returns whether it
-/// passed and what it printed. An abort or an allocation failure in the child is a failed run,
-/// so a test of "refused in bounded memory" fails where the code would abort.
-///
-/// The child test is `#[ignore]`d (it runs only here) and checks `in_child()` first.
-pub fn run_test_in_child(name: &str, limit_bytes: u64) -> (bool, String) {
+/// capped at `limit_mib` MiB (`ulimit -v`, Linux; elsewhere uncapped), with `MSAD_IN_CHILD=1`,
+/// one malloc arena and one rayon thread (the cap is on address space, which every arena and
+/// thread stack reserves), killed after 60 s. An abort, an allocation failure or a loop without
+/// end in the child is then a failed run, so a test of "refused in bounded memory" fails where
+/// the code would abort. The child test checks [`in_child`] to run its body.
+pub fn run_test_in_child(name: &str, limit_mib: u64) -> ChildRun {
     let exe = std::env::current_exe().expect("the test binary's path");
-    let output = std::process::Command::new("prlimit")
-        .arg(format!("--as={limit_bytes}"))
-        .arg("--")
+    let limit = if cfg!(target_os = "linux") {
+        format!("ulimit -v {} && ", limit_mib * 1024)
+    } else {
+        String::new()
+    };
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{limit}exec \"$0\" \"$@\""))
         .arg(exe)
         .args([
             name,
             "--exact",
-            "--ignored",
+            "--include-ignored",
             "--nocapture",
             "--test-threads=1",
         ])
         .env("MSAD_IN_CHILD", "1")
-        .output()
-        .expect("prlimit (util-linux) runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success() && text.contains("1 passed"), text)
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh runs");
+    while child.try_wait().expect("the child's status").is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("the child's output");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ChildRun {
+        passed: output.status.success() && stdout.contains("1 passed"),
+        stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
 }
 
 /// Whether this process is a child started by [`run_test_in_child`].
