@@ -3,18 +3,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::{fixture, max_abs_diff};
-
-fn example(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let profile_dir = deps.parent().unwrap().parent().unwrap();
-    let exe = profile_dir.join("examples").join(name);
-    assert!(exe.exists(), "{} not built", exe.display());
-    exe
-}
+use common::{example, fixture, max_abs_diff};
 
 #[test]
 fn embed_writes_torchvision_features() {

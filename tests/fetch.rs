@@ -600,20 +600,6 @@ fn cifar100_downloads_through_the_same_path() {
 // The examples
 // ------------------------------------------------------------------------------------------
 
-/// `target/<profile>/examples/<name>` (cargo builds the examples next to the test binaries).
-fn example(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let exe = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(exe.exists(), "{} not built", exe.display());
-    exe
-}
-
 #[test]
 fn embed_with_arch_alone_fetches_imagenet_weights_and_reports_where_to_put_them() {
     let tmp = TempDir::new().unwrap();
@@ -621,7 +607,7 @@ fn embed_with_arch_alone_fetches_imagenet_weights_and_reports_where_to_put_them(
     fs::create_dir_all(&torch).unwrap();
     // A file of the right name but the wrong bytes in PyTorch's cache is not trusted.
     fs::write(torch.join("resnet18-f37072fd.pth"), b"not the weights").unwrap();
-    let output = std::process::Command::new(example("embed"))
+    let output = std::process::Command::new(common::example("embed"))
         .args(["--arch", "resnet18", "--device", "flex", "--input"])
         .arg(common::fixture("encoder", "input.npy"))
         .arg("--output")

@@ -186,16 +186,7 @@ pub fn parse(bytes: &[u8], layout: Layout) -> Result<Records, FormatError> {
         .enumerate()
     {
         let (label_bytes, planes) = chunk.split_at(fields.len());
-        for (field, &value) in fields.iter().zip(label_bytes) {
-            if value >= field.classes {
-                return Err(FormatError::LabelOutOfRange {
-                    record,
-                    field: field.name,
-                    value,
-                    classes: field.classes,
-                });
-            }
-        }
+        check_labels(fields, record, label_bytes)?;
         labels.extend_from_slice(label_bytes);
         planar_to_interleaved(planes, out);
     }
@@ -241,16 +232,7 @@ pub fn from_planar(layout: Layout, labels: Vec<u8>, planes: &[u8]) -> Result<Rec
         count * fields.len()
     );
     for (record, label_bytes) in labels.chunks_exact(fields.len()).enumerate() {
-        for (field, &value) in fields.iter().zip(label_bytes) {
-            if value >= field.classes {
-                return Err(FormatError::LabelOutOfRange {
-                    record,
-                    field: field.name,
-                    value,
-                    classes: field.classes,
-                });
-            }
-        }
+        check_labels(fields, record, label_bytes)?;
     }
     let mut pixels = vec![0u8; planes.len()];
     for (image, out) in planes
@@ -264,6 +246,25 @@ pub fn from_planar(layout: Layout, labels: Vec<u8>, planes: &[u8]) -> Result<Rec
         labels,
         pixels,
     })
+}
+
+/// [`FormatError::LabelOutOfRange`] for the first label byte of `record` outside its field.
+fn check_labels(
+    fields: &[LabelField],
+    record: usize,
+    label_bytes: &[u8],
+) -> Result<(), FormatError> {
+    for (field, &value) in fields.iter().zip(label_bytes) {
+        if value >= field.classes {
+            return Err(FormatError::LabelOutOfRange {
+                record,
+                field: field.name,
+                value,
+                classes: field.classes,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Writes three consecutive planes (`R…R G…G B…B`) as interleaved pixels (`R G B R G B …`).

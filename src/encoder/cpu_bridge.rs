@@ -17,11 +17,12 @@ use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::ResNet;
+use super::{ResNet, check_images};
 use crate::cpu::conv::{ConvBnWeights, ConvLayout, ConvShape};
 use crate::cpu::resnet::{
     Block, InferenceEngine, LayerWeights, Net, NetWeights, Tape, TrainingEngine,
 };
+use crate::device::{Route, Work, route};
 use crate::host::vec_from_tensor;
 use crate::{Error, Result};
 
@@ -167,6 +168,29 @@ pub(crate) fn unsupported_falls_back<T>(result: Result<T>) -> Result<Option<T>> 
             Ok(None)
         }
         Err(err) => Err(err),
+    }
+}
+
+/// The folded CPU engine for `model` where `device` routes inference to it, else `None`: the
+/// module's tensor operations (also for a layout the engine does not cover, logged once).
+pub(crate) fn prepare_inference(model: &ResNet, device: &Device) -> Result<Option<CpuInference>> {
+    match route(device, Work::Inference) {
+        Route::Cpu => unsupported_falls_back(CpuInference::new(model)),
+        Route::TensorOps => Ok(None),
+    }
+}
+
+/// `model`'s pooled features, B × D: through `engine` when there is one and `images` is not
+/// tracked by autodiff, else the module's tensor operations.
+pub(crate) fn forward_prepared(
+    model: &ResNet,
+    engine: Option<&CpuInference>,
+    images: Tensor<4>,
+) -> Result<Tensor<2>> {
+    check_images(&images)?;
+    match engine {
+        Some(engine) if !images.is_autodiff() => engine.forward(images),
+        _ => Ok(model.forward_tensor_ops(images)),
     }
 }
 

@@ -52,7 +52,7 @@ use burn::tensor::{Device, Tensor};
 use crate::device::{Route, Work, route};
 use crate::{Error, NORM_EPS, Result};
 
-use cpu_bridge::{CpuInference, unsupported_falls_back};
+use cpu_bridge::{CpuInference, forward_prepared, prepare_inference, unsupported_falls_back};
 pub(crate) use cpu_bridge::{CpuTraining, cpu_training_covers};
 
 /// The torchvision ResNets.
@@ -524,21 +524,13 @@ impl<'a> InferenceEncoder<'a> {
 
     /// [`InferenceEncoder::new`] that returns a backend failure as an error.
     pub fn try_new(model: &'a ResNet, device: &Device) -> Result<Self> {
-        let engine = match route(device, Work::Inference) {
-            Route::Cpu => unsupported_falls_back(CpuInference::new(model))?,
-            Route::TensorOps => None,
-        };
+        let engine = prepare_inference(model, device)?;
         Ok(Self { model, engine })
     }
 
     /// [`ResNet::try_forward`]: the pooled features, B × D.
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&images)?;
-        match &self.engine {
-            Some(engine) if !images.is_autodiff() => engine.forward(images),
-            // Decided in `try_new`: the module's tensor operations.
-            _ => Ok(self.model.forward_tensor_ops(images)),
-        }
+        forward_prepared(self.model, self.engine.as_ref(), images)
     }
 
     /// [`ResNet::try_embed`]: φ, the L2-normalised features.

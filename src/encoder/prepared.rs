@@ -2,10 +2,9 @@
 
 use burn::tensor::{Device, Tensor};
 
-use super::cpu_bridge::{CpuInference, unsupported_falls_back};
-use super::{ResNet, check_images, l2_normalize};
+use super::cpu_bridge::{CpuInference, forward_prepared, prepare_inference};
+use super::{ResNet, l2_normalize};
 use crate::Result;
-use crate::device::{Route, Work, route};
 
 /// A [`ResNet`] and its folded CPU engine, owned together: what a long-lived service keeps so
 /// that every call runs on weights read and folded once. [`super::InferenceEncoder`] is the
@@ -48,10 +47,7 @@ impl PreparedEncoder {
     ///
     /// Errors: a backend failure while reading the weights back.
     pub fn new(model: ResNet, device: &Device) -> Result<Self> {
-        let engine = match route(device, Work::Inference) {
-            Route::Cpu => unsupported_falls_back(CpuInference::new(&model))?,
-            Route::TensorOps => None,
-        };
+        let engine = prepare_inference(&model, device)?;
         Ok(Self { model, engine })
     }
 
@@ -67,11 +63,7 @@ impl PreparedEncoder {
 
     /// [`ResNet::try_forward`]: the pooled features, B × D.
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&images)?;
-        match &self.engine {
-            Some(engine) if !images.is_autodiff() => engine.forward(images),
-            _ => Ok(self.model.forward_tensor_ops(images)),
-        }
+        forward_prepared(&self.model, self.engine.as_ref(), images)
     }
 
     /// [`ResNet::try_embed`]: φ, the L2-normalised features.

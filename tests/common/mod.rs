@@ -39,6 +39,18 @@ pub fn backends() -> Vec<SelectedDevice> {
         .collect()
 }
 
+/// `target/<profile>/examples/<name>`: cargo builds the examples next to the test binaries.
+pub fn example(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = deps
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let exe = profile_dir.join("examples").join(name);
+    assert!(exe.exists(), "{} not built", exe.display());
+    exe
+}
+
 /// `tests/fixtures/<section>/<name>`.
 pub fn fixture(section: &str, name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
