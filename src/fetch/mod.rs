@@ -280,10 +280,12 @@ impl Fetcher {
         let Some(cache) = self.cache_dir.as_deref() else {
             return Err(self.failure(
                 remote,
-                Path::new("."),
+                look_in.first().copied().unwrap_or(Path::new(".")),
                 FetchFailure::CacheNotWritable {
-                    dir: PathBuf::new(),
-                    reason: "no cache directory: set MSAD_CACHE_DIR or HOME".into(),
+                    dir: PathBuf::from("$MSAD_CACHE_DIR"),
+                    reason: "no cache directory is known: MSAD_CACHE_DIR, XDG_CACHE_HOME and \
+                             HOME are all unset"
+                        .into(),
                 },
             ));
         };
