@@ -32,9 +32,10 @@
 //! layout, transform, k, calibration, and the SHA-256 of every other file),
 //! `encoder.safetensors`, `center.npy` and `bank.npy`. It writes them into a temporary sibling
 //! directory, fsyncs them, and renames that directory into place; an existing detector there is
-//! moved aside first and deleted only after the new one is in place. A crash, a full disk or an
-//! error midway leaves the previous detector as it was (or, in the instant between the two
-//! renames, under the sibling name `.<name>.old-*`).
+//! swapped out in one step on Linux (`renameat2` with `RENAME_EXCHANGE`) and deleted after. A
+//! crash, a full disk or an error midway leaves the previous detector as it was. Elsewhere (or
+//! on a file system without the exchange) the old one is moved aside first, and a crash in the
+//! instant between the two renames leaves it under the sibling name `.<name>.old-*`.
 //!
 //! [`Detector::load`] checks every file's SHA-256 against the manifest before reading it (a
 //! directory mixing the files of two saves, or a modified file, is refused naming the file),
@@ -1081,10 +1082,16 @@ fn is_replaceable(dir: &Path) -> Result<bool> {
     Ok(entries.next().is_none())
 }
 
-/// Moves `staged` to `dir`; an existing `dir` is moved aside first and removed after.
+/// Moves `staged` to `dir`. An existing `dir` is swapped with it atomically where the
+/// platform can (Linux), else moved aside first; either way the old one is removed after.
 fn replace_dir(staged: &Path, dir: &Path, parent: &Path, name: &str) -> Result<()> {
     if !dir.exists() {
         return fs::rename(staged, dir).map_err(|e| Error::io(dir, e));
+    }
+    if exchange(staged, dir).map_err(|e| Error::io(dir, e))? {
+        // `staged` now holds the previous detector.
+        let _ = fs::remove_dir_all(staged);
+        return Ok(());
     }
     let aside = tempfile::Builder::new()
         .prefix(&format!(".{name}.old-"))
@@ -1100,6 +1107,42 @@ fn replace_dir(staged: &Path, dir: &Path, parent: &Path, name: &str) -> Result<(
     }
     let _ = fs::remove_dir_all(&aside);
     Ok(())
+}
+
+/// Swaps the directories `a` and `b` in one step (`renameat2` with `RENAME_EXCHANGE`), so that
+/// `b` holds a complete detector at every instant. `Ok(false)` where the kernel or the file
+/// system does not support it.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: `a` and `b` are NUL-terminated strings that live until the call returns;
+    // renameat2 only reads them, and AT_FDCWD makes relative paths resolve as `fs::rename`'s.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(error),
+    }
+}
+
+/// Not available here: [`replace_dir`] moves the old directory aside instead.
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 /// fsyncs a directory (its entries); where directories cannot be opened for that, the files
@@ -1126,6 +1169,28 @@ mod tests {
             .with_image_size(16)
             .with_eval_batch_size(64);
         Detector::without_training(config, encoder, split.train.as_ref(), device).unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exchange_swaps_two_directories_in_one_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fs::write(a.join("new"), b"").unwrap();
+        fs::write(b.join("old"), b"").unwrap();
+        if exchange(&a, &b).unwrap() {
+            assert!(b.join("new").exists() && a.join("old").exists());
+            assert!(!b.join("old").exists());
+        } else {
+            // A file system without the exchange (ext4, tmpfs and btrfs have it): nothing moved.
+            eprintln!(
+                "renameat2(RENAME_EXCHANGE) unsupported on {}",
+                tmp.path().display()
+            );
+            assert!(a.join("new").exists() && b.join("old").exists());
+        }
     }
 
     #[test]
