@@ -27,12 +27,14 @@
 //!
 //! ## Modules
 //! - [`augment`]: images to tensors: the evaluation transform and the MoCo v2 training views.
-//! - [`data`]: CIFAR-10/100, image folders, MVTec AD, the embedded digits; one-class splits.
+//! - [`data`]: CIFAR-10/100, image folders, MVTec AD (with its ground-truth masks), the embedded
+//!   digits; one-class splits.
 //! - [`encoder`]: torchvision ResNets, checkpoint loading, freezing.
 //! - [`device`]: a device from a name (`auto`, `wgpu`, `flex`, `ndarray`).
 //! - [`loss`]: the Mean-Shifted Contrastive loss (and plain NT-Xent).
 //! - [`knn`]: the kNN anomaly score, chunked on any device or on host memory.
-//! - [`metrics`]: ROC-AUC and average precision, equal to scikit-learn's.
+//! - [`metrics`]: ROC-AUC and average precision, equal to scikit-learn's; pixel ROC-AUC and
+//!   PRO (per-region overlap) for anomaly maps against masks.
 //! - [`host`]: tensors to and from `ndarray` arrays (host memory).
 //! - [`npy`]: `.npy` input and output of float32 arrays.
 //! - [`features`]: φ over a whole image source, in batches.

@@ -747,6 +747,169 @@ fn mvtec_lenient_skips_corrupt_test_images() {
     }
 }
 
+/// `write_mvtec`'s layout with MVTec AD masks for bottle's anomalous test images: 4×4, 255 on
+/// the pixels of `mask_pixels(name)`.
+fn write_mvtec_masks(root: &Path) {
+    write_mvtec(root);
+    for (defect, stem) in [
+        ("broken", "000"),
+        ("broken", "001"),
+        ("contamination", "000"),
+    ] {
+        let dir = root.join("bottle/ground_truth").join(defect);
+        fs::create_dir_all(&dir).unwrap();
+        mask_image(defect, stem)
+            .save(dir.join(format!("{stem}_mask.png")))
+            .unwrap();
+    }
+}
+
+/// The anomalous (x, y) pixels of a test mask.
+fn mask_pixels(defect: &str, stem: &str) -> Vec<(u32, u32)> {
+    match (defect, stem) {
+        ("broken", "000") => vec![(0, 0), (1, 0), (3, 2)],
+        ("broken", "001") => vec![(2, 3)],
+        _ => vec![(1, 1), (2, 1), (1, 2), (2, 2)],
+    }
+}
+
+fn mask_image(defect: &str, stem: &str) -> ImageBuffer<Luma<u8>, Vec<u8>> {
+    let mut mask = ImageBuffer::from_pixel(4, 4, Luma([0u8]));
+    for (x, y) in mask_pixels(defect, stem) {
+        mask.put_pixel(x, y, Luma([255]));
+    }
+    mask
+}
+
+#[test]
+fn mvtec_masks_follow_the_test_images() {
+    let tmp = TempDir::new().unwrap();
+    write_mvtec_masks(tmp.path());
+    let mvtec = MvtecAd::open(tmp.path(), "bottle", FolderOptions::default()).unwrap();
+    assert_eq!(mvtec.test_len(), 5);
+    let expected = [
+        Some(("broken", "000")),
+        Some(("broken", "001")),
+        Some(("contamination", "000")),
+        None,
+        None,
+    ];
+    let split = mvtec.clone().into_split().unwrap();
+    assert_eq!(split.test.len(), mvtec.test_len());
+    for (i, expected) in expected.into_iter().enumerate() {
+        let mask = mvtec.test_mask(i).unwrap();
+        assert_eq!(mask.dim(), (4, 4), "image {i}");
+        let path = mvtec.test_mask_path(i).unwrap();
+        assert_eq!(split.test_anomalous[i], expected.is_some());
+        match expected {
+            Some((defect, stem)) => {
+                assert_eq!(
+                    path,
+                    Some(
+                        tmp.path()
+                            .join(format!("bottle/ground_truth/{defect}/{stem}_mask.png"))
+                    )
+                );
+                assert!(split.test.name(i).contains(&format!("{defect}/{stem}.png")));
+                let mut want = ndarray::Array2::from_elem((4, 4), false);
+                for (x, y) in mask_pixels(defect, stem) {
+                    want[[y as usize, x as usize]] = true;
+                }
+                assert_eq!(mask, want, "image {i}");
+            }
+            None => {
+                assert_eq!(path, None);
+                assert!(
+                    mask.iter().all(|&m| !m),
+                    "a good image's mask is all normal"
+                );
+            }
+        }
+    }
+    assert!(matches!(
+        mvtec.test_mask(5),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(mvtec.test_mask_path(5).is_err());
+}
+
+#[test]
+fn mvtec_mask_pixels_above_zero_are_anomalous() {
+    let tmp = TempDir::new().unwrap();
+    write_mvtec_masks(tmp.path());
+    // A grey, 16-bit-free mask with values 1 and 128: both anomalous.
+    let mut mask = ImageBuffer::from_pixel(4, 4, Luma([0u8]));
+    mask.put_pixel(0, 3, Luma([1]));
+    mask.put_pixel(3, 0, Luma([128]));
+    mask.save(tmp.path().join("bottle/ground_truth/broken/001_mask.png"))
+        .unwrap();
+    let mvtec = MvtecAd::open(tmp.path(), "bottle", FolderOptions::default()).unwrap();
+    let mask = mvtec.test_mask(1).unwrap();
+    assert_eq!(mask.iter().filter(|&&m| m).count(), 2);
+    assert!(mask[[3, 0]] && mask[[0, 3]]);
+}
+
+#[test]
+fn mvtec_missing_mask_is_an_error_naming_the_expected_path() {
+    let tmp = TempDir::new().unwrap();
+    write_mvtec_masks(tmp.path());
+    let missing = tmp
+        .path()
+        .join("bottle/ground_truth/contamination/000_mask.png");
+    fs::remove_file(&missing).unwrap();
+    let mvtec = MvtecAd::open(tmp.path(), "bottle", FolderOptions::default()).unwrap();
+    let (path, _, message) = dataset_error(mvtec.test_mask(2).unwrap_err());
+    assert_eq!(path, missing);
+    assert!(message.contains("contamination"), "{message}");
+    // The other masks still read.
+    mvtec.test_mask(0).unwrap();
+    mvtec.test_mask(3).unwrap();
+}
+
+#[test]
+fn mvtec_mask_of_another_size_is_an_error_naming_both_sizes() {
+    let tmp = TempDir::new().unwrap();
+    write_mvtec_masks(tmp.path());
+    let wrong = tmp.path().join("bottle/ground_truth/broken/000_mask.png");
+    ImageBuffer::from_pixel(5, 3, Luma([255u8]))
+        .save(&wrong)
+        .unwrap();
+    let mvtec = MvtecAd::open(tmp.path(), "bottle", FolderOptions::default()).unwrap();
+    let (path, _, message) = dataset_error(mvtec.test_mask(0).unwrap_err());
+    assert_eq!(path, wrong);
+    assert!(
+        message.contains("5x3") && message.contains("4x4"),
+        "{message}"
+    );
+
+    let corrupt = tmp.path().join("bottle/ground_truth/broken/001_mask.png");
+    fs::write(&corrupt, b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    match mvtec.test_mask(1) {
+        Err(Error::Image { path, .. }) => assert_eq!(path, corrupt),
+        other => panic!("expected an image error naming the mask, got {other:?}"),
+    }
+}
+
+#[test]
+fn mvtec_masks_feed_the_pixel_metrics() {
+    let tmp = TempDir::new().unwrap();
+    write_mvtec_masks(tmp.path());
+    let mvtec = MvtecAd::open(tmp.path(), "bottle", FolderOptions::default()).unwrap();
+    let masks: Vec<_> = (0..mvtec.test_len())
+        .map(|i| mvtec.test_mask(i).unwrap())
+        .collect();
+    // A perfect map: the mask itself.
+    let maps: Vec<_> = masks
+        .iter()
+        .map(|m| m.mapv(|a| if a { 1.0f32 } else { 0.0 }))
+        .collect();
+    let maps: Vec<_> = maps.iter().map(|m| m.view()).collect();
+    let masks: Vec<_> = masks.iter().map(|m| m.view()).collect();
+    assert_eq!(msad::metrics::pixel_roc_auc(&maps, &masks).unwrap(), 1.0);
+    let pro = msad::metrics::pro_auc(&maps, &masks, 0.3).unwrap();
+    assert!((pro - 1.0).abs() < 1e-12, "{pro}");
+}
+
 // ------------------------------------------------------------------------------------------
 // Digits
 // ------------------------------------------------------------------------------------------

@@ -6,10 +6,17 @@
 //! <root>/<category>/train/good/*.png         normal training images
 //! <root>/<category>/test/good/*.png          normal test images
 //! <root>/<category>/test/<defect>/*.png      anomalous test images, one folder per defect type
-//! <root>/<category>/ground_truth/...         defect masks (ignored)
+//! <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+//!                                            the defect mask of test/<defect>/<stem>.png
 //! ```
+//!
+//! The masks are read one at a time by [`MvtecAd::test_mask`], indexed like the test images of
+//! [`MvtecAd::into_split`]; normal (`good`) images have no mask file and an all-normal mask.
 
 use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageReader, Limits};
+use ndarray::Array2;
 
 use super::{FolderOptions, ImageFolder, OneClassSplit, Skipped};
 use crate::{Error, Result};
@@ -43,6 +50,8 @@ pub struct MvtecAd {
     category: String,
     train: ImageFolder,
     test: Vec<(String, ImageFolder)>,
+    /// [`FolderOptions::max_pixels`] of the open, which bounds the masks too.
+    max_pixels: u64,
 }
 
 impl MvtecAd {
@@ -103,6 +112,7 @@ impl MvtecAd {
             category: category.to_string(),
             train,
             test,
+            max_pixels: options.max_pixels,
         })
     }
 
@@ -143,6 +153,164 @@ impl MvtecAd {
             .map(|(name, folder)| (name.as_str(), folder))
     }
 
+    /// The number of test images, the length of [`MvtecAd::into_split`]'s `test`.
+    ///
+    /// ```no_run
+    /// use msad::data::{FolderOptions, MvtecAd};
+    ///
+    /// # fn main() -> msad::Result<()> {
+    /// let mvtec = MvtecAd::open("mvtec_ad", "bottle", FolderOptions::default())?;
+    /// println!("{} test images", mvtec.test_len());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn test_len(&self) -> usize {
+        self.test
+            .iter()
+            .map(|(_, folder)| folder.paths().len())
+            .sum()
+    }
+
+    /// The test folder name and image path of test image `index` (in split order).
+    fn test_image(&self, index: usize) -> Result<(&str, &Path)> {
+        let mut rest = index;
+        for (name, folder) in &self.test {
+            match folder.paths().get(rest) {
+                Some(path) => return Ok((name, path)),
+                None => rest -= folder.paths().len(),
+            }
+        }
+        Err(Error::invalid(
+            "test image index",
+            format!(
+                "{index} is out of range for the {} test images of {}",
+                self.test_len(),
+                self.dir.display()
+            ),
+        ))
+    }
+
+    /// The mask file of test image `index` (indexed like [`MvtecAd::into_split`]'s `test`):
+    /// `<root>/<category>/ground_truth/<defect>/<stem>_mask.png` for the image
+    /// `test/<defect>/<stem>.<ext>` (an image in a subfolder of `<defect>` has its mask in the
+    /// same subfolder of `ground_truth/<defect>`); `None` for a `good` image, which has no mask.
+    /// The file need not exist; [`MvtecAd::test_mask`] reads it.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for an index out of range.
+    ///
+    /// ```no_run
+    /// use msad::data::{FolderOptions, MvtecAd};
+    ///
+    /// # fn main() -> msad::Result<()> {
+    /// let mvtec = MvtecAd::open("mvtec_ad", "bottle", FolderOptions::default())?;
+    /// // e.g. mvtec_ad/bottle/ground_truth/broken_large/000_mask.png
+    /// println!("{:?}", mvtec.test_mask_path(0)?);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn test_mask_path(&self, index: usize) -> Result<Option<PathBuf>> {
+        let (name, image) = self.test_image(index)?;
+        if name == GOOD {
+            return Ok(None);
+        }
+        let folder = self.dir.join("test").join(name);
+        let relative = image.strip_prefix(&folder).unwrap_or(image);
+        let stem = relative
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut path = self.dir.join("ground_truth").join(name);
+        if let Some(parent) = relative.parent().filter(|p| !p.as_os_str().is_empty()) {
+            path.push(parent);
+        }
+        path.push(format!("{stem}_mask.png"));
+        Ok(Some(path))
+    }
+
+    /// The ground-truth mask of test image `index` (indexed like [`MvtecAd::into_split`]'s
+    /// `test`), `[row, column]` of the image's height × width, `true` where the defect is
+    /// (mask pixels above 0; MVTec AD's masks are 0 or 255). A `good` image's mask is all
+    /// `false`. Decoded now and not kept, like the images: a mask costs one byte a pixel, and
+    /// reading one costs decoding the mask and the image's header.
+    ///
+    /// The masks of a split's test images, for [`crate::metrics::pixel_roc_auc`] and
+    /// [`crate::metrics::pro_auc`]:
+    ///
+    /// ```no_run
+    /// use msad::data::{FolderOptions, MvtecAd};
+    ///
+    /// # fn main() -> msad::Result<()> {
+    /// let mvtec = MvtecAd::open("mvtec_ad", "bottle", FolderOptions::default())?;
+    /// let masks = (0..mvtec.test_len())
+    ///     .map(|i| mvtec.test_mask(i))
+    ///     .collect::<msad::Result<Vec<_>>>()?;
+    /// let split = mvtec.into_split()?;
+    /// assert_eq!(masks.len(), split.test.len());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Errors: [`Error::Dataset`] naming the expected mask file when an anomalous image has
+    /// none, and naming the mask file and both sizes when the mask's size differs from its
+    /// image's; [`Error::Image`] naming the file when the mask or the image header cannot be
+    /// decoded (or is larger than the folder's [`FolderOptions::max_pixels`]); [`Error::Io`]
+    /// when a file cannot be opened; [`Error::InvalidArgument`] for an index out of range.
+    pub fn test_mask(&self, index: usize) -> Result<Array2<bool>> {
+        let (_, image) = self.test_image(index)?;
+        let (width, height) = dimensions(image)?;
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(Error::Image {
+                path: image.to_path_buf(),
+                reason: format!(
+                    "{width}x{height} = {pixels} pixels, over the limit of {} pixels an image \
+                     (FolderOptions::with_max_pixels raises the limit)",
+                    self.max_pixels
+                ),
+            });
+        }
+        let shape = (height as usize, width as usize);
+        let Some(path) = self.test_mask_path(index)? else {
+            return Ok(Array2::from_elem(shape, false));
+        };
+        if !path.is_file() {
+            return Err(Error::Dataset {
+                path,
+                record: None,
+                reason: format!(
+                    "missing ground-truth mask of the anomalous test image {}",
+                    image.display()
+                ),
+            });
+        }
+        let (mask_width, mask_height) = dimensions(&path)?;
+        if (mask_width, mask_height) != (width, height) {
+            return Err(Error::Dataset {
+                path,
+                record: None,
+                reason: format!(
+                    "the mask is {mask_width}x{mask_height} but its image {} is                      {width}x{height}",
+                    image.display()
+                ),
+            });
+        }
+        let mut reader = open_image(&path)?;
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(width);
+        limits.max_image_height = Some(height);
+        reader.limits(limits);
+        let mask = reader
+            .decode()
+            .map_err(|e| image_error(&path, e))
+            .map(DynamicImage::into_luma8)?;
+        let anomalous = mask.pixels().map(|p| p.0[0] > 0).collect();
+        Array2::from_shape_vec(shape, anomalous).map_err(|e| Error::Dataset {
+            path,
+            record: None,
+            reason: format!("decoded mask does not fill {width}x{height}: {e}"),
+        })
+    }
+
     /// The files a lenient open left out, training folder first.
     pub fn skipped(&self) -> impl Iterator<Item = &Skipped> {
         self.train
@@ -166,6 +334,29 @@ impl MvtecAd {
         let (test, test_anomalous) = ImageFolder::concat(self.dir.join("test"), groups);
         ImageFolder::split(self.train, test, test_anomalous, description)
     }
+}
+
+/// An image reader for `path`, its format guessed from the contents.
+fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+    ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))
+}
+
+/// A decoding error on `path` as an [`Error::Image`] naming it.
+fn image_error(path: &Path, error: image::ImageError) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        reason: error.to_string(),
+    }
+}
+
+/// (width, height) of the image file at `path`, from its header.
+fn dimensions(path: &Path) -> Result<(u32, u32)> {
+    open_image(path)?
+        .into_dimensions()
+        .map_err(|e| image_error(path, e))
 }
 
 /// The subdirectories of `dir` (following links, leaving out hidden ones) as (name, path),

@@ -1,4 +1,5 @@
-//! Detection metrics over anomaly scores, equal to scikit-learn's.
+//! Detection metrics over anomaly scores, equal to scikit-learn's, and segmentation metrics
+//! over anomaly maps ([`pixel_roc_auc`], [`pro_auc`]).
 //!
 //! Labels are `true` for anomalies (the positive class) and higher scores mean "more
 //! anomalous", as in the one-class protocol of the paper.
@@ -15,6 +16,10 @@
 //! ```
 
 use crate::{Error, Result};
+
+mod pixel;
+
+pub use pixel::{DEFAULT_MAX_FPR, pixel_roc_auc, pro_auc};
 
 fn check(scores: &[f32], labels: &[bool]) -> Result<()> {
     if scores.len() != labels.len() {
