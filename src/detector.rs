@@ -58,7 +58,7 @@ use sha2::{Digest, Sha256};
 use crate::augment::{EvalTransform, check_image_named};
 use crate::data::ImageSource;
 use crate::encoder::{PreparedEncoder, ResNet, ResNetConfig};
-use crate::features::embed_source_with;
+use crate::features::{embed_images_with, embed_source_with};
 use crate::knn::KnnScorer;
 use crate::train::{Control, Evaluation, MscTrainer, MscTrainerConfig, TrainEvent};
 use crate::{Error, Result};
@@ -428,15 +428,16 @@ impl Detector {
     /// Raw anomaly scores (sum of squared distances to the k nearest normal features) of
     /// images, in batches of the configured size. Strict: any bad image fails the call.
     pub fn score(&self, images: &[RgbImage]) -> Result<Vec<f32>> {
-        for (i, image) in images.iter().enumerate() {
-            check_image_named(image, || format!("image {i}"))?;
-        }
-        let mut scores = Vec::with_capacity(images.len());
-        for chunk in images.chunks(self.eval_batch_size) {
-            let phi = self.embed(self.eval.try_batch(chunk, &self.device)?)?;
-            scores.extend(self.score_features(phi)?);
-        }
-        check_finite_scores(&scores, 0)?;
+        let phi = embed_images_with(
+            |images| self.embed(images),
+            self.encoder.model().feature_dim(),
+            images,
+            &self.eval,
+            self.eval_batch_size,
+            &self.device,
+        )?;
+        let scores = self.score_features(phi)?;
+        check_finite_scores(&scores)?;
         Ok(scores)
     }
 
@@ -473,7 +474,7 @@ impl Detector {
             &self.device,
         )?;
         let scores = self.score_features(phi)?;
-        check_finite_scores(&scores, 0)?;
+        check_finite_scores(&scores)?;
         Ok(scores)
     }
 
@@ -968,17 +969,19 @@ fn scored(raw: f32, calibration: &Calibration, what: &str) -> Result<Scored> {
 }
 
 /// [`Error::NonFinite`] naming the first non-finite score.
-fn check_finite_scores(scores: &[f32], first_index: usize) -> Result<()> {
-    match scores.iter().position(|s| !s.is_finite()) {
-        Some(i) => Err(Error::NonFinite {
-            what: format!("the score of image {}", first_index + i),
-            detail: format!(
-                "{} (the image or the detector's weights hold non-finite values)",
-                scores[i]
-            ),
+fn check_finite_scores(scores: &[f32]) -> Result<()> {
+    match first_non_finite(scores.iter().copied()) {
+        Some((i, v)) => Err(Error::NonFinite {
+            what: format!("the score of image {i}"),
+            detail: format!("{v} (the image or the detector's weights hold non-finite values)"),
         }),
         None => Ok(()),
     }
+}
+
+/// The index and value of the first non-finite value.
+fn first_non_finite(values: impl IntoIterator<Item = f32>) -> Option<(usize, f32)> {
+    values.into_iter().enumerate().find(|(_, v)| !v.is_finite())
 }
 
 /// [`Error::NonFinite`] for a non-finite threshold.
@@ -995,26 +998,22 @@ fn check_threshold(threshold: f32) -> Result<()> {
 
 /// [`Error::NonFinite`] naming the first non-finite value of a file.
 fn check_finite_values(values: impl Iterator<Item = f32>, path: &Path) -> Result<()> {
-    for (i, v) in values.enumerate() {
-        if !v.is_finite() {
-            return Err(Error::NonFinite {
-                what: path.display().to_string(),
-                detail: format!("value {i} (row-major) is {v}"),
-            });
-        }
+    match first_non_finite(values) {
+        Some((i, v)) => Err(Error::NonFinite {
+            what: path.display().to_string(),
+            detail: format!("value {i} (row-major) is {v}"),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// [`Error::NonFinite`] naming the first non-finite value of a tensor.
 fn check_finite_tensor<const D: usize>(tensor: Tensor<D>, what: &str) -> Result<()> {
-    let values = crate::host::vec_from_tensor(tensor)?;
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(i) => Err(Error::NonFinite {
+    match first_non_finite(crate::host::vec_from_tensor(tensor)?) {
+        Some((i, v)) => Err(Error::NonFinite {
             what: what.to_string(),
             detail: format!(
-                "value {i} (row-major) is {}: a normal image or the weights hold non-finite values",
-                values[i]
+                "value {i} (row-major) is {v}: a normal image or the weights hold non-finite values"
             ),
         }),
         None => Ok(()),

@@ -77,17 +77,37 @@ pub fn embed_images(
     batch_size: usize,
     device: &Device,
 ) -> Result<Tensor<2>> {
-    if let Some(empty) = nothing_to_embed(encoder, images.len(), batch_size, device)? {
+    let embedder = InferenceEncoder::new(encoder, device);
+    embed_images_with(
+        |images| embedder.try_embed(images),
+        encoder.feature_dim(),
+        images,
+        eval,
+        batch_size,
+        device,
+    )
+}
+
+/// φ of in-memory images through `embed` (a prepared encoder's `try_embed`), with the same
+/// batching and errors as [`embed_images`].
+pub(crate) fn embed_images_with(
+    embed: impl Fn(Tensor<4>) -> Result<Tensor<2>>,
+    feature_dim: usize,
+    images: &[RgbImage],
+    eval: &EvalTransform,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Tensor<2>> {
+    if let Some(empty) = nothing_to_embed(feature_dim, images.len(), batch_size, device)? {
         return Ok(empty);
     }
     // Named by position in `images` (the batches below would name it within its batch).
     for (i, image) in images.iter().enumerate() {
         check_image_named(image, || format!("image {i}"))?;
     }
-    let embedder = InferenceEncoder::new(encoder, device);
     let parts = images
         .chunks(batch_size)
-        .map(|chunk| embedder.try_embed(eval.try_batch(chunk, device)?))
+        .map(|chunk| embed(eval.try_batch(chunk, device)?))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(parts, 0))
 }
@@ -103,11 +123,8 @@ pub(crate) fn embed_source_with(
     device: &Device,
 ) -> Result<Tensor<2>> {
     let n = source.len();
-    if batch_size == 0 {
-        return Err(Error::invalid("batch size", "must be at least 1"));
-    }
-    if n == 0 {
-        return Ok(Tensor::zeros([0, feature_dim], device));
+    if let Some(empty) = nothing_to_embed(feature_dim, n, batch_size, device)? {
+        return Ok(empty);
     }
     let mut parts = Vec::with_capacity(n.div_ceil(batch_size));
     for start in (0..n).step_by(batch_size) {
@@ -120,7 +137,7 @@ pub(crate) fn embed_source_with(
 
 /// The batch size check, and the 0 × D result when there are no images.
 fn nothing_to_embed(
-    encoder: &ResNet,
+    feature_dim: usize,
     images: usize,
     batch_size: usize,
     device: &Device,
@@ -128,5 +145,5 @@ fn nothing_to_embed(
     if batch_size == 0 {
         return Err(Error::invalid("batch size", "must be at least 1"));
     }
-    Ok((images == 0).then(|| Tensor::zeros([0, encoder.feature_dim()], device)))
+    Ok((images == 0).then(|| Tensor::zeros([0, feature_dim], device)))
 }
