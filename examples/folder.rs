@@ -7,8 +7,9 @@
 //!     --save detector/ [--arch resnet18] [--weights W.pth | --random-init] [--epochs 5]
 //! # MVTec AD: fit on <root>/<category>/train/good, score <root>/<category>/test
 //! cargo run --release --example folder -- --mvtec mvtec_ad/ --category bottle --out scores.csv
-//! # score with a saved detector
-//! cargo run --release --example folder -- --load detector/ --score incoming/ --out scores.csv
+//! # score with a saved detector, and write an HTML report (maps when the detector has them)
+//! cargo run --release --example folder -- --load detector/ --score incoming/ --out scores.csv \
+//!     --report report.html
 //! ```
 //!
 //! The threshold of the `anomalous` column is the detector's calibration: the 0.99 quantile
@@ -33,6 +34,7 @@ mod encoder_args;
 use clap::Parser;
 use encoder_args::EncoderArgs;
 use indicatif::ProgressBar;
+use msad::anomaly_map::PatchMapConfig;
 use msad::data::{FolderOptions, ImageFolder, ImageSource, MvtecAd};
 use msad::encoder::Arch;
 use msad::train::{Control, Evaluation, MscTrainerConfig, TrainEvent};
@@ -64,6 +66,14 @@ struct Args {
     /// Save the fitted detector to this directory.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Fit anomaly maps (a bank of normal patches, saved with --save) when fitting.
+    #[arg(long)]
+    maps: bool,
+    /// Write a self-contained HTML report of the scored images (charts, the most anomalous
+    /// images with their maps and nearest normal training images) to this file. When fitting,
+    /// it implies --maps.
+    #[arg(long)]
+    report: Option<PathBuf>,
     #[command(flatten)]
     encoder: EncoderArgs,
     /// Fine-tuning epochs.
@@ -135,7 +145,7 @@ fn run(args: Args) -> msad::Result<()> {
         (None, None) => (None, None),
     };
 
-    let mut detector = match (&args.load, train) {
+    let mut detector = match (&args.load, &train) {
         (Some(dir), _) => Detector::load(dir, device)?,
         (None, Some(train)) => {
             let mut config = MscTrainerConfig::new()
@@ -177,6 +187,12 @@ fn run(args: Args) -> msad::Result<()> {
     };
     if let Some(quantile) = args.quantile {
         detector.calibrate(quantile)?;
+    }
+    if let (None, Some(train)) = (&args.load, &train)
+        && (args.maps || args.report.is_some())
+    {
+        eprintln!("fitting anomaly maps on {} normal images", train.len());
+        detector.fit_anomaly_maps(train.as_ref(), &PatchMapConfig::new())?;
     }
     let calibration = *detector
         .calibration()
@@ -249,6 +265,17 @@ fn run(args: Args) -> msad::Result<()> {
             let scores: Vec<f32> = scored.iter().map(|&(_, s)| s).collect();
             let labels: Vec<bool> = scored.iter().map(|&(i, _)| labels[i]).collect();
             println!("ROC-AUC {:.4}", msad::metrics::roc_auc(&scores, &labels)?);
+        }
+        if let Some(path) = &args.report {
+            let title = match (&args.category, &args.score) {
+                (Some(category), None) => format!("{category}: test images"),
+                (_, Some(dir)) => dir.display().to_string(),
+                _ => "scored images".into(),
+            };
+            detector
+                .report(&title, images, labels, train.as_deref(), 8)?
+                .write(path)?;
+            eprintln!("wrote the report to {}", path.display());
         }
         if failed > 0 && !args.lenient {
             return Err(Error::InvalidArgument {

@@ -25,6 +25,7 @@ use std::process::ExitCode;
 #[path = "support/encoder_args.rs"]
 mod encoder_args;
 
+use burn::module::Module;
 use clap::{Parser, ValueEnum};
 use encoder_args::{EncoderArgs, fetcher_with_progress};
 use msad::data::{Cifar10, Cifar100, OneClassSplit};
@@ -77,6 +78,11 @@ struct Args {
     /// auto, wgpu, flex or ndarray.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Write a self-contained HTML report per class (ROC curve, score histograms, the most
+    /// anomalous test images with their nearest normal training images): `FILE` gets the
+    /// class inserted before its extension (`report.html` → `report-3.html`).
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -170,6 +176,42 @@ fn run(args: Args) -> msad::Result<()> {
             }
             Control::Continue
         })?;
+        if let Some(path) = &args.report {
+            let config = trainer.config();
+            let eval = config.eval_for(outcome.encoder.config());
+            let plain = device.clone().without_autodiff();
+            let encoder = outcome.encoder.valid().to_device(&plain);
+            let bank = msad::features::embed_source(
+                &encoder,
+                split.train.as_ref(),
+                &eval,
+                config.eval_batch_size,
+                &plain,
+            )?;
+            let detector = msad::Detector::from_parts(
+                encoder,
+                outcome.center.clone(),
+                bank,
+                eval,
+                config.k,
+                &plain,
+            )?;
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let out = path.with_file_name(format!("{stem}-{class}.html"));
+            detector
+                .report(
+                    &split.description,
+                    split.test.as_ref(),
+                    Some(&split.test_anomalous),
+                    Some(split.train.as_ref()),
+                    8,
+                )?
+                .write(&out)?;
+            eprintln!("report: {}", out.display());
+        }
         results.push((class, outcome.history));
     }
     let per_class = |(class, history): &(usize, Vec<EpochReport>)| {

@@ -38,9 +38,12 @@
 //! - [`host`]: tensors to and from `ndarray` arrays (host memory).
 //! - [`npy`]: `.npy` input and output of float32 arrays.
 //! - [`features`]: φ over a whole image source, in batches.
+//! - [`report`]: a self-contained HTML report of scored images (charts, anomaly maps, table).
 //! - [`train`]: the MSC fine-tuning loop, its settings and progress reports, and single steps
 //!   ([`train::TrainingSession`]).
 //! - [`Detector`]: fit, score, threshold, save and load.
+//! - [`anomaly_map`]: where an image is anomalous: PatchCore-style patch kNN on the
+//!   detector's fine-tuned encoder, a map per image at its resolution.
 //! - `fetch` (feature `pretrained`, on by default): files on demand (torchvision's weights, the
 //!   CIFAR archives): caches first, then a verified download.
 //! - [`Error`], [`Result`]: the crate's error type.
@@ -53,6 +56,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod anomaly_map;
 pub mod augment;
 mod cpu;
 pub mod data;
@@ -68,9 +72,12 @@ pub mod knn;
 pub mod loss;
 pub mod metrics;
 pub mod npy;
+pub mod report;
 pub mod train;
 
-pub use detector::{Calibration, Detector, ImageResult, ScoreStream, Scored};
+pub use detector::{
+    BatchStream, Calibration, Detector, ImageResult, MapResult, MapStream, ScoreStream, Scored,
+};
 pub use error::{Error, FetchFailure, Result};
 
 /// The eps of PyTorch's `F.normalize`: rows are divided by `max(‖row‖₂, NORM_EPS)`.

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use image::{ImageBuffer, Luma, LumaA, Rgb, RgbImage, Rgba};
 use msad::Error;
 use msad::data::{
-    Cifar10, Cifar100, Digits, FolderOptions, ImageFolder, ImageSource, MvtecAd, OneClassSplit,
+    Cifar10, Cifar100, Digits, FolderOptions, ImageFolder, ImageSource, MaskedFolder, MvtecAd,
+    OneClassSplit,
 };
 use tempfile::TempDir;
 
@@ -998,4 +999,44 @@ fn digits_one_class_split() {
         digits.one_class(10),
         Err(Error::InvalidArgument { .. })
     ));
+}
+
+#[test]
+fn a_folder_pairs_its_images_with_masks_and_names_a_mask_of_the_wrong_size() {
+    let tmp = TempDir::new().unwrap();
+    let (images, masks) = (tmp.path().join("images"), tmp.path().join("masks"));
+    fs::create_dir_all(images.join("lot2")).unwrap();
+    fs::create_dir_all(masks.join("lot2")).unwrap();
+    for name in ["a.png", "lot2/b.png", "c.png"] {
+        RgbImage::from_pixel(6, 4, image::Rgb([9, 9, 9]))
+            .save(images.join(name))
+            .unwrap();
+    }
+    // a: a 2-pixel defect; lot2/b: no mask file (all normal); c: a mask of the wrong size.
+    let mut mask = ImageBuffer::from_pixel(6, 4, Luma([0u8]));
+    mask.put_pixel(5, 0, Luma([255]));
+    mask.put_pixel(0, 3, Luma([3]));
+    mask.save(masks.join("a_mask.png")).unwrap();
+    ImageBuffer::from_pixel(4, 6, Luma([255u8]))
+        .save(masks.join("c_mask.png"))
+        .unwrap();
+    let folder = MaskedFolder::new(ImageFolder::open(&images).unwrap(), &masks);
+    assert_eq!(folder.len(), 3);
+    assert_eq!(folder.mask_path(0).unwrap(), masks.join("a_mask.png"));
+    assert_eq!(folder.mask_path(2).unwrap(), masks.join("lot2/b_mask.png"));
+    let a = folder.mask(0).unwrap();
+    assert_eq!(a.dim(), (4, 6));
+    assert!(a[[0, 5]] && a[[3, 0]] && a.iter().filter(|&&m| m).count() == 2);
+    match folder.mask(1) {
+        Err(Error::Dataset { path, reason, .. }) => {
+            assert_eq!(path, masks.join("c_mask.png"));
+            assert!(reason.contains("4x6") && reason.contains("6x4"), "{reason}");
+        }
+        other => panic!("expected a size error naming the mask, got {other:?}"),
+    }
+    let b = folder.mask(2).unwrap();
+    assert_eq!(b.dim(), (4, 6));
+    assert!(b.iter().all(|&m| !m));
+    assert!(matches!(folder.mask(3), Err(Error::InvalidArgument { .. })));
+    assert_eq!(folder.get(2).unwrap().dimensions(), (6, 4));
 }

@@ -492,6 +492,7 @@ fn folder_example_saves_its_threshold_and_loads_any_saved_detector() {
     };
     let saved = tmp.path().join("detector");
     let first_csv = tmp.path().join("first.csv");
+    let report = tmp.path().join("report.html");
     let fit = run(
         &[
             "--train",
@@ -501,6 +502,8 @@ fn folder_example_saves_its_threshold_and_loads_any_saved_detector() {
             "--save",
             saved.to_str().unwrap(),
             "--lenient",
+            "--report",
+            report.to_str().unwrap(),
         ],
         &first_csv,
     );
@@ -509,6 +512,11 @@ fn folder_example_saves_its_threshold_and_loads_any_saved_detector() {
         "{}",
         String::from_utf8_lossy(&fit.stderr)
     );
+    // --report fitted anomaly maps (saved with the detector) and wrote the page: 8 featured
+    // images, each shown plain and with its map, and their 2 nearest normal images.
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(html.matches("data:image/png;base64,").count(), 8 * (2 + 2));
+    assert!(saved.join("patches.npy").is_file());
     // Any directory Detector::save wrote loads; the threshold comes with it.
     let second_csv = tmp.path().join("second.csv");
     let load = run(

@@ -391,23 +391,8 @@ pub fn resize_and_center_crop(
 ) -> RgbImage {
     let (w, h) = img.dimensions();
     let (new_w, new_h) = shorter_side_size(w, h, size);
-    // Per axis: where the crop starts in the resized image, how many resized pixels it
-    // covers, and how many zeros CenterCrop pads before them.
-    let axis = |resized: u64, crop: u32| -> (u64, u32, u32) {
-        let crop64 = u64::from(crop);
-        if resized < crop64 {
-            // Padding [(crop − resized) // 2, (crop − resized + 1) // 2], then offset 0. Both
-            // numbers are below `crop`, so they fit a u32.
-            let covered = u32::try_from(resized).unwrap_or(crop);
-            (0, covered, (crop - covered) / 2)
-        } else {
-            let spare = resized - crop64;
-            let offset = (round_half_even(spare as f64 / 2.0) as u64).min(spare);
-            (offset, crop, 0)
-        }
-    };
-    let (left, win_w, pad_x) = axis(new_w, width);
-    let (top, win_h, pad_y) = axis(new_h, height);
+    let (left, win_w, pad_x) = center_crop_axis(new_w, width);
+    let (top, win_h, pad_y) = center_crop_axis(new_h, height);
     let full = CropBox {
         top: 0,
         left: 0,
@@ -427,6 +412,38 @@ pub fn resize_and_center_crop(
     let mut out = RgbImage::new(width, height);
     image::imageops::replace(&mut out, &inner, i64::from(pad_x), i64::from(pad_y));
     out
+}
+
+/// One axis of `CenterCrop(crop)` on a resized side of `resized` pixels: where the crop
+/// starts in the resized image, how many resized pixels it covers, and how many zeros
+/// CenterCrop pads before them.
+fn center_crop_axis(resized: u64, crop: u32) -> (u64, u32, u32) {
+    let crop64 = u64::from(crop);
+    if resized < crop64 {
+        // Padding [(crop − resized) // 2, (crop − resized + 1) // 2], then offset 0. Both
+        // numbers are below `crop`, so they fit a u32.
+        let covered = u32::try_from(resized).unwrap_or(crop);
+        (0, covered, (crop - covered) / 2)
+    } else {
+        let spare = resized - crop64;
+        let offset = (round_half_even(spare as f64 / 2.0) as u64).min(spare);
+        (offset, crop, 0)
+    }
+}
+
+/// Where [`resize_and_center_crop`] puts a source pixel: for a `width` × `height` image, the
+/// affine map per axis from source coordinates to crop coordinates (continuous, pixel edges
+/// at integers), as `(scale, shift)` with `crop = source · scale + shift`, for x then y.
+pub(crate) fn source_to_crop(width: u32, height: u32, size: u32, crop: u32) -> [(f64, f64); 2] {
+    let (new_w, new_h) = shorter_side_size(width, height, size);
+    let axis = |source: u32, resized: u64| {
+        let (start, _, pad) = center_crop_axis(resized, crop);
+        (
+            resized as f64 / f64::from(source.max(1)),
+            f64::from(pad) - start as f64,
+        )
+    };
+    [axis(width, new_w), axis(height, new_h)]
 }
 
 /// The pixels of `region`; a region outside the image is an error.

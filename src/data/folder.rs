@@ -202,7 +202,7 @@ impl ImageFolder {
 
     /// The pixel limit of the image at `index` (that of the options its folder was opened
     /// with).
-    fn max_pixels(&self, index: usize) -> u64 {
+    pub(crate) fn max_pixels(&self, index: usize) -> u64 {
         let run = self.limits.partition_point(|&(first, _)| first <= index);
         run.checked_sub(1)
             .and_then(|run| self.limits.get(run))

@@ -54,6 +54,7 @@ mod cifar_format;
 mod cifar_pickle;
 mod digits;
 mod folder;
+mod mask;
 mod mvtec;
 mod subset;
 
@@ -62,6 +63,7 @@ pub use cifar::{Cifar10, Cifar100};
 pub use cifar_download::{CIFAR10_PYTHON_ARCHIVE, CIFAR100_PYTHON_ARCHIVE, DatasetArchive};
 pub use digits::Digits;
 pub use folder::{FolderOptions, IMAGE_EXTENSIONS, ImageFolder, Skipped};
+pub use mask::MaskedFolder;
 pub use mvtec::MvtecAd;
 
 use image::RgbImage;

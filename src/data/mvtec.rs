@@ -15,9 +15,9 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageReader, Limits};
 use ndarray::Array2;
 
+use super::mask::read_mask;
 use super::{FolderOptions, ImageFolder, OneClassSplit, Skipped};
 use crate::{Error, Result};
 
@@ -257,58 +257,21 @@ impl MvtecAd {
     /// when a file cannot be opened; [`Error::InvalidArgument`] for an index out of range.
     pub fn test_mask(&self, index: usize) -> Result<Array2<bool>> {
         let (_, image) = self.test_image(index)?;
-        let (width, height) = dimensions(image)?;
-        let pixels = u64::from(width) * u64::from(height);
-        if pixels > self.max_pixels {
-            return Err(Error::Image {
-                path: image.to_path_buf(),
-                reason: format!(
-                    "{width}x{height} = {pixels} pixels, over the limit of {} pixels an image \
-                     (FolderOptions::with_max_pixels raises the limit)",
-                    self.max_pixels
-                ),
-            });
-        }
-        let shape = (height as usize, width as usize);
-        let Some(path) = self.test_mask_path(index)? else {
-            return Ok(Array2::from_elem(shape, false));
+        let mask = match self.test_mask_path(index)? {
+            None => None,
+            Some(path) if path.is_file() => Some(path),
+            Some(path) => {
+                return Err(Error::Dataset {
+                    path,
+                    record: None,
+                    reason: format!(
+                        "missing ground-truth mask of the anomalous test image {}",
+                        image.display()
+                    ),
+                });
+            }
         };
-        if !path.is_file() {
-            return Err(Error::Dataset {
-                path,
-                record: None,
-                reason: format!(
-                    "missing ground-truth mask of the anomalous test image {}",
-                    image.display()
-                ),
-            });
-        }
-        let (mask_width, mask_height) = dimensions(&path)?;
-        if (mask_width, mask_height) != (width, height) {
-            return Err(Error::Dataset {
-                path,
-                record: None,
-                reason: format!(
-                    "the mask is {mask_width}x{mask_height} but its image {} is                      {width}x{height}",
-                    image.display()
-                ),
-            });
-        }
-        let mut reader = open_image(&path)?;
-        let mut limits = Limits::default();
-        limits.max_image_width = Some(width);
-        limits.max_image_height = Some(height);
-        reader.limits(limits);
-        let mask = reader
-            .decode()
-            .map_err(|e| image_error(&path, e))
-            .map(DynamicImage::into_luma8)?;
-        let anomalous = mask.pixels().map(|p| p.0[0] > 0).collect();
-        Array2::from_shape_vec(shape, anomalous).map_err(|e| Error::Dataset {
-            path,
-            record: None,
-            reason: format!("decoded mask does not fill {width}x{height}: {e}"),
-        })
+        read_mask(image, mask, self.max_pixels)
     }
 
     /// The files a lenient open left out, training folder first.
@@ -334,29 +297,6 @@ impl MvtecAd {
         let (test, test_anomalous) = ImageFolder::concat(self.dir.join("test"), groups);
         ImageFolder::split(self.train, test, test_anomalous, description)
     }
-}
-
-/// An image reader for `path`, its format guessed from the contents.
-fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
-    ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))
-}
-
-/// A decoding error on `path` as an [`Error::Image`] naming it.
-fn image_error(path: &Path, error: image::ImageError) -> Error {
-    Error::Image {
-        path: path.to_path_buf(),
-        reason: error.to_string(),
-    }
-}
-
-/// (width, height) of the image file at `path`, from its header.
-fn dimensions(path: &Path) -> Result<(u32, u32)> {
-    open_image(path)?
-        .into_dimensions()
-        .map_err(|e| image_error(path, e))
 }
 
 /// The subdirectories of `dir` (following links, leaving out hidden ones) as (name, path),

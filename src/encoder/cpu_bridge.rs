@@ -17,7 +17,7 @@ use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::{ResNet, check_images};
+use super::{ResNet, Stage, check_images};
 use crate::cpu::conv::{ConvBnWeights, ConvLayout, ConvShape};
 use crate::cpu::resnet::{
     Block, InferenceEngine, LayerWeights, Net, NetWeights, Tape, TrainingEngine,
@@ -194,6 +194,23 @@ pub(crate) fn forward_prepared(
     }
 }
 
+/// [`forward_prepared`] that also returns the spatial maps (B × C × h × w) after each of
+/// `stages` (`layer1` .. `layer4`), in the order given.
+pub(crate) fn forward_with_stages_prepared(
+    model: &ResNet,
+    engine: Option<&CpuInference>,
+    images: Tensor<4>,
+    stages: &[Stage],
+) -> Result<(Tensor<2>, Vec<Tensor<4>>)> {
+    check_images(&images)?;
+    match engine {
+        Some(engine) if !images.is_autodiff() => {
+            engine.forward_with_taps(images, &model.stage_taps(stages)?)
+        }
+        _ => model.forward_with_stages_tensor_ops(images, stages),
+    }
+}
+
 /// A [`ResNet`] folded into the CPU inference engine.
 pub(crate) struct CpuInference {
     engine: InferenceEngine,
@@ -218,6 +235,30 @@ impl CpuInference {
         Ok(Tensor::from_data(
             TensorData::new(pooled, [dims[0], d]),
             &device,
+        ))
+    }
+}
+
+impl CpuInference {
+    /// [`CpuInference::forward`] that also returns the maps after the blocks `taps`
+    /// ([`ResNet::stage_taps`]), each B × C × h × w on the images' device.
+    pub(crate) fn forward_with_taps(
+        &self,
+        images: Tensor<4>,
+        taps: &[usize],
+    ) -> Result<(Tensor<2>, Vec<Tensor<4>>)> {
+        let dims = images.dims();
+        let device = images.device();
+        let (pooled, d, maps) =
+            self.engine
+                .forward_with_taps(&vec_from_tensor(images)?, dims, taps)?;
+        let maps = maps
+            .iter()
+            .map(|m| Tensor::from_data(TensorData::new(m.to_nchw(), [m.b, m.c, m.h, m.w]), &device))
+            .collect();
+        Ok((
+            Tensor::from_data(TensorData::new(pooled, [dims[0], d]), &device),
+            maps,
         ))
     }
 }

@@ -432,14 +432,7 @@ impl ResNet {
     /// `forward` would use the CPU engine (CPU devices without autodiff). The specification
     /// the CPU engine is tested against.
     pub fn forward_tensor_ops(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self.conv1.forward(images);
-        let x = relu(block::batch_norm_eval(&self.bn1, x));
-        let x = max_pool2d(
-            x,
-            MaxPoolOptions::new([3, 3])
-                .with_stride([2, 2])
-                .with_padding([1, 1]),
-        );
+        let x = self.stem_tensor_ops(images);
         let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
             .into_iter()
             .flatten()
@@ -447,6 +440,84 @@ impl ResNet {
         let [b, c, _, _] = x.dims();
         // Adaptive average pooling to 1x1, then flatten.
         x.mean_dim(3).mean_dim(2).reshape([b, c])
+    }
+
+    /// [`ResNet::forward_tensor_ops`] that also returns the spatial maps after each of
+    /// `stages` (B × C × h × w, in the order given): the intermediate features that anomaly
+    /// maps are made of. Only `layer1` .. `layer4` have maps; [`Stage::Stem`] is an error.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Tensor};
+    /// use msad::encoder::{Arch, ResNetConfig, Stage};
+    ///
+    /// # fn main() -> msad::Result<()> {
+    /// let device = Device::flex();
+    /// let config = ResNetConfig::from_arch(Arch::Resnet18).with_stem_width(4).with_widths([4, 4, 8, 8]);
+    /// let model = config.try_init(&device)?;
+    /// let images = Tensor::<4>::random([1, 3, 64, 64], burn::tensor::Distribution::Default, &device);
+    /// let (pooled, maps) = model.forward_with_stages_tensor_ops(images, &[Stage::Layer3, Stage::Layer2])?;
+    /// assert_eq!(pooled.dims(), [1, 8]);
+    /// assert_eq!(maps[0].dims(), [1, 8, 4, 4]); // layer3: stride 16
+    /// assert_eq!(maps[1].dims(), [1, 4, 8, 8]); // layer2: stride 8
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn forward_with_stages_tensor_ops(
+        &self,
+        images: Tensor<4>,
+        stages: &[Stage],
+    ) -> Result<(Tensor<2>, Vec<Tensor<4>>)> {
+        let taps = self.stage_taps(stages)?;
+        let mut x = self.stem_tensor_ops(images);
+        let mut kept: Vec<Option<Tensor<4>>> = vec![None; taps.len()];
+        let blocks = [&self.layer1, &self.layer2, &self.layer3, &self.layer4];
+        for (i, block) in blocks.into_iter().flatten().enumerate() {
+            x = block.forward(x);
+            for (slot, &tap) in kept.iter_mut().zip(&taps) {
+                if tap == i + 1 {
+                    *slot = Some(x.clone());
+                }
+            }
+        }
+        let [b, c, _, _] = x.dims();
+        let pooled = x.mean_dim(3).mean_dim(2).reshape([b, c]);
+        Ok((pooled, kept.into_iter().flatten().collect()))
+    }
+
+    /// `conv1`, `bn1`, ReLU and the max-pool, as tensor operations.
+    fn stem_tensor_ops(&self, images: Tensor<4>) -> Tensor<4> {
+        let x = self.conv1.forward(images);
+        let x = relu(block::batch_norm_eval(&self.bn1, x));
+        max_pool2d(
+            x,
+            MaxPoolOptions::new([3, 3])
+                .with_stride([2, 2])
+                .with_padding([1, 1]),
+        )
+    }
+
+    /// The number of blocks run at the end of each of `stages` (1-based), as the engines tap
+    /// them; [`Stage::Stem`] is an error.
+    pub(crate) fn stage_taps(&self, stages: &[Stage]) -> Result<Vec<usize>> {
+        let layers = self.config.layers;
+        stages
+            .iter()
+            .map(|stage| {
+                let through = match stage {
+                    Stage::Stem => {
+                        return Err(Error::invalid(
+                            "feature stage",
+                            "the stem has no map of its own; choose layer1 .. layer4",
+                        ));
+                    }
+                    Stage::Layer1 => 1,
+                    Stage::Layer2 => 2,
+                    Stage::Layer3 => 3,
+                    Stage::Layer4 => 4,
+                };
+                Ok(layers[..through].iter().sum())
+            })
+            .collect()
     }
 
     /// [`ResNet::forward`] after checking the input is B × 3 × H × W with B, H, W ≥ 1; a

@@ -2,8 +2,10 @@
 
 use burn::tensor::{Device, Tensor};
 
-use super::cpu_bridge::{CpuInference, forward_prepared, prepare_inference};
-use super::{ResNet, l2_normalize};
+use super::cpu_bridge::{
+    CpuInference, forward_prepared, forward_with_stages_prepared, prepare_inference,
+};
+use super::{ResNet, Stage, l2_normalize};
 use crate::Result;
 
 /// A [`ResNet`] and its folded CPU engine, owned together: what a long-lived service keeps so
@@ -69,6 +71,16 @@ impl PreparedEncoder {
     /// [`ResNet::try_embed`]: φ, the L2-normalised features.
     pub fn try_embed(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         self.try_forward(images).map(l2_normalize)
+    }
+
+    /// [`ResNet::forward_with_stages_tensor_ops`] on the prepared engine: the pooled features
+    /// and the maps after each of `stages`, from one forward pass.
+    pub fn try_forward_with_stages(
+        &self,
+        images: Tensor<4>,
+        stages: &[Stage],
+    ) -> Result<(Tensor<2>, Vec<Tensor<4>>)> {
+        forward_with_stages_prepared(&self.model, self.engine.as_ref(), images, stages)
     }
 
     /// Whether msad's CPU engine serves this encoder.

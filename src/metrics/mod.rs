@@ -74,6 +74,58 @@ pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Result<f64> {
     Ok((rank_sum - p * (p + 1.0) / 2.0) / (p * n))
 }
 
+/// The ROC curve's points `(false positive rate, true positive rate)`: `(0, 0)`, then one point
+/// per distinct score from the highest down, tied scores grouped into one step (scikit-learn's
+/// `roc_curve(labels, scores, drop_intermediate=False)` less its leading `inf` threshold).
+///
+/// An error when the lengths differ, a score is NaN, or only one class is present.
+///
+/// ```
+/// let points = msad::metrics::roc_curve(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true])?;
+/// assert_eq!(points, [(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+/// # Ok::<(), msad::Error>(())
+/// ```
+pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Result<Vec<(f64, f64)>> {
+    check(scores, labels)?;
+    let positives = labels.iter().filter(|l| **l).count();
+    let negatives = labels.len() - positives;
+    if positives == 0 || negatives == 0 {
+        return Err(Error::invalid(
+            "labels",
+            format!(
+                "a ROC curve needs both classes; got {positives} anomalous and {negatives} normal"
+            ),
+        ));
+    }
+    let rates = cumulative_counts(scores, labels)
+        .into_iter()
+        .map(|(tp, fp)| (fp as f64 / negatives as f64, tp as f64 / positives as f64));
+    Ok(std::iter::once((0.0, 0.0)).chain(rates).collect())
+}
+
+/// (true positives, false positives) above each distinct score, from the highest score down:
+/// one entry per threshold, ties counted together.
+fn cumulative_counts(scores: &[f32], labels: &[bool]) -> Vec<(usize, usize)> {
+    let mut order = ascending(scores);
+    order.reverse();
+    let mut counts = Vec::new();
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let mut i = 0;
+    while i < order.len() {
+        let threshold = scores[order[i]];
+        while i < order.len() && scores[order[i]] == threshold {
+            if labels[order[i]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+        }
+        counts.push((tp, fp));
+    }
+    counts
+}
+
 /// Average precision, as `sklearn.metrics.average_precision_score(labels, scores)`:
 /// Σ (Rₙ − Rₙ₋₁) Pₙ over the distinct score thresholds, highest first.
 ///
@@ -88,21 +140,8 @@ pub fn average_precision(scores: &[f32], labels: &[bool]) -> Result<f64> {
             "average precision needs at least one anomalous (true) label",
         ));
     }
-    let mut order = ascending(scores);
-    order.reverse();
-    let (mut tp, mut fp) = (0usize, 0usize);
     let (mut ap, mut prev_recall) = (0.0f64, 0.0f64);
-    let mut i = 0;
-    while i < order.len() {
-        let threshold = scores[order[i]];
-        while i < order.len() && scores[order[i]] == threshold {
-            if labels[order[i]] {
-                tp += 1;
-            } else {
-                fp += 1;
-            }
-            i += 1;
-        }
+    for (tp, fp) in cumulative_counts(scores, labels) {
         let recall = tp as f64 / positives as f64;
         let precision = tp as f64 / (tp + fp) as f64;
         ap += (recall - prev_recall) * precision;
@@ -114,6 +153,27 @@ pub fn average_precision(scores: &[f32], labels: &[bool]) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roc_curve_groups_ties_and_its_area_is_roc_auc() {
+        // Ties form one diagonal step: sklearn's roc_curve([1, 0, 0], [0.5, 0.5, 0.2]).
+        let points = roc_curve(&[0.5, 0.5, 0.2], &[true, false, false]).unwrap();
+        assert_eq!(points, [(0.0, 0.0), (0.5, 1.0), (1.0, 1.0)]);
+        assert!(roc_curve(&[0.1, 0.2], &[true, true]).is_err());
+        assert!(roc_curve(&[0.1], &[true, false]).is_err());
+        assert!(roc_curve(&[f32::NAN, 0.2], &[true, false]).is_err());
+        let scores = [0.3, 0.9, 0.3, 0.1, 0.7, 0.7, 0.5, 0.2, 0.3, 0.8];
+        let labels = [
+            false, true, true, false, false, true, false, false, true, true,
+        ];
+        let points = roc_curve(&scores, &labels).unwrap();
+        let area: f64 = points
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+            .sum();
+        let auc = roc_auc(&scores, &labels).unwrap();
+        assert!((area - auc).abs() < 1e-12, "{area} vs {auc}");
+    }
 
     #[test]
     fn perfect_and_reversed_rankings() {

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 /// Activations: `c` channels × `b` images × `h` × `w`, channel-major.
+#[derive(Clone, Debug)]
 pub(crate) struct Maps {
     pub(crate) data: Vec<f32>,
     pub(crate) c: usize,
@@ -30,6 +31,19 @@ impl Maps {
             }
         }
         Self { data, c, b, h, w }
+    }
+
+    /// Back to B × C × H × W row-major values.
+    pub(crate) fn to_nchw(&self) -> Vec<f32> {
+        let plane = self.h * self.w;
+        let mut nchw = vec![0f32; self.data.len()];
+        for img in 0..self.b {
+            for ch in 0..self.c {
+                nchw[(img * self.c + ch) * plane..][..plane]
+                    .copy_from_slice(&self.data[(ch * self.b + img) * plane..][..plane]);
+            }
+        }
+        nchw
     }
 
     /// Global average pooling: B × C, row-major.

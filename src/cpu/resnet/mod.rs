@@ -183,4 +183,36 @@ impl InferenceEngine {
             .fold(max_pool(&x).0, |x, block| block.forward(&x, false).0);
         Ok((x.global_average(), x.c))
     }
+
+    /// [`InferenceEngine::forward`] that also keeps the activations after the blocks named in
+    /// `taps` (the number of blocks run, 1-based: `taps = [2]` keeps the second block's
+    /// output), in the order of `taps`. A tap beyond the last block is an internal error.
+    pub(crate) fn forward_with_taps(
+        &self,
+        images: &[f32],
+        dims: [usize; 4],
+        taps: &[usize],
+    ) -> Result<(Vec<f32>, usize, Vec<Maps>)> {
+        check_images(images, dims, self.net.stem.shape.cin)?;
+        if let Some(&bad) = taps.iter().find(|&&t| t == 0 || t > self.net.blocks.len()) {
+            return Err(Error::invalid(
+                "feature tap",
+                format!("block {bad} of {}", self.net.blocks.len()),
+            ));
+        }
+        let x = Maps::from_nchw(images, dims);
+        let mut x = max_pool(&self.net.stem.forward(&x, None, true)).0;
+        // One slot per tap; every tap is a block index (checked above), so every slot fills.
+        let mut kept: Vec<Option<Maps>> = vec![None; taps.len()];
+        for (i, block) in self.net.blocks.iter().enumerate() {
+            x = block.forward(&x, false).0;
+            for (slot, &tap) in kept.iter_mut().zip(taps) {
+                if tap == i + 1 {
+                    *slot = Some(x.clone());
+                }
+            }
+        }
+        let maps = kept.into_iter().flatten().collect();
+        Ok((x.global_average(), x.c, maps))
+    }
 }

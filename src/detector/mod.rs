@@ -50,11 +50,12 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::anomaly_map::{PatchBank, PatchMapConfig};
 use crate::augment::{EvalTransform, check_image_named};
 use crate::data::ImageSource;
 use crate::encoder::{PreparedEncoder, ResNet, ResNetConfig};
@@ -70,7 +71,9 @@ const MANIFEST: &str = "detector.json";
 const WEIGHTS: &str = "encoder.safetensors";
 const CENTER: &str = "center.npy";
 const BANK: &str = "bank.npy";
-/// The data files, in the order they are written.
+/// The normal patch features of the anomaly maps, when the detector has them.
+const PATCHES: &str = "patches.npy";
+/// The data files every detector has, in the order they are written.
 const DATA_FILES: [&str; 3] = [WEIGHTS, CENTER, BANK];
 /// The largest manifest read (a real one is a few kilobytes).
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
@@ -93,6 +96,17 @@ struct Manifest {
     /// File name → SHA-256 (hex) of every data file (version 2).
     #[serde(default)]
     files: BTreeMap<String, String>,
+    /// The anomaly maps' settings and the shape of `patches.npy`, when the detector has them.
+    #[serde(default)]
+    anomaly_maps: Option<PatchMapManifest>,
+}
+
+/// What `detector.json` records of the anomaly maps.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+struct PatchMapManifest {
+    config: PatchMapConfig,
+    rows: usize,
+    dim: usize,
 }
 
 /// The threshold and the normalisation of scores, from the leave-one-out scores of the normal
@@ -226,8 +240,14 @@ pub struct Detector {
     eval_batch_size: usize,
     trainer: Option<MscTrainerConfig>,
     calibration: Option<Calibration>,
+    /// The bank of normal patches, for anomaly maps ([`Detector::fit_anomaly_maps`]).
+    patch_bank: Option<PatchBank>,
     device: Device,
 }
+
+mod maps;
+mod report;
+pub use maps::{MapResult, MapStream};
 
 impl Detector {
     /// The quantile [`Detector::fit`] calibrates at: about 1 false alarm per 100 normal
@@ -283,7 +303,7 @@ impl Detector {
     /// were computed with, and k. Calibrated at [`Detector::DEFAULT_QUANTILE`] when N > k.
     ///
     /// ```
-    /// use burn::tensor::{Device, Tensor};
+    /// use burn::tensor::{Device, Int, Tensor};
     /// use msad::augment::EvalTransform;
     /// use msad::encoder::{Arch, ResNetConfig};
     ///
@@ -330,6 +350,7 @@ impl Detector {
             eval_batch_size: MscTrainerConfig::new().eval_batch_size,
             trainer: None,
             calibration: None,
+            patch_bank: None,
             device,
         };
         if rows > k {
@@ -367,6 +388,7 @@ impl Detector {
             eval_batch_size: config.eval_batch_size,
             trainer: Some(config.clone()),
             calibration: None,
+            patch_bank: None,
             device,
         };
         if normal.len() > detector.knn.k() {
@@ -483,12 +505,7 @@ impl Detector {
     /// that image only. Memory holds one batch of decoded images whatever the source's size.
     /// Without a calibration, every result is that error.
     pub fn score_each<'a>(&'a self, source: &'a dyn ImageSource) -> ScoreStream<'a> {
-        ScoreStream {
-            detector: self,
-            source,
-            next: 0,
-            ready: VecDeque::new(),
-        }
+        BatchStream::new(self, source, Self::score_batch)
     }
 
     /// Raw scores of features already computed with this detector's encoder (N × D).
@@ -529,12 +546,7 @@ impl Detector {
         let scorer = KnnScorer::new(self.bank.clone(), k + 1)?;
         let (distances, indices) = scorer.neighbours(self.bank.clone())?;
         let distances = crate::host::vec_from_tensor(distances)?;
-        let indices = indices
-            .try_into_data()
-            .map_err(|e| Error::Backend(e.to_string()))?
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .map_err(|e| Error::Backend(format!("{e:?}")))?;
+        let indices = indices_to_vec(indices)?;
         Ok((0..rows)
             .map(|row| {
                 let d = &distances[row * (k + 1)..(row + 1) * (k + 1)];
@@ -669,7 +681,8 @@ impl Detector {
             .tempdir_in(&parent)
             .map_err(|e| Error::io(&parent, e))?;
         let mut files = BTreeMap::new();
-        for file in DATA_FILES {
+        let data_files = self.data_files();
+        for &file in &data_files {
             let path = staging.path().join(file);
             self.write_data_file(file, &path)?;
             files.insert(file.to_string(), sha256_of(&path)?);
@@ -689,12 +702,20 @@ impl Detector {
             trainer: self.trainer.clone(),
             calibration: self.calibration,
             files,
+            anomaly_maps: self.patch_bank.as_ref().map(|bank| {
+                let [rows, dim] = bank.patches.dims();
+                PatchMapManifest {
+                    config: bank.config.clone(),
+                    rows,
+                    dim,
+                }
+            }),
         };
         let json =
             serde_json::to_string_pretty(&manifest).map_err(|e| Error::Backend(e.to_string()))?;
         let path = staging.path().join(MANIFEST);
         fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
-        for file in DATA_FILES.iter().chain([&MANIFEST]) {
+        for file in data_files.iter().chain([&MANIFEST]) {
             let path = staging.path().join(file);
             File::open(&path)
                 .and_then(|f| f.sync_all())
@@ -726,8 +747,21 @@ impl Detector {
             CENTER => {
                 crate::npy::write_f32(path, &crate::host::array_from_tensor(self.center.clone())?)
             }
+            PATCHES => match &self.patch_bank {
+                Some(bank) => crate::npy::write_f32(
+                    path,
+                    &crate::host::array_from_tensor(bank.patches.clone())?,
+                ),
+                None => Ok(()),
+            },
             _ => crate::npy::write_f32(path, &crate::host::array_from_tensor(self.bank.clone())?),
         }
+    }
+
+    /// The data files this detector saves, in order.
+    fn data_files(&self) -> Vec<&'static str> {
+        let patches = self.patch_bank.as_ref().map(|_| PATCHES);
+        DATA_FILES.into_iter().chain(patches).collect()
     }
 
     /// Reads a detector written by [`Detector::save`] onto `device`, and prepares its engine.
@@ -783,7 +817,9 @@ impl Detector {
         let manifest: Manifest = serde_json::from_value(value)
             .map_err(|e| bad(path.clone(), format!("invalid manifest: {e}")))?;
         if manifest.version == FORMAT_VERSION {
-            verify_files(dir, &manifest.files)?;
+            let patches = manifest.anomaly_maps.as_ref().map(|_| PATCHES);
+            let expected: Vec<&str> = DATA_FILES.into_iter().chain(patches).collect();
+            verify_files(dir, &manifest.files, &expected)?;
         }
         manifest
             .eval
@@ -836,6 +872,10 @@ impl Detector {
         check_finite_values(bank.iter().copied(), &dir.join(BANK))?;
         let center = crate::host::tensor_from_array::<1>(center, &device)?;
         let bank = crate::host::tensor_from_array::<2>(bank, &device)?;
+        let patch_bank = match &manifest.anomaly_maps {
+            Some(maps) => Some(load_patch_bank(dir, maps, &manifest.encoder, &device)?),
+            None => None,
+        };
         let knn = KnnScorer::new(bank.clone(), manifest.k)?;
         let mut detector = Self {
             encoder: PreparedEncoder::new(encoder, &device)?,
@@ -846,6 +886,7 @@ impl Detector {
             eval_batch_size: manifest.eval_batch_size,
             trainer: manifest.trainer,
             calibration: manifest.calibration,
+            patch_bank,
             device,
         };
         // Version 1 recorded no calibration: compute it as fitting does.
@@ -923,25 +964,44 @@ impl Detector {
     }
 }
 
-/// The stream of [`Detector::score_each`]: one [`ImageResult`] per image, in order, a batch
-/// decoded and scored at a time.
-pub struct ScoreStream<'a> {
+/// A stream of one result per image of a source, in order, a batch decoded and processed at a
+/// time: [`ScoreStream`] ([`Detector::score_each`]) and [`MapStream`]
+/// ([`Detector::anomaly_map_each`]).
+pub struct BatchStream<'a, R> {
     detector: &'a Detector,
     source: &'a dyn ImageSource,
     next: usize,
-    ready: VecDeque<ImageResult>,
+    ready: VecDeque<R>,
+    /// The results of images `start..end` of the source, in order.
+    batch: fn(&Detector, &dyn ImageSource, usize, usize) -> Vec<R>,
 }
 
-impl Iterator for ScoreStream<'_> {
-    type Item = ImageResult;
+/// The stream of [`Detector::score_each`]: one [`ImageResult`] per image.
+pub type ScoreStream<'a> = BatchStream<'a, ImageResult>;
 
-    fn next(&mut self) -> Option<ImageResult> {
+impl<'a, R> BatchStream<'a, R> {
+    fn new(
+        detector: &'a Detector,
+        source: &'a dyn ImageSource,
+        batch: fn(&Detector, &dyn ImageSource, usize, usize) -> Vec<R>,
+    ) -> Self {
+        Self {
+            detector,
+            source,
+            next: 0,
+            ready: VecDeque::new(),
+            batch,
+        }
+    }
+}
+
+impl<R> Iterator for BatchStream<'_, R> {
+    type Item = R;
+
+    fn next(&mut self) -> Option<R> {
         if self.ready.is_empty() && self.next < self.source.len() {
             let end = (self.next + self.detector.eval_batch_size).min(self.source.len());
-            self.ready = self
-                .detector
-                .score_batch(self.source, self.next, end)
-                .into();
+            self.ready = (self.batch)(self.detector, self.source, self.next, end).into();
             self.next = end;
         }
         self.ready.pop_front()
@@ -966,6 +1026,16 @@ fn scored(raw: f32, calibration: &Calibration, what: &str) -> Result<Scored> {
         normalized: calibration.normalize(raw),
         anomalous: calibration.is_anomalous(raw),
     })
+}
+
+/// The values of an index tensor (kNN neighbours), read back to the host.
+fn indices_to_vec(indices: Tensor<2, Int>) -> Result<Vec<i64>> {
+    indices
+        .try_into_data()
+        .map_err(|e| Error::Backend(e.to_string()))?
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .map_err(|e| Error::Backend(format!("{e:?}")))
 }
 
 /// [`Error::NonFinite`] naming the first non-finite score.
@@ -1040,8 +1110,8 @@ fn sha256_of(path: &Path) -> Result<String> {
 }
 
 /// Checks that `files` names exactly the data files and that each has its recorded SHA-256.
-fn verify_files(dir: &Path, files: &BTreeMap<String, String>) -> Result<()> {
-    for file in DATA_FILES {
+fn verify_files(dir: &Path, files: &BTreeMap<String, String>, expected: &[&str]) -> Result<()> {
+    for &file in expected {
         let path = dir.join(file);
         let Some(expected) = files.get(file) else {
             return Err(Error::Checkpoint {
@@ -1060,13 +1130,45 @@ fn verify_files(dir: &Path, files: &BTreeMap<String, String>) -> Result<()> {
             });
         }
     }
-    if let Some(extra) = files.keys().find(|f| !DATA_FILES.contains(&f.as_str())) {
+    if let Some(extra) = files.keys().find(|f| !expected.contains(&f.as_str())) {
         return Err(Error::Checkpoint {
             path: dir.join(MANIFEST),
             reason: format!("records a file `{extra}` that is not part of a detector"),
         });
     }
     Ok(())
+}
+
+/// The patch bank recorded in a manifest: settings checked, `patches.npy`'s header checked
+/// against the recorded shape (and the shape against the layout) before reading, values
+/// finite.
+fn load_patch_bank(
+    dir: &Path,
+    maps: &PatchMapManifest,
+    encoder: &ResNetConfig,
+    device: &Device,
+) -> Result<PatchBank> {
+    let path = dir.join(PATCHES);
+    let bad = |reason: String| Error::Checkpoint {
+        path: dir.join(MANIFEST),
+        reason,
+    };
+    maps.config
+        .check()
+        .map_err(|e| bad(format!("anomaly maps: {e}")))?;
+    let dim = maps.config.patch_dim(encoder);
+    if maps.dim != dim || maps.rows == 0 || maps.rows > maps.config.max_patches {
+        return Err(bad(format!(
+            "anomaly maps: {} × {} patches recorded; the settings give 1 ..= {} rows of {dim}",
+            maps.rows, maps.dim, maps.config.max_patches
+        )));
+    }
+    let patches = crate::npy::read_f32_shaped(&path, &[maps.rows, maps.dim])?;
+    check_finite_values(patches.iter().copied(), &path)?;
+    PatchBank::new(
+        maps.config.clone(),
+        crate::host::tensor_from_array::<2>(patches, device)?,
+    )
 }
 
 /// Whether `dir` may be replaced by a save: empty, or holding a detector manifest.
