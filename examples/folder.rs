@@ -272,8 +272,15 @@ fn run(args: Args) -> msad::Result<()> {
                 (_, Some(dir)) => dir.display().to_string(),
                 _ => "scored images".into(),
             };
+            // The nearest normal images are indices into the images fitted on: only a
+            // detector fitted here has them at hand.
+            let normal = if args.load.is_none() {
+                train.as_deref()
+            } else {
+                None
+            };
             detector
-                .report(&title, images, labels, train.as_deref(), 8)?
+                .report(&title, images, labels, normal, 8)?
                 .write(path)?;
             eprintln!("wrote the report to {}", path.display());
         }

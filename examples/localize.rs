@@ -181,7 +181,7 @@ fn run(args: Args) -> msad::Result<()> {
             if v == 0
                 && let Some(report) = &args.report
             {
-                write_report(report, category, &detector, &split, image_auc, pix_v, pro_v)?;
+                write_report(report, category, &detector, &split, pix_v, pro_v)?;
             }
         }
     }
@@ -205,7 +205,6 @@ fn write_report(
     category: &str,
     detector: &Detector,
     split: &msad::data::OneClassSplit,
-    image_auc: f64,
     pixel_auc: f64,
     pro: f64,
 ) -> msad::Result<()> {
@@ -226,7 +225,6 @@ fn write_report(
             Some(split.train.as_ref()),
             8,
         )?
-        .with_figure("image ROC-AUC (maps run)", format!("{image_auc:.3}"))
         .with_figure("pixel ROC-AUC", format!("{pixel_auc:.3}"))
         .with_figure("PRO (FPR ≤ 0.3)", format!("{pro:.3}"));
     report.write(&out)?;

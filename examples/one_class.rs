@@ -200,7 +200,10 @@ fn run(args: Args) -> msad::Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let out = path.with_file_name(format!("{stem}-{class}.html"));
+            let ext = path
+                .extension()
+                .map_or("html".into(), |e| e.to_string_lossy().into_owned());
+            let out = path.with_file_name(format!("{stem}-{class}.{ext}"));
             detector
                 .report(
                     &split.description,

@@ -15,24 +15,30 @@ use common::{backends, max_abs_diff, splitmix_uniform};
 const SIDE: u32 = 96;
 
 /// The weight draws the localisation test runs with (each a different random net).
-const SEEDS: [u64; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+const SEEDS: std::ops::Range<u64> = 0..24;
 
-/// A stationary texture: pixel noise around a brown, different in every image, alike in
-/// its statistics everywhere (so that no place in a normal image is unusual).
+/// A stationary texture: gentle pixel noise around a brown, different in every image, alike
+/// in its statistics everywhere (so that no place in a normal image is unusual).
 fn texture(seed: u64, width: u32, height: u32) -> RgbImage {
     let noise = splitmix_uniform(seed, (width * height) as usize);
     RgbImage::from_fn(width, height, |x, y| {
         let n = noise[(y * width + x) as usize];
-        let v = (90.0 + 100.0 * n) as u8;
-        Rgb([v, v.saturating_sub(25), v / 2 + 30])
+        let v = (120.0 + 24.0 * n) as u8;
+        Rgb([v, v - 25, v / 2 + 30])
     })
 }
 
-/// `image` with a solid square of side `s` at (x0, y0).
+/// `image` with a square of side `s` at (x0, y0) holding a black and white checkerboard of
+/// 2-pixel cells: sharp edges that no normal image has.
 fn with_defect(mut image: RgbImage, (x0, y0): (u32, u32), s: u32) -> RgbImage {
     for y in y0..y0 + s {
         for x in x0..x0 + s {
-            image.put_pixel(x, y, Rgb([250, 30, 200]));
+            let v = if ((x - x0) / 2 + (y - y0) / 2) % 2 == 0 {
+                0
+            } else {
+                255
+            };
+            image.put_pixel(x, y, Rgb([v, v, v]));
         }
     }
     image
@@ -95,18 +101,26 @@ fn the_maximum_of_the_map_lies_in_the_defect_and_agrees_with_the_score() {
         let detector = detector_seeded(&device, seed);
         assert_eq!(detector.patch_bank_len(), 300);
         // Non-square images: the transform resizes the shorter side to SIDE and crops the
-        // center; the map comes back at the image's own size.
-        for (i, (at, side)) in [((45, 20), 14), ((75, 60), 12), ((30, 66), 16)]
-            .into_iter()
-            .enumerate()
-        {
-            let image = with_defect(texture(900 + i as u64, 144, SIDE), at, side);
+        // center; the map comes back at the image's own size. The last image is twice the
+        // size (scale ½): its defect, and the grid cell allowed around it, are twice as big.
+        let cases = [
+            ((144, SIDE), (45, 20), 14),
+            ((144, SIDE), (75, 60), 12),
+            ((144, SIDE), (30, 66), 16),
+            ((2 * SIDE, 3 * SIDE), (90, 150), 30),
+        ];
+        for (i, ((width, height), at, side)) in cases.into_iter().enumerate() {
+            let image = with_defect(texture(900 + i as u64, width, height), at, side);
             let map = detector.anomaly_map(&image).unwrap();
-            assert_eq!(map.values.dim(), (SIDE as usize, 144));
-            assert_eq!(map.distances.dim(), (SIDE as usize, 144));
-            // The most distant patch within one cell of the patch grid (stride 8) of the
-            // defect, and the defect farther from the normal patches than the rest on average.
-            let near = |v: usize, lo: u32| v + 8 >= lo as usize && v <= (lo + side + 8) as usize;
+            let shape = (height as usize, width as usize);
+            assert_eq!((map.values.dim(), map.distances.dim()), (shape, shape));
+            // The most distant patch within one cell of the patch grid (stride 8 in the
+            // crop) of the defect, and the defect farther from the normal patches than the
+            // rest on average.
+            let cell = 8 * height.min(width) / SIDE;
+            let near = |v: usize, lo: u32| {
+                v + cell as usize >= lo as usize && v <= (lo + side + cell) as usize
+            };
             let (x, y) = argmax(&map.distances);
             assert!(
                 near(x, at.0) && near(y, at.1),
@@ -186,6 +200,47 @@ fn a_tampered_patch_bank_is_refused_naming_the_file() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+/// A change to a saved detector's manifest.
+type ManifestEdit = fn(&mut serde_json::Value);
+
+#[test]
+fn a_patch_bank_that_does_not_fit_its_manifest_is_refused() {
+    let device = Device::flex();
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("detector");
+    detector(&device).save(&path).unwrap();
+    let manifest = path.join("detector.json");
+    let original = std::fs::read_to_string(&manifest).unwrap();
+    let edits: [(&str, ManifestEdit); 4] = [
+        ("dim", |m| m["anomaly_maps"]["dim"] = serde_json::json!(7)),
+        ("rows", |m| {
+            m["anomaly_maps"]["rows"] = serde_json::json!(301)
+        }),
+        ("stages", |m| {
+            m["anomaly_maps"]["config"]["stages"] = serde_json::json!(["Layer1", "Layer1"])
+        }),
+        ("version", |m| m["version"] = serde_json::json!(1)),
+    ];
+    for (what, edit) in edits {
+        let mut value: serde_json::Value = serde_json::from_str(&original).unwrap();
+        edit(&mut value);
+        std::fs::write(&manifest, serde_json::to_string(&value).unwrap()).unwrap();
+        match Detector::load(&path, &device) {
+            Err(Error::Checkpoint { path, reason }) => {
+                assert!(
+                    path.ends_with("detector.json"),
+                    "{what}: {}",
+                    path.display()
+                );
+                eprintln!("{what}: {reason}");
+            }
+            other => panic!("{what}: expected a refusal naming the manifest, got {other:?}"),
+        }
+    }
+    std::fs::write(&manifest, original).unwrap();
+    assert!(Detector::load(&path, &device).is_ok());
 }
 
 #[test]

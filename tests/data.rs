@@ -1020,7 +1020,7 @@ fn a_folder_pairs_its_images_with_masks_and_names_a_mask_of_the_wrong_size() {
     ImageBuffer::from_pixel(4, 6, Luma([255u8]))
         .save(masks.join("c_mask.png"))
         .unwrap();
-    let folder = MaskedFolder::new(ImageFolder::open(&images).unwrap(), &masks);
+    let folder = MaskedFolder::new(ImageFolder::open(&images).unwrap(), &masks).unwrap();
     assert_eq!(folder.len(), 3);
     assert_eq!(folder.mask_path(0).unwrap(), masks.join("a_mask.png"));
     assert_eq!(folder.mask_path(2).unwrap(), masks.join("lot2/b_mask.png"));
@@ -1039,4 +1039,10 @@ fn a_folder_pairs_its_images_with_masks_and_names_a_mask_of_the_wrong_size() {
     assert!(b.iter().all(|&m| !m));
     assert!(matches!(folder.mask(3), Err(Error::InvalidArgument { .. })));
     assert_eq!(folder.get(2).unwrap().dimensions(), (6, 4));
+    // A mistyped masks directory is an error, not all-normal masks.
+    let typo = tmp.path().join("maks");
+    match MaskedFolder::new(ImageFolder::open(&images).unwrap(), &typo) {
+        Err(Error::Dataset { path, .. }) => assert_eq!(path, typo),
+        other => panic!("expected an error naming the directory, got {other:?}"),
+    }
 }

@@ -7,12 +7,14 @@
 //!
 //! 1. **Patch features.** The maps after `layer2` and `layer3` (strides 8 and 16; chosen by
 //!    [`PatchMapConfig::stages`]) are averaged over each position's 3 × 3 neighbourhood
-//!    (zero-padded), `layer3` is upsampled bilinearly to `layer2`'s grid, each stage's
+//!    (zero-padded), `layer3` is upsampled bilinearly to `layer2`'s grid (half-pixel centres, as
+//!    PatchCore and anomalib do, which places it about 4 px off at 224 px), each stage's
 //!    channels are averaged in groups down to [`PatchMapConfig::channels_per_stage`], and the
 //!    stages are concatenated: one feature per position of a 28 × 28 grid at 224 px.
-//! 2. **Bank.** The patch features of the normal training images, drawn at random down to
-//!    8 × [`PatchMapConfig::max_patches`] as they stream, then to `max_patches` by PatchCore's
-//!    greedy coreset (farthest-point selection on a 128-dimensional random projection).
+//! 2. **Bank.** The patch features of the normal training images, a uniform random sample of
+//!    at most 8 × [`PatchMapConfig::max_patches`] of them kept as they stream (reservoir
+//!    sampling, seeded), then `max_patches` of those chosen by PatchCore's greedy coreset
+//!    (farthest-point selection on a 128-dimensional random projection).
 //! 3. **Map.** Each patch of a new image scores its Euclidean distance to the nearest normal
 //!    patch. The grid is upsampled bilinearly to the crop (each cell placed at the centre of
 //!    its receptive field), smoothed by a Gaussian of σ = 4 px
@@ -84,6 +86,10 @@ use crate::augment::EvalTransform;
 use crate::augment::ops::source_to_crop;
 use crate::encoder::{ResNetConfig, Stage};
 use crate::{Error, Result, Scored};
+
+/// The largest side, in pixels, at which a crop's map is smoothed (larger crops are smoothed
+/// at this resolution and sampled up): bounds the blur's cost whatever the crop.
+const MAX_SMOOTHED_SIDE: usize = 512;
 
 /// How anomaly maps are made (see the [module docs](self) for the method).
 ///
@@ -168,9 +174,15 @@ impl PatchMapConfig {
     /// [`Error::InvalidArgument`] for settings no map can be made with.
     pub(crate) fn check(&self) -> Result<()> {
         let bad = |reason: String| Err(Error::invalid("PatchMapConfig", reason));
-        if self.stages.is_empty() || self.stages.contains(&Stage::Stem) {
+        let mut distinct = self.stages.clone();
+        distinct.sort();
+        distinct.dedup();
+        if self.stages.is_empty()
+            || self.stages.contains(&Stage::Stem)
+            || distinct.len() != self.stages.len()
+        {
             return bad(format!(
-                "stages {:?}: choose one or more of layer1 .. layer4",
+                "stages {:?}: choose one or more of layer1 .. layer4, each once",
                 self.stages
             ));
         }
@@ -275,23 +287,33 @@ pub(crate) fn map_from_distances(
             detail: format!("{v} (the image or the detector's weights hold non-finite values)"),
         });
     }
-    let crop = eval.crop as usize;
+    let crop = f64::from(eval.crop);
+    // The crop's map is smoothed at no more than MAX_SMOOTHED_SIDE pixels a side (`unit`
+    // crop pixels per pixel): the cost of the blur stays bounded for any crop size.
+    let side = (eval.crop as usize).min(MAX_SMOOTHED_SIDE);
+    let unit = crop / side as f64;
     let euclidean: Vec<f32> = distances.iter().map(|d| d.max(0.0).sqrt()).collect();
     // Grid cell i's receptive field is centred on crop pixel stride · i (every stride-2 conv
     // and pool of a ResNet centres output i on input 2i), not on the half-pixel centre
     // stride · (i + ½) a plain resize would assume: that would shift the map by 3.5 px at
     // layer2.
     let stride = config.grid_stride() as f64;
-    let on_crop = resample::sample_grid(&euclidean, (gh, gw), (crop, crop), |x, y| {
-        (x / stride, y / stride)
+    let on_crop = resample::sample_grid(&euclidean, (gh, gw), (side, side), |x, y| {
+        (
+            ((x + 0.5) * unit - 0.5) / stride,
+            ((y + 0.5) * unit - 0.5) / stride,
+        )
     });
-    let sigma = config.sigma * crop as f32 / 224.0;
-    let on_crop = resample::gaussian_blur(&on_crop, (crop, crop), sigma);
+    let sigma = config.sigma * side as f32 / 224.0;
+    let on_crop = resample::gaussian_blur(&on_crop, (side, side), sigma);
     let (width, height) = image.dimensions();
     let [(sx, tx), (sy, ty)] = source_to_crop(width, height, eval.resize, eval.crop);
     let (w, h) = (width as usize, height as usize);
-    let on_image = resample::sample_grid(&on_crop, (crop, crop), (h, w), |x, y| {
-        ((x + 0.5) * sx + tx - 0.5, (y + 0.5) * sy + ty - 0.5)
+    let on_image = resample::sample_grid(&on_crop, (side, side), (h, w), |x, y| {
+        (
+            ((x + 0.5) * sx + tx) / unit - 0.5,
+            ((y + 0.5) * sy + ty) / unit - 0.5,
+        )
     });
     let distances = Array2::from_shape_vec((h, w), on_image)
         .map_err(|e| Error::Backend(format!("anomaly map shape: {e}")))?;

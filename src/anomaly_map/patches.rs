@@ -15,8 +15,8 @@ use crate::features::load_images;
 use crate::knn::KnnScorer;
 use crate::{Error, Result};
 
-/// At most this many times `max_patches` patches are drawn (uniformly at random) before the
-/// greedy coreset chooses among them: it bounds both fitting's memory and the coreset's time.
+/// At most this many times `max_patches` patches are kept (a uniform random sample) for the
+/// greedy coreset to choose among: it bounds both fitting's memory and the coreset's time.
 const PRESELECT: usize = 8;
 
 /// The patch features of a batch: one row per position of the finest stage's grid, each the
@@ -79,6 +79,40 @@ fn channel_pooling(c: usize, kept: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(weights, [c, kept]), device)
 }
 
+/// A uniform random sample of at most `capacity` rows of a stream (Vitter's algorithm R,
+/// seeded): memory stays at `capacity` rows whatever the stream's length.
+struct Reservoir {
+    capacity: usize,
+    seen: usize,
+    /// The kept rows, concatenated.
+    rows: Vec<f32>,
+    rng: StdRng,
+}
+
+impl Reservoir {
+    fn new(capacity: usize, seed: u64) -> Self {
+        Self {
+            capacity,
+            seen: 0,
+            rows: Vec::new(),
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Offers the next row of the stream (every row of the same length).
+    fn offer(&mut self, row: &[f32]) {
+        if self.seen < self.capacity {
+            self.rows.extend_from_slice(row);
+        } else {
+            let slot = self.rng.random_range(0..=self.seen);
+            if slot < self.capacity {
+                self.rows[slot * row.len()..(slot + 1) * row.len()].copy_from_slice(row);
+            }
+        }
+        self.seen += 1;
+    }
+}
+
 /// The bank of normal patch features and its nearest-neighbour search.
 #[derive(Debug, Clone)]
 pub(crate) struct PatchBank {
@@ -100,9 +134,9 @@ impl PatchBank {
         })
     }
 
-    /// The patches of every image of `normal`, drawn down to at most
-    /// `PRESELECT · max_patches` uniformly at random as they stream, then to
-    /// `config.max_patches` by the greedy coreset.
+    /// The patches of every image of `normal`: a uniform sample of at most
+    /// `PRESELECT · max_patches` kept as they stream, then `config.max_patches` of those
+    /// chosen by the greedy coreset.
     pub(crate) fn fit(
         encoder: &PreparedEncoder,
         normal: &dyn ImageSource,
@@ -119,29 +153,22 @@ impl PatchBank {
                 "the patch bank needs at least one normal image (and a batch size ≥ 1)",
             ));
         }
-        let mut rng = StdRng::seed_from_u64(config.seed);
-        let mut kept: Vec<f32> = Vec::new();
+        let capacity = config.max_patches.saturating_mul(PRESELECT);
+        let mut reservoir = Reservoir::new(capacity, config.seed);
         let mut dim = 0;
-        let mut keep_fraction = 1.0f64;
         for start in (0..n).step_by(batch_size) {
             let indices: Vec<usize> = (start..(start + batch_size).min(n)).collect();
             let images = load_images(normal, &indices)?;
             let (_, maps) = encoder
                 .try_forward_with_stages(eval.try_batch(&images, device)?, &config.stages)?;
-            let (rows, (gh, gw)) = patch_features(maps, config)?;
+            let (rows, _) = patch_features(maps, config)?;
             dim = rows.dims()[1];
-            if start == 0 {
-                let total = (n * gh * gw) as f64;
-                let budget = config.max_patches.saturating_mul(PRESELECT) as f64;
-                keep_fraction = (budget / total).min(1.0);
-            }
             let values = crate::host::vec_from_tensor(rows)?;
             for row in values.chunks_exact(dim) {
-                if keep_fraction >= 1.0 || rng.random::<f64>() < keep_fraction {
-                    kept.extend_from_slice(row);
-                }
+                reservoir.offer(row);
             }
         }
+        let kept = reservoir.rows;
         if let Some(i) = kept.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "the normal patch features".into(),
@@ -166,6 +193,28 @@ impl PatchBank {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reservoir_keeps_a_uniform_sample_of_its_capacity() {
+        let mut reservoir = Reservoir::new(100, 3);
+        for i in 0..10_000 {
+            reservoir.offer(&[i as f32, -(i as f32)]);
+        }
+        assert_eq!(reservoir.rows.len(), 200);
+        let kept: Vec<f32> = reservoir.rows.chunks_exact(2).map(|r| r[0]).collect();
+        assert!(reservoir.rows.chunks_exact(2).all(|r| r[1] == -r[0]));
+        // Uniform over the stream: the mean index is near the stream's 5,000 (σ ≈ 290).
+        let mean = kept.iter().sum::<f32>() / kept.len() as f32;
+        assert!((4_000.0..6_000.0).contains(&mean), "{mean}");
+        let late = kept.iter().filter(|&&i| i >= 5_000.0).count();
+        assert!((30..70).contains(&late), "{late}");
+        // A short stream is kept whole, in order.
+        let mut short = Reservoir::new(10, 0);
+        for i in 0..4 {
+            short.offer(&[i as f32]);
+        }
+        assert_eq!(short.rows, vec![0.0, 1.0, 2.0, 3.0]);
+    }
 
     #[test]
     fn channel_pooling_averages_groups_as_adaptive_pooling_does() {

@@ -758,3 +758,53 @@ pub fn to_normalized_chw(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The brightness-weighted centre (continuous, pixel edges at integers) of `img`.
+    fn centroid(img: &RgbImage) -> (f64, f64) {
+        let (mut sx, mut sy, mut total) = (0.0, 0.0, 0.0);
+        for (x, y, p) in img.enumerate_pixels() {
+            let v = f64::from(p.0[0]);
+            sx += v * (f64::from(x) + 0.5);
+            sy += v * (f64::from(y) + 0.5);
+            total += v;
+        }
+        (sx / total, sy / total)
+    }
+
+    /// A bright 3 × 3 marker lands in the crop where `source_to_crop` says: downscaled, upscaled,
+    /// cropped on either axis, and padded (the resized image smaller than the crop).
+    #[test]
+    fn source_to_crop_follows_resize_and_center_crop() {
+        for (w, h, size, crop) in [
+            (317, 211, 256, 224),
+            (211, 317, 256, 224),
+            (500, 375, 224, 224),
+            (96, 64, 128, 100),
+            (40, 30, 16, 24),
+        ] {
+            for (mx, my) in [(w / 2, h / 2), (w / 2 + w / 8, h / 2 - h / 10)] {
+                let mut img = RgbImage::new(w, h);
+                for y in my - 1..=my + 1 {
+                    for x in mx - 1..=mx + 1 {
+                        img.put_pixel(x, y, Rgb([255, 255, 255]));
+                    }
+                }
+                let out = resize_and_center_crop(&img, size, crop, crop, Filter::Bilinear);
+                let [(ax, bx), (ay, by)] = source_to_crop(w, h, size, crop);
+                let want = (
+                    (f64::from(mx) + 0.5) * ax + bx,
+                    (f64::from(my) + 0.5) * ay + by,
+                );
+                let got = centroid(&out);
+                assert!(
+                    (got.0 - want.0).abs() < 0.5 && (got.1 - want.1).abs() < 0.5,
+                    "{w}x{h} → {size}/{crop}, marker ({mx}, {my}): at {got:?}, mapped to {want:?}"
+                );
+            }
+        }
+    }
+}

@@ -93,7 +93,7 @@ fn dimensions(path: &Path) -> Result<(u32, u32)> {
 /// use msad::data::{ImageFolder, ImageSource, MaskedFolder};
 ///
 /// # fn main() -> msad::Result<()> {
-/// let test = MaskedFolder::new(ImageFolder::open("inspection/images")?, "inspection/masks");
+/// let test = MaskedFolder::new(ImageFolder::open("inspection/images")?, "inspection/masks")?;
 /// for i in 0..test.len() {
 ///     let mask = test.mask(i)?; // height × width, true on the defect
 ///     println!("{}: {} defect pixels", test.name(i), mask.iter().filter(|&&m| m).count());
@@ -109,20 +109,31 @@ pub struct MaskedFolder {
 }
 
 impl MaskedFolder {
-    /// `images` paired with the masks under `masks`, named `<stem>_mask.png`.
-    pub fn new(images: ImageFolder, masks: impl AsRef<Path>) -> Self {
-        Self {
-            images,
-            masks: masks.as_ref().to_path_buf(),
-            suffix: "_mask".into(),
+    /// `images` paired with the masks under the directory `masks`, named `<stem>_mask.png`.
+    ///
+    /// Errors: [`Error::Dataset`] naming `masks` when it is not a directory (a mistyped path
+    /// would otherwise make every mask all normal).
+    pub fn new(images: ImageFolder, masks: impl AsRef<Path>) -> Result<Self> {
+        let masks = masks.as_ref().to_path_buf();
+        if !masks.is_dir() {
+            return Err(Error::Dataset {
+                path: masks,
+                record: None,
+                reason: "the masks directory does not exist (or is not a directory)".into(),
+            });
         }
+        Ok(Self {
+            images,
+            masks,
+            suffix: "_mask".into(),
+        })
     }
 
     /// With mask names `<stem><suffix>.png` (`""`: the image's own stem).
     ///
     /// ```no_run
     /// # fn main() -> msad::Result<()> {
-    /// let same_names = msad::data::MaskedFolder::new(msad::data::ImageFolder::open("img")?, "gt")
+    /// let same_names = msad::data::MaskedFolder::new(msad::data::ImageFolder::open("img")?, "gt")?
     ///     .with_suffix("");
     /// # Ok(())
     /// # }

@@ -141,18 +141,29 @@ impl Detector {
             .iter()
             .filter_map(|(_, image)| image.as_ref().ok().cloned())
             .collect();
-        let mut maps = match self.maps_or_errors(&good) {
-            Ok(maps) => Ok(maps.into_iter()),
-            Err(e) => Err(e.to_string()),
+        // Without a patch bank or calibration every image gets that error (as the score
+        // stream does); a batch that fails to run gives each image the backend's error.
+        let not_ready = self
+            .require_patch_bank()
+            .and(self.require_calibration())
+            .err()
+            .map(|e| e.to_string());
+        let mut maps = match &not_ready {
+            Some(_) => Ok(Vec::new().into_iter()),
+            None => self
+                .maps_or_errors(&good)
+                .map(Vec::into_iter)
+                .map_err(|e| e.to_string()),
         };
         decoded
             .into_iter()
             .enumerate()
             .map(|(offset, (name, image))| {
-                let outcome = match (image, &mut maps) {
-                    (Err(e), _) => Err(e),
-                    (Ok(_), Err(message)) => Err(Error::Backend(message.clone())),
-                    (Ok(_), Ok(maps)) => maps
+                let outcome = match (image, &not_ready, &mut maps) {
+                    (Err(e), _, _) => Err(e),
+                    (Ok(_), Some(message), _) => Err(Error::invalid("detector", message.clone())),
+                    (Ok(_), None, Err(message)) => Err(Error::Backend(message.clone())),
+                    (Ok(_), None, Ok(maps)) => maps
                         .next()
                         .unwrap_or_else(|| Err(Error::Backend("missing anomaly map".into()))),
                 };

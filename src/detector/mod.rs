@@ -816,6 +816,16 @@ impl Detector {
         }
         let manifest: Manifest = serde_json::from_value(value)
             .map_err(|e| bad(path.clone(), format!("invalid manifest: {e}")))?;
+        if manifest.version != FORMAT_VERSION && manifest.anomaly_maps.is_some() {
+            return Err(bad(
+                path,
+                format!(
+                    "format version {} records anomaly maps, which only version \
+                     {FORMAT_VERSION} (with file digests) has",
+                    manifest.version
+                ),
+            ));
+        }
         if manifest.version == FORMAT_VERSION {
             let patches = manifest.anomaly_maps.as_ref().map(|_| PATCHES);
             let expected: Vec<&str> = DATA_FILES.into_iter().chain(patches).collect();
@@ -966,7 +976,17 @@ impl Detector {
 
 /// A stream of one result per image of a source, in order, a batch decoded and processed at a
 /// time: [`ScoreStream`] ([`Detector::score_each`]) and [`MapStream`]
-/// ([`Detector::anomaly_map_each`]).
+/// ([`Detector::anomaly_map_each`]). Its length is known ([`ExactSizeIterator`]).
+///
+/// ```no_run
+/// # fn demo(detector: &msad::Detector, folder: &msad::data::ImageFolder) {
+/// let stream = detector.score_each(folder);
+/// println!("{} images to score", stream.len());
+/// for result in stream {
+///     println!("{}: {:?}", result.name, result.outcome.map(|s| s.normalized));
+/// }
+/// # }
+/// ```
 pub struct BatchStream<'a, R> {
     detector: &'a Detector,
     source: &'a dyn ImageSource,
@@ -994,6 +1014,18 @@ impl<'a, R> BatchStream<'a, R> {
         }
     }
 }
+
+impl<R> std::fmt::Debug for BatchStream<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchStream")
+            .field("images", &self.source.len())
+            .field("next", &self.next)
+            .field("ready", &self.ready.len())
+            .finish()
+    }
+}
+
+impl<R> ExactSizeIterator for BatchStream<'_, R> {}
 
 impl<R> Iterator for BatchStream<'_, R> {
     type Item = R;

@@ -34,8 +34,9 @@ impl Detector {
     /// detector has a patch bank) and their nearest normal images from `normal` (the source
     /// the detector was fitted on; `None` leaves them out).
     ///
-    /// Errors: a label count that differs from the image count; those of the maps and
-    /// neighbours of the featured images.
+    /// Errors: a label count that differs from the image count; a `normal` source whose
+    /// length is not the bank's (not the source the detector was fitted on); those of the maps
+    /// and neighbours of the featured images.
     ///
     /// ```no_run
     /// # fn demo(detector: &msad::Detector, train: &msad::data::ImageFolder, test: &msad::data::ImageFolder) -> msad::Result<()> {
@@ -58,6 +59,19 @@ impl Detector {
             return Err(Error::invalid(
                 "report labels",
                 format!("{} labels for {} images", labels.len(), scored.len()),
+            ));
+        }
+        let rows = self.bank.dims()[0];
+        if let Some(normal) = normal
+            && normal.len() != rows
+        {
+            return Err(Error::invalid(
+                "report's normal images",
+                format!(
+                    "{} images, but the detector's bank has {rows}: pass the source it was \
+                     fitted on (its neighbours are indices into it), or None",
+                    normal.len()
+                ),
             ));
         }
         let calibration = *self.require_calibration()?;
@@ -145,9 +159,7 @@ impl Detector {
             }
             if let Some(normal) = normal {
                 for (i, _) in self.nearest_normal(&image)? {
-                    if i < normal.len() {
-                        card = card.with_neighbor(normal.name(i), normal.get(i)?);
-                    }
+                    card = card.with_neighbor(normal.name(i), normal.get(i)?);
                 }
             }
             report = report.with_featured(card);

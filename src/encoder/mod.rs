@@ -444,7 +444,8 @@ impl ResNet {
 
     /// [`ResNet::forward_tensor_ops`] that also returns the spatial maps after each of
     /// `stages` (B × C × h × w, in the order given): the intermediate features that anomaly
-    /// maps are made of. Only `layer1` .. `layer4` have maps; [`Stage::Stem`] is an error.
+    /// maps are made of. Only `layer1` .. `layer4` have maps; [`Stage::Stem`] is an error, as
+    /// are images that are not B × 3 × H × W with B, H, W ≥ 1.
     ///
     /// ```
     /// use burn::tensor::{Device, Tensor};
@@ -467,6 +468,7 @@ impl ResNet {
         images: Tensor<4>,
         stages: &[Stage],
     ) -> Result<(Tensor<2>, Vec<Tensor<4>>)> {
+        check_images(&images)?;
         let taps = self.stage_taps(stages)?;
         let mut x = self.stem_tensor_ops(images);
         let mut kept: Vec<Option<Tensor<4>>> = vec![None; taps.len()];
