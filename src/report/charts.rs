@@ -47,7 +47,7 @@ fn render(
     }
     let attributes = format!(
         "<svg class=\"chart-svg\" role=\"img\" aria-label=\"{}\" ",
-        super::html::escape(label)
+        super::escape(label)
     );
     Ok(svg.replacen("<svg ", &attributes, 1))
 }

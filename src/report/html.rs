@@ -4,30 +4,13 @@ use std::fmt::Write as _;
 
 use super::charts::{self, Series};
 use super::embed::{self, Embedded};
-use super::{FeaturedImage, MAX_TABLE_ROWS, Report, ReportEntry, THRESHOLD};
+use super::{FeaturedImage, MAX_TABLE_ROWS, Report, ReportEntry, THRESHOLD, escape};
 use crate::Result;
 
 /// Featured images are embedded with their longer side at most this (pixels).
 const FEATURED_MAX_SIDE: u32 = 512;
 /// Neighbour thumbnails are embedded with their longer side at most this (pixels).
 const THUMB_MAX_SIDE: u32 = 192;
-
-/// `text` with `&`, `<`, `>`, `"` and `'` replaced by entities: safe in element content and in
-/// quoted attribute values.
-pub(super) fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// A normalised score: three decimals, or `NaN`, `inf`, `-inf`.
 fn normalized(v: f32) -> String {

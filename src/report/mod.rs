@@ -440,3 +440,20 @@ impl FeaturedImage {
             .transpose()
     }
 }
+
+/// `text` with `&`, `<`, `>`, `"` and `'` replaced by entities: safe in element content and in
+/// quoted attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
