@@ -458,9 +458,7 @@ impl Detector {
             self.eval_batch_size,
             &self.device,
         )?;
-        let scores = self.score_features(phi)?;
-        check_finite_scores(&scores)?;
-        Ok(scores)
+        self.finite_scores(phi)
     }
 
     /// One image's score, normalised and decided with the stored calibration: the call a
@@ -495,9 +493,7 @@ impl Detector {
             self.eval_batch_size,
             &self.device,
         )?;
-        let scores = self.score_features(phi)?;
-        check_finite_scores(&scores)?;
-        Ok(scores)
+        self.finite_scores(phi)
     }
 
     /// Every image of `source`, scored as a stream, in order: one [`ImageResult`] per image,
@@ -506,6 +502,14 @@ impl Detector {
     /// Without a calibration, every result is that error.
     pub fn score_each<'a>(&'a self, source: &'a dyn ImageSource) -> ScoreStream<'a> {
         BatchStream::new(self, source, Self::score_batch)
+    }
+
+    /// [`Detector::score_features`], every score checked finite (an error names the first
+    /// image whose score is not).
+    fn finite_scores(&self, phi: Tensor<2>) -> Result<Vec<f32>> {
+        let scores = self.score_features(phi)?;
+        check_finite_scores(&scores)?;
+        Ok(scores)
     }
 
     /// Raw scores of features already computed with this detector's encoder (N × D).
