@@ -24,6 +24,8 @@ use std::time::Instant;
 
 #[path = "support/encoder_args.rs"]
 mod encoder_args;
+#[path = "support/report_file.rs"]
+mod report_file;
 
 use clap::Parser;
 use encoder_args::EncoderArgs;
@@ -208,15 +210,7 @@ fn write_report(
     pixel_auc: f64,
     pro: f64,
 ) -> msad::Result<()> {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = path
-        .extension()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "html".into());
-    let out = path.with_file_name(format!("{stem}-{category}.{ext}"));
+    let out = report_file::per_part(path, category);
     let report = detector
         .report(
             &format!("{category}: anomaly maps"),

@@ -24,6 +24,8 @@ use std::process::ExitCode;
 
 #[path = "support/encoder_args.rs"]
 mod encoder_args;
+#[path = "support/report_file.rs"]
+mod report_file;
 
 use burn::module::Module;
 use clap::{Parser, ValueEnum};
@@ -196,14 +198,7 @@ fn run(args: Args) -> msad::Result<()> {
                 config.k,
                 &plain,
             )?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let ext = path
-                .extension()
-                .map_or("html".into(), |e| e.to_string_lossy().into_owned());
-            let out = path.with_file_name(format!("{stem}-{class}.{ext}"));
+            let out = report_file::per_part(path, &class.to_string());
             detector
                 .report(
                     &split.description,
