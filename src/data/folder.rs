@@ -195,6 +195,20 @@ impl ImageFolder {
         &self.paths
     }
 
+    /// The file of image `index`; [`Error::InvalidArgument`] for an index out of range.
+    pub(crate) fn path(&self, index: usize) -> Result<&Path> {
+        self.paths.get(index).map(PathBuf::as_path).ok_or_else(|| {
+            Error::invalid(
+                "image index",
+                format!(
+                    "{index} is out of range for the {} images under {}",
+                    self.paths.len(),
+                    self.root.display()
+                ),
+            )
+        })
+    }
+
     /// The files a lenient open left out, with reasons (empty when strict).
     pub fn skipped(&self) -> &[Skipped] {
         &self.skipped
@@ -323,17 +337,7 @@ impl ImageSource for ImageFolder {
     /// [`Error::Io`] when it cannot be opened; [`Error::InvalidArgument`] for an index out of
     /// range.
     fn get(&self, index: usize) -> Result<RgbImage> {
-        let path = self.paths.get(index).ok_or_else(|| {
-            Error::invalid(
-                "image index",
-                format!(
-                    "{index} is out of range for the {} images under {}",
-                    self.paths.len(),
-                    self.root.display()
-                ),
-            )
-        })?;
-        decode(path, self.max_pixels(index))
+        decode(self.path(index)?, self.max_pixels(index))
     }
 
     fn name(&self, index: usize) -> String {

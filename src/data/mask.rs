@@ -61,6 +61,22 @@ pub(crate) fn read_mask(
     })
 }
 
+/// Where the mask of `image` (a file under `images`) lies under `masks`: the same relative
+/// folder, named `<stem><suffix>.png`.
+pub(crate) fn mask_path_of(image: &Path, images: &Path, masks: &Path, suffix: &str) -> PathBuf {
+    let relative = image.strip_prefix(images).unwrap_or(image);
+    let stem = relative
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut path = masks.to_path_buf();
+    if let Some(parent) = relative.parent().filter(|p| !p.as_os_str().is_empty()) {
+        path.push(parent);
+    }
+    path.push(format!("{stem}{suffix}.png"));
+    path
+}
+
 /// An image reader for `path`, its format guessed from the contents.
 fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
     ImageReader::open(path)
@@ -152,18 +168,13 @@ impl MaskedFolder {
     ///
     /// Errors: [`Error::InvalidArgument`] for an index out of range.
     pub fn mask_path(&self, index: usize) -> Result<PathBuf> {
-        let image = self.image_path(index)?;
-        let relative = image.strip_prefix(self.images.root()).unwrap_or(image);
-        let stem = relative
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut path = self.masks.clone();
-        if let Some(parent) = relative.parent().filter(|p| !p.as_os_str().is_empty()) {
-            path.push(parent);
-        }
-        path.push(format!("{stem}{}.png", self.suffix));
-        Ok(path)
+        let image = self.images.path(index)?;
+        Ok(mask_path_of(
+            image,
+            self.images.root(),
+            &self.masks,
+            &self.suffix,
+        ))
     }
 
     /// The mask of image `index`: `[row, column]` of the image's height × width, `true` where
@@ -175,20 +186,11 @@ impl MaskedFolder {
     pub fn mask(&self, index: usize) -> Result<Array2<bool>> {
         let path = self.mask_path(index)?;
         let mask = path.is_file().then_some(path);
-        read_mask(self.image_path(index)?, mask, self.images.max_pixels(index))
-    }
-
-    fn image_path(&self, index: usize) -> Result<&Path> {
-        self.images
-            .paths()
-            .get(index)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "image index",
-                    format!("{index} is out of range for {} images", self.images.len()),
-                )
-            })
+        read_mask(
+            self.images.path(index)?,
+            mask,
+            self.images.max_pixels(index),
+        )
     }
 }
 

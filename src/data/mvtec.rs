@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
-use super::mask::read_mask;
+use super::mask::{mask_path_of, read_mask};
 use super::{FolderOptions, ImageFolder, OneClassSplit, Skipped};
 use crate::{Error, Result};
 
@@ -213,18 +213,12 @@ impl MvtecAd {
         if name == GOOD {
             return Ok(None);
         }
-        let folder = self.dir.join("test").join(name);
-        let relative = image.strip_prefix(&folder).unwrap_or(image);
-        let stem = relative
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut path = self.dir.join("ground_truth").join(name);
-        if let Some(parent) = relative.parent().filter(|p| !p.as_os_str().is_empty()) {
-            path.push(parent);
-        }
-        path.push(format!("{stem}_mask.png"));
-        Ok(Some(path))
+        Ok(Some(mask_path_of(
+            image,
+            &self.dir.join("test").join(name),
+            &self.dir.join("ground_truth").join(name),
+            "_mask",
+        )))
     }
 
     /// The ground-truth mask of test image `index` (indexed like [`MvtecAd::into_split`]'s

@@ -4,7 +4,7 @@
 use image::RgbImage;
 use rayon::prelude::*;
 
-use super::{BatchStream, Detector, scored};
+use super::{BatchStream, Detector, decode_each, scored};
 use crate::anomaly_map::{
     AnomalyMap, PatchBank, PatchMapConfig, map_from_distances, patch_features,
 };
@@ -126,17 +126,7 @@ impl Detector {
 
     /// The results of images `start..end` of `source`, in order.
     fn map_batch(&self, source: &dyn ImageSource, start: usize, end: usize) -> Vec<MapResult> {
-        let decoded: Vec<(String, Result<RgbImage>)> = (start..end)
-            .into_par_iter()
-            .map(|i| {
-                let name = source.name(i);
-                let image = source.get(i).and_then(|image| {
-                    check_image_named(&image, || name.clone())?;
-                    Ok(image)
-                });
-                (name, image)
-            })
-            .collect();
+        let decoded = decode_each(source, start..end, Ok);
         let good: Vec<RgbImage> = decoded
             .iter()
             .filter_map(|(_, image)| image.as_ref().ok().cloned())

@@ -468,12 +468,8 @@ impl Detector {
     /// Errors: the image's (empty, too large), [`Error::NonFinite`] for a non-finite score,
     /// [`Error::InvalidArgument`] when the detector is not calibrated.
     pub fn score_image(&self, image: &RgbImage) -> Result<Scored> {
-        check_image_named(image, || "image".into())?;
+        let phi = self.embed_image(image)?;
         let calibration = self.require_calibration()?;
-        let phi = self.embed(
-            self.eval
-                .try_batch(std::slice::from_ref(image), &self.device)?,
-        )?;
         let raw = self
             .score_features(phi)?
             .first()
@@ -915,6 +911,15 @@ impl Detector {
         self.encoder.try_embed(images)
     }
 
+    /// φ of one image (1 × D), the image checked first.
+    fn embed_image(&self, image: &RgbImage) -> Result<Tensor<2>> {
+        check_image_named(image, || "image".into())?;
+        self.embed(
+            self.eval
+                .try_batch(std::slice::from_ref(image), &self.device)?,
+        )
+    }
+
     /// The calibration, or an error saying how to get one.
     fn require_calibration(&self) -> Result<&Calibration> {
         self.calibration.as_ref().ok_or_else(|| {
@@ -928,18 +933,10 @@ impl Detector {
 
     /// The results of images `start..end` of `source`, in order.
     fn score_batch(&self, source: &dyn ImageSource, start: usize, end: usize) -> Vec<ImageResult> {
-        let prepared: Vec<(String, Result<Tensor<4>>)> = (start..end)
-            .into_par_iter()
-            .map(|i| {
-                let name = source.name(i);
-                let tensor = source.get(i).and_then(|image| {
-                    check_image_named(&image, || name.clone())?;
-                    self.eval
-                        .try_batch(std::slice::from_ref(&image), &self.device)
-                });
-                (name, tensor)
-            })
-            .collect();
+        let prepared = decode_each(source, start..end, |image| {
+            self.eval
+                .try_batch(std::slice::from_ref(&image), &self.device)
+        });
         let calibration = self.require_calibration();
         let good: Vec<Tensor<4>> = prepared
             .iter()
@@ -1047,6 +1044,27 @@ impl<R> Iterator for BatchStream<'_, R> {
         let left = self.ready.len() + self.source.len().saturating_sub(self.next);
         (left, Some(left))
     }
+}
+
+/// Images `range` of `source` decoded in parallel, each checked non-empty and passed to
+/// `prepare` on its worker (so that only what `prepare` returns is kept): (name, result) per
+/// image, in order; an unreadable image is an error for that image only.
+fn decode_each<T: Send>(
+    source: &dyn ImageSource,
+    range: std::ops::Range<usize>,
+    prepare: impl Fn(RgbImage) -> Result<T> + Sync,
+) -> Vec<(String, Result<T>)> {
+    range
+        .into_par_iter()
+        .map(|i| {
+            let name = source.name(i);
+            let prepared = source.get(i).and_then(|image| {
+                check_image_named(&image, || name.clone())?;
+                prepare(image)
+            });
+            (name, prepared)
+        })
+        .collect()
 }
 
 /// A [`Scored`] from a raw score, or [`Error::NonFinite`].

@@ -12,12 +12,7 @@ impl Detector {
     ///
     /// Errors: those of [`Detector::score_image`].
     pub fn nearest_normal(&self, image: &image::RgbImage) -> Result<Vec<(usize, f32)>> {
-        crate::augment::check_image_named(image, || "image".into())?;
-        let phi = self.embed(
-            self.eval
-                .try_batch(std::slice::from_ref(image), &self.device)?,
-        )?;
-        let (distances, indices) = self.knn.neighbours(phi)?;
+        let (distances, indices) = self.knn.neighbours(self.embed_image(image)?)?;
         let distances = crate::host::vec_from_tensor(distances)?;
         let indices = indices_to_vec(indices)?;
         Ok(indices

@@ -229,17 +229,9 @@ impl CpuInference {
     /// `ResNet::forward` on host memory: B × 3 × H × W images to B × D pooled features, on
     /// the images' device.
     pub(crate) fn forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        let dims = images.dims();
-        let device = images.device();
-        let (pooled, d) = self.engine.forward(&vec_from_tensor(images)?, dims)?;
-        Ok(Tensor::from_data(
-            TensorData::new(pooled, [dims[0], d]),
-            &device,
-        ))
+        Ok(self.forward_with_taps(images, &[])?.0)
     }
-}
 
-impl CpuInference {
     /// [`CpuInference::forward`] that also returns the maps after the blocks `taps`
     /// ([`ResNet::stage_taps`]), each B × C × h × w on the images' device.
     pub(crate) fn forward_with_taps(

@@ -171,22 +171,10 @@ impl InferenceEngine {
         }
     }
 
-    /// The pooled features (B × D, row-major) of images B × C × H × W (row-major), and D.
-    pub(crate) fn forward(&self, images: &[f32], dims: [usize; 4]) -> Result<(Vec<f32>, usize)> {
-        check_images(images, dims, self.net.stem.shape.cin)?;
-        let x = Maps::from_nchw(images, dims);
-        let x = self.net.stem.forward(&x, None, true);
-        let x = self
-            .net
-            .blocks
-            .iter()
-            .fold(max_pool(&x).0, |x, block| block.forward(&x, false).0);
-        Ok((x.global_average(), x.c))
-    }
-
-    /// [`InferenceEngine::forward`] that also keeps the activations after the blocks named in
-    /// `taps` (the number of blocks run, 1-based: `taps = [2]` keeps the second block's
-    /// output), in the order of `taps`. A tap beyond the last block is an internal error.
+    /// The pooled features (B × D, row-major) of images B × C × H × W (row-major), D, and the
+    /// activations after the blocks named in `taps` (the number of blocks run, 1-based:
+    /// `taps = [2]` keeps the second block's output), in the order of `taps`; no taps, no
+    /// copies. A tap beyond the last block is an error.
     pub(crate) fn forward_with_taps(
         &self,
         images: &[f32],
