@@ -6,14 +6,14 @@
 //! [`Avx2::detect`] / [`Avx2Fma::detect`], which ask the CPU (as `matrixmultiply` and `pulp`
 //! do). Safe code therefore cannot run a kernel the CPU lacks. There is one token per real
 //! requirement: the integer screen needs AVX2 alone (or AVX-512 VNNI for its faster form),
-//! the f32 kernels AVX2 and FMA.
+//! the f32 kernels AVX2 and FMA, the conv products' wider f32 tile AVX-512 F.
 //!
 //! `MSAD_CPU_ISA` caps what detection reports, for the whole process (read once):
 //!
 //! | value | msad's own kernels |
 //! |---|---|
 //! | unset, `native` | the best the CPU has |
-//! | `avx512-vnni`, `avx2-fma`, `avx2` | at most that set |
+//! | `avx512-vnni`, `avx512`, `avx2-fma`, `avx2` | at most that set |
 //! | `portable` | the plain-Rust reference kernels only, even where the CPU has more |
 //!
 //! `portable` is how the test-suite runs the engines on the reference kernels end to end (see
@@ -32,6 +32,9 @@ pub(crate) enum Level {
     Avx2,
     /// x86-64 AVX2 and FMA.
     Avx2Fma,
+    /// x86-64 AVX-512 F and VL (32 registers of 16 floats), with AVX2 and FMA: Intel since
+    /// Skylake-SP, AMD since Zen 4.
+    Avx512,
     /// x86-64 AVX-512 F and VL with VNNI (the integer dot products `vpdpwssd`), which the
     /// CPUs that have them (Intel since Cascade Lake and Ice Lake, AMD since Zen 4) pair with
     /// AVX2 and FMA.
@@ -55,8 +58,11 @@ impl Level {
         {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
-                if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
-                    return Level::Avx512Vnni;
+                if has!("avx512f") && has!("avx512vl") {
+                    if has!("avx512vnni") {
+                        return Level::Avx512Vnni;
+                    }
+                    return Level::Avx512;
                 }
                 return Level::Avx2Fma;
             }
@@ -71,13 +77,14 @@ impl Level {
     fn parse_cap(value: Option<&str>) -> Level {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             None | Some("" | "native") => Level::Avx512Vnni,
-            Some("avx512-vnni" | "avx512vnni" | "avx512") => Level::Avx512Vnni,
+            Some("avx512-vnni" | "avx512vnni") => Level::Avx512Vnni,
+            Some("avx512") => Level::Avx512,
             Some("avx2-fma" | "avx2+fma" | "avx2fma") => Level::Avx2Fma,
             Some("avx2") => Level::Avx2,
             Some("portable") => Level::Portable,
             Some(other) => {
                 log::warn!(
-                    "MSAD_CPU_ISA={other} is not one of native, avx512-vnni, avx2-fma, avx2, \
+                    "MSAD_CPU_ISA={other} is not one of native, avx512-vnni, avx512, avx2-fma, avx2, \
                      portable; ignored"
                 );
                 Level::Avx512Vnni
@@ -96,6 +103,7 @@ impl Level {
             Level::Portable => "portable",
             Level::Avx2 => "avx2",
             Level::Avx2Fma => "avx2+fma",
+            Level::Avx512 => "avx512",
             Level::Avx512Vnni => "avx512-vnni",
         }
     }
@@ -214,6 +222,13 @@ token!(
 );
 
 token!(
+    /// Proof that this CPU has AVX-512 F and VL, with AVX2 and FMA (and that `MSAD_CPU_ISA`
+    /// allows them).
+    Avx512,
+    Level::Avx512
+);
+
+token!(
     /// Proof that this CPU has AVX-512 F, VL and VNNI, with AVX2 and FMA (and that
     /// `MSAD_CPU_ISA` allows them).
     Avx512Vnni,
@@ -230,6 +245,7 @@ mod tests {
         assert_eq!(Level::parse_cap(Some("avx2-fma")), Level::Avx2Fma);
         assert_eq!(Level::parse_cap(Some(" Portable ")), Level::Portable);
         assert_eq!(Level::parse_cap(Some("avx2")), Level::Avx2);
+        assert_eq!(Level::parse_cap(Some("avx512")), Level::Avx512);
         assert_eq!(Level::parse_cap(Some("sse9")), Level::Avx512Vnni);
         assert!(Level::current() <= Level::detected());
     }
@@ -239,6 +255,7 @@ mod tests {
         let level = Level::current();
         assert_eq!(Avx2::detect().is_some(), level >= Level::Avx2);
         assert_eq!(Avx2Fma::detect().is_some(), level >= Level::Avx2Fma);
+        assert_eq!(Avx512::detect().is_some(), level >= Level::Avx512);
         assert_eq!(Avx512Vnni::detect().is_some(), level >= Level::Avx512Vnni);
         use std::io::Write;
         let _ = writeln!(

@@ -13,7 +13,8 @@
 //!
 //! - [`isa`]: instruction-set tokens, made only by run-time detection.
 //! - [`kernels`]: matrix products and micro-kernels on slices.
-//! - [`conv`]: activations, convolutions (folded BatchNorm, im2col, Winograd), pooling.
+//! - [`conv`]: activations, convolutions (folded BatchNorm, im2col, Winograd, each conv one
+//!   parallel region of column blocks on weights packed once), pooling.
 //! - [`resnet`]: the inference and training engines, built from plain weights.
 //! - [`knn`] and [`loss`]: the kNN search and the loss kernel, on [`kernels`].
 //!

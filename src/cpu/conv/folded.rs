@@ -5,11 +5,13 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::blocked::{self, Columns};
 use super::geometry::{Chunk, ConvShape};
 use super::im2col::im2col;
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
 use super::winograd::{self, WinogradFilter};
+use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
 use crate::cpu::kernels::sgemm::{Operand, sgemm};
 
 /// A conv and its BatchNorm as plain values, as a model holds them.
@@ -64,6 +66,11 @@ pub(crate) struct FoldedConv {
     winograd: OnceLock<WinogradFilter>,
     /// The center tap of `w` (C_out × C_in), made on first use by a 1 × 1 map.
     center: OnceLock<Vec<f32>>,
+    /// `w` packed for the panel kernel ([`blocked`]), made on first use; `None` where this CPU
+    /// runs no panel kernel (the `gemm` crate's products then).
+    packed: OnceLock<Option<PackedLhs>>,
+    /// The center tap packed likewise, made on first use by a 1 × 1 map.
+    packed_center: OnceLock<Option<PackedLhs>>,
     bias: Vec<f32>,
     /// The conv's layout.
     pub(crate) shape: ConvShape,
@@ -101,6 +108,8 @@ impl FoldedConv {
             scale,
             winograd: OnceLock::new(),
             center: OnceLock::new(),
+            packed: OnceLock::new(),
+            packed_center: OnceLock::new(),
             bias,
             shape,
         }
@@ -156,10 +165,113 @@ impl FoldedConv {
         self.center.get_or_init(|| center_tap(&self.w, &self.shape))
     }
 
+    /// The folded weights (all taps, or the center tap alone) packed for the panel kernel,
+    /// where this CPU runs one.
+    fn packed(&self, center: bool) -> Option<&PackedLhs> {
+        let (cell, rows, k) = if center {
+            (&self.packed_center, self.center_weights(), self.shape.cin)
+        } else {
+            (&self.packed, &self.w[..], self.shape.patch())
+        };
+        cell.get_or_init(|| {
+            PanelKernel::select().map(|kernel| PackedLhs::new(kernel, rows, self.shape.cout, k))
+        })
+        .as_ref()
+    }
+
+    /// The gradient with respect to the input `x` of this conv (its folded weights W·s), for
+    /// the gradient `g` (C_out × B·H·W) of its output, where the conv keeps the map's size
+    /// with stride 1 (or reads the center tap alone on 1 × 1 maps): the conv of `g` with each
+    /// kernel turned by 180° and the channels swapped, run as a forward on the panel kernel
+    /// (one parallel region, no col2im). `None` for other convs, and where this CPU runs no
+    /// panel kernel.
+    pub(crate) fn adjoint_forward(&self, x: &Maps, g: &[f32]) -> Option<Maps> {
+        let s = &self.shape;
+        let plan = s.plan(x);
+        let kernel = PanelKernel::select()?;
+        let (cin, cout, k) = (s.cin, s.cout, s.k);
+        let n = plan.columns();
+        let zeros = vec![0f32; cin];
+        let maps = |data| Maps {
+            data,
+            c: cin,
+            b: x.b,
+            h: x.h,
+            w: x.w,
+        };
+        match self.method(x) {
+            ConvMethod::CenterTap | ConvMethod::Im2col if plan.direct || x.h * x.w == 1 => {
+                // dX (C_in × n) = Wᵀ g: the center tap (all of a 1 × 1 kernel), transposed.
+                let center = self.center_weights();
+                let mut transposed = vec![0f32; cin * cout];
+                for (o, row) in center.chunks_exact(cin).enumerate() {
+                    for (i, v) in row.iter().enumerate() {
+                        transposed[i * cout + o] = *v;
+                    }
+                }
+                let packed = PackedLhs::new(kernel, &transposed, cin, cout);
+                let dx = blocked::forward(&packed, Columns::Direct(g), n, &zeros, None, false);
+                Some(maps(dx))
+            }
+            ConvMethod::Im2col if s.stride == 1 && plan.ho == x.h && plan.wo == x.w => {
+                let taps = k * k;
+                // W_adj[i][(o, t)] = W[o][(i, taps − 1 − t)], rows (o, ky, kx) as im2col's.
+                let mut adjoint = vec![0f32; cin * cout * taps];
+                for (o, kernels) in self.w.chunks_exact(cin * taps).enumerate() {
+                    for (i, kernel) in kernels.chunks_exact(taps).enumerate() {
+                        let dst = &mut adjoint[(i * cout + o) * taps..][..taps];
+                        dst.iter_mut()
+                            .zip(kernel.iter().rev())
+                            .for_each(|(d, v)| *d = *v);
+                    }
+                }
+                let packed = PackedLhs::new(kernel, &adjoint, cin, cout * taps);
+                let g = Maps {
+                    data: g.to_vec(),
+                    c: cout,
+                    b: x.b,
+                    h: x.h,
+                    w: x.w,
+                };
+                let shape = ConvShape {
+                    cin: cout,
+                    cout: cin,
+                    ..*s
+                };
+                let plan = shape.plan(&g);
+                let columns = Columns::Im2col(&g, &shape, &plan);
+                let dx = blocked::forward(&packed, columns, n, &zeros, None, false);
+                Some(maps(dx))
+            }
+            _ => None,
+        }
+    }
+
     /// The conv of `x` plus bias, optionally followed by `+ residual` and ReLU.
     pub(crate) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
         let plan = self.shape.plan(x);
         let n = plan.columns();
+        let method = self.method(x);
+        let blocked = match method {
+            ConvMethod::CenterTap => self.packed(true).map(|w| (w, Columns::Direct(&x.data))),
+            ConvMethod::Im2col if plan.direct => {
+                self.packed(false).map(|w| (w, Columns::Direct(&x.data)))
+            }
+            ConvMethod::Im2col => self
+                .packed(false)
+                .map(|w| (w, Columns::Im2col(x, &self.shape, &plan))),
+            ConvMethod::Winograd => None,
+        };
+        if let Some((weights, columns)) = blocked {
+            let residual = residual.map(|r| &r.data[..]);
+            return Maps {
+                data: blocked::forward(weights, columns, n, &self.bias, residual, relu),
+                c: self.shape.cout,
+                b: x.b,
+                h: plan.ho,
+                w: plan.wo,
+            };
+        }
         // The output starts as bias (+ residual); the products accumulate onto it.
         // Written once, without zeroing first (a memset of every output cost ~3% of a
         // 32 px forward).
@@ -185,7 +297,7 @@ impl FoldedConv {
         // SAFETY: the loop above wrote every one of the `len` = C_out rows of `n` elements
         // (`n` ≥ 1: every conv output has a position per image).
         unsafe { out.set_len(len) };
-        match self.method(x) {
+        match method {
             ConvMethod::CenterTap => {
                 // out (C_out × B) += W_center (C_out × C_in) · x (C_in × B)
                 let cin = self.shape.cin;

@@ -15,56 +15,146 @@ pub(crate) fn im2col(
     chunk: &Chunk,
     cols: &mut [f32],
 ) {
+    cols.par_chunks_mut(chunk.width())
+        .enumerate()
+        .for_each(|(row, dst)| im2col_row(x, shape, plan, chunk, row, dst));
+}
+
+/// Rows `rows` of [`im2col`] on the calling thread (row `rows.start` first in `cols`), for
+/// callers that spread blocks of columns or rows over rayon themselves.
+pub(crate) fn im2col_serial(
+    x: &Maps,
+    shape: &ConvShape,
+    plan: &ConvPlan,
+    chunk: &Chunk,
+    rows: std::ops::Range<usize>,
+    cols: &mut [f32],
+) {
+    let width = chunk.width();
+    let (k, p) = (shape.k, shape.pad);
+    let cols = &mut cols[..rows.len() * width];
+    if !(shape.stride == 1 && plan.ho == x.h && plan.wo == x.w) || width == 0 {
+        cols.chunks_mut(width.max(1))
+            .zip(rows)
+            .for_each(|(dst, row)| im2col_row(x, shape, plan, chunk, row, dst));
+        return;
+    }
+    // A same-size conv: each row is its channel shifted by one offset per tap (see
+    // `same_size_row`), with the positions that read outside their image set to zero. Those
+    // positions depend on the tap alone, so they are found once per tap, as a mask of bits,
+    // and each row is one pass that vectorises: a copy and an AND (which keeps NaN where it
+    // is read, and reads none where it is not), instead of a copy and a loop over image rows.
+    let (h, w, r0) = (x.h, x.w, chunk.rows.start);
+    let mut masks = vec![0u32; k * k * width];
+    for (tap, mask) in masks.chunks_exact_mut(width).enumerate() {
+        let (dy, dx) = (
+            (tap / k) as isize - p as isize,
+            (tap % k) as isize - p as isize,
+        );
+        let mut oy = r0 % h;
+        for line in mask.chunks_exact_mut(w) {
+            if (0..h as isize).contains(&(oy as isize + dy)) {
+                for (ox, m) in line.iter_mut().enumerate() {
+                    let inside = (0..w as isize).contains(&(ox as isize + dx));
+                    *m = if inside { u32::MAX } else { 0 };
+                }
+            }
+            oy += 1;
+            if oy == h {
+                oy = 0;
+            }
+        }
+    }
+    let plane = x.plane();
+    for (dst, row) in cols.chunks_mut(width).zip(rows) {
+        let (ci, tap) = (row / (k * k), row % (k * k));
+        let src = &x.data[ci * plane..(ci + 1) * plane];
+        let mask = &masks[tap * width..][..width];
+        let offset = (r0 * w + (tap / k) * w + tap % k) as isize - (p * w + p) as isize;
+        let len = width as isize;
+        let start = (-offset).clamp(0, len) as usize;
+        let end = (src.len() as isize - offset).clamp(start as isize, len) as usize;
+        dst[..start].fill(0.0);
+        dst[end..].fill(0.0);
+        if end > start {
+            let from = (start as isize + offset) as usize;
+            let inputs = &src[from..from + (end - start)];
+            for ((v, x), m) in dst[start..end]
+                .iter_mut()
+                .zip(inputs)
+                .zip(&mask[start..end])
+            {
+                *v = f32::from_bits(x.to_bits() & m);
+            }
+        }
+    }
+}
+
+/// Row `row` = (ci, kh, kw) of [`im2col`]: `dst` holds the chunk's columns.
+fn im2col_row(
+    x: &Maps,
+    shape: &ConvShape,
+    plan: &ConvPlan,
+    chunk: &Chunk,
+    row: usize,
+    dst: &mut [f32],
+) {
     let (k, s, p) = (shape.k, shape.stride, shape.pad);
     let (ho, wo, r0) = (plan.ho, plan.wo, chunk.rows.start);
-    let width = chunk.width();
     let plane = x.plane();
-    let same_size = s == 1 && ho == x.h && wo == x.w;
-    cols.par_chunks_mut(width)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
-            let src = &x.data[ci * plane..(ci + 1) * plane];
-            if same_size {
-                return same_size_row(src, dst, (ky, kx, p), (x.h, x.w), r0);
-            }
-            // The same output columns read inside the input on every row of this (ci, ky, kx).
-            let (lo, hi) = inside_columns(kx, s, p, x.w, wo);
-            // Where hi > lo, lo·s + kx ≥ p.
-            let first = (lo * s + kx).saturating_sub(p);
-            let (mut img, mut oy) = (r0 / ho, r0 % ho);
-            for out_row in dst.chunks_exact_mut(wo) {
-                let iy = (oy * s + ky).wrapping_sub(p);
-                if iy >= x.h {
-                    out_row.fill(0.0);
+    let (ci, ky, kx) = (row / (k * k), (row / k) % k, row % k);
+    let src = &x.data[ci * plane..(ci + 1) * plane];
+    if s == 1 && ho == x.h && wo == x.w {
+        return same_size_row(src, dst, (ky, kx, p), (x.h, x.w), r0);
+    }
+    // The same output columns read inside the input on every row of this (ci, ky, kx).
+    let (lo, hi) = inside_columns(kx, s, p, x.w, wo);
+    // Where hi > lo, lo·s + kx ≥ p.
+    let first = (lo * s + kx).saturating_sub(p);
+    let (mut img, mut oy) = (r0 / ho, r0 % ho);
+    for out_row in dst.chunks_exact_mut(wo) {
+        let iy = (oy * s + ky).wrapping_sub(p);
+        if iy >= x.h {
+            out_row.fill(0.0);
+        } else {
+            let line = &src[(img * x.h + iy) * x.w..][..x.w];
+            out_row[..lo].fill(0.0);
+            out_row[hi..].fill(0.0);
+            // Input column of output column ox: ox·s + kx − p. An element-wise loop rather
+            // than `copy_from_slice`: the runs are short on small maps, where a call to
+            // memmove per run cost more than the copy.
+            if hi > lo {
+                if s == 1 {
+                    let inputs = &line[first..first + hi - lo];
+                    out_row[lo..hi]
+                        .iter_mut()
+                        .zip(inputs)
+                        .for_each(|(v, x)| *v = *x);
+                } else if s == 2 {
+                    // Every other input: the first of each pair, so that it vectorises (with
+                    // shuffles) where a strided loop runs element by element.
+                    let dst = &mut out_row[lo..hi];
+                    let pairs = line[first..].chunks_exact(2);
+                    let paired = pairs.len().min(dst.len());
+                    for (v, pair) in dst[..paired].iter_mut().zip(pairs) {
+                        *v = pair[0];
+                    }
+                    if paired < dst.len() {
+                        dst[paired] = line[first + 2 * paired];
+                    }
                 } else {
-                    let line = &src[(img * x.h + iy) * x.w..][..x.w];
-                    out_row[..lo].fill(0.0);
-                    out_row[hi..].fill(0.0);
-                    // Input column of output column ox: ox·s + kx − p. An element-wise loop
-                    // rather than `copy_from_slice`: the runs are short on small maps, where a
-                    // call to memmove per run cost more than the copy.
-                    if hi > lo {
-                        if s == 1 {
-                            let inputs = &line[first..first + hi - lo];
-                            out_row[lo..hi]
-                                .iter_mut()
-                                .zip(inputs)
-                                .for_each(|(v, x)| *v = *x);
-                        } else {
-                            let inputs = line[first..].iter().step_by(s);
-                            for (v, x) in out_row[lo..hi].iter_mut().zip(inputs) {
-                                *v = *x;
-                            }
-                        }
+                    let inputs = line[first..].iter().step_by(s);
+                    for (v, x) in out_row[lo..hi].iter_mut().zip(inputs) {
+                        *v = *x;
                     }
                 }
-                oy += 1;
-                if oy == ho {
-                    (img, oy) = (img + 1, 0);
-                }
             }
-        });
+        }
+        oy += 1;
+        if oy == ho {
+            (img, oy) = (img + 1, 0);
+        }
+    }
 }
 
 /// One row (ci, ky, kx) of im2col for a stride-1 conv whose output has its input's size
@@ -218,8 +308,8 @@ mod tests {
         out
     }
 
-    /// Both paths (stride 1 on maps of the output's size, and the general one) equal the
-    /// definition, for chunks that start and end inside an image.
+    /// Both paths (stride 1 on maps of the output's size, and the general one), threaded and
+    /// serial, equal the definition, for chunks that start and end inside an image.
     #[test]
     fn im2col_equals_its_definition() {
         for (k, s) in [(1, 1), (3, 1), (3, 2), (5, 1), (7, 2), (7, 1)] {
@@ -246,14 +336,19 @@ mod tests {
                         ..plan
                     };
                     for chunk in plan.chunks() {
+                        let want = naive(&x, &shape, &plan, &chunk);
                         let mut cols = vec![f32::NAN; shape.patch() * chunk.width()];
                         im2col(&x, &shape, &plan, &chunk, &mut cols);
-                        assert_eq!(
-                            cols,
-                            naive(&x, &shape, &plan, &chunk),
-                            "k {k} s {s} {h}x{w} chunk {:?}",
-                            chunk.rows
-                        );
+                        assert_eq!(cols, want, "k {k} s {s} {h}x{w} chunk {:?}", chunk.rows);
+                        let mut serial = vec![f32::NAN; shape.patch() * chunk.width()];
+                        let all = 0..shape.patch();
+                        im2col_serial(&x, &shape, &plan, &chunk, all, &mut serial);
+                        assert_eq!(serial, want, "serial: k {k} s {s} {h}x{w} {:?}", chunk.rows);
+                        // A range of rows alone: those rows of the whole.
+                        let (width, some) = (chunk.width(), 1..shape.patch().min(4));
+                        let mut part = vec![f32::NAN; some.len() * width];
+                        im2col_serial(&x, &shape, &plan, &chunk, some.clone(), &mut part);
+                        assert_eq!(part, want[some.start * width..some.end * width]);
                     }
                 }
             }

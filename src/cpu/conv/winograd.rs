@@ -15,8 +15,10 @@
 
 use rayon::prelude::*;
 
+use super::blocked::SharedOutput;
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
+use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
 use crate::cpu::kernels::sgemm::{Operand, sgemm};
 
 /// Largest transformed-input plus product buffer, in floats (32 MiB, as im2col's): wider
@@ -27,6 +29,8 @@ const BUFFER_FLOATS: usize = 8 << 20;
 /// positions ξ of the 4×4 block.
 pub(crate) struct WinogradFilter {
     u: Vec<f32>,
+    /// The 16 U\[ξ\] packed for the panel kernel, where this CPU runs one.
+    packed: Option<Vec<PackedLhs>>,
     cout: usize,
     cin: usize,
 }
@@ -75,12 +79,48 @@ impl WinogradFilter {
                 }
             }
         }
+        let packed = PanelKernel::select().map(|kernel| {
+            u.chunks_exact(plane)
+                .map(|ui| PackedLhs::new(kernel, ui, outs, ins))
+                .collect()
+        });
         Self {
             u,
+            packed,
             cout: outs,
             cin: ins,
         }
     }
+}
+
+/// Floats of M\[ξ\] per task of [`packed_products`] (1 MiB): they stay in a core's L2 cache.
+const TASK_FLOATS: usize = 1 << 18;
+
+/// M\[ξ\] (C_out × nt) = U\[ξ\] · V\[ξ\] (C_in × nt) for the 16 ξ, in one parallel region:
+/// one task per ξ and block of tiles, each on the panel kernel with V read in place. `v` and
+/// `m` hold their rows 16·nt apart, ξ's columns from ξ·nt.
+fn packed_products(packed: &[PackedLhs], nt: usize, v: &[f32], m: &mut [f32]) {
+    let cout = packed[0].rows();
+    let nr = packed[0].kernel().shape().nr;
+    let per_task = (TASK_FLOATS / cout.max(1) / nr * nr).clamp(nr, nt.next_multiple_of(nr));
+    let blocks = nt.div_ceil(per_task);
+    let ld = 16 * nt;
+    assert!(m.len() >= cout * ld, "winograd: scratch size");
+    let shared = SharedOutput(m.as_mut_ptr());
+    (0..16 * blocks).into_par_iter().for_each(|task| {
+        let (xi, block) = (task / blocks, task % blocks);
+        let cols = block * per_task..((block + 1) * per_task).min(nt);
+        // `m` holds cout rows of 16·nt floats; this task alone touches columns ξ·nt + `cols`
+        // of every row (the tasks cut the 16 × nt columns without overlap).
+        let at = shared.at(xi * nt + cols.start);
+        for r in 0..cout {
+            // SAFETY: row r, this task's columns.
+            unsafe { std::ptr::write_bytes(at.add(r * ld), 0, cols.len()) };
+        }
+        let b = &v[xi * nt + cols.start..];
+        // SAFETY: this task's columns of every row, zeroed above.
+        unsafe { packed[xi].multiply(0..packed[xi].panels(), (b, ld), cols.len(), (at, ld)) };
+    });
 }
 
 /// Whether F(2×2, 3×3) pays for an h × w map: its 16 multiplications per 2×2 tile (tiles
@@ -124,6 +164,10 @@ pub(crate) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [
     assert_eq!(out.len(), f.cout * x.plane(), "winograd: output size");
     by_chunks(data, x, f.cout, |rows, nt, v, m| {
         // M[ξ] (C_out × nt) = U[ξ] (C_out × C_in) · V[ξ] (C_in × nt)
+        if let Some(packed) = &f.packed {
+            packed_products(packed, nt, v, m);
+            return transform_output(m, x, rows, out);
+        }
         for xi in 0..16 {
             sgemm(
                 (f.cout, nt, f.cin),

@@ -5,6 +5,8 @@
 //! - [`sgemm`]: general f32 products (the `gemm` crate, or OpenBLAS with the `openblas`
 //!   feature), threaded or on the calling thread.
 //! - [`tile`]: msad's own 6 × 16 f32 micro-kernel and the packing of its left operand.
+//! - [`prepacked`]: products whose left operand (a conv's weights) is packed once, on 8 × 32
+//!   AVX-512 tiles or the 6 × 16 AVX2 ones, with the right operand read in place.
 //! - [`gram`]: u uᵀ of a few long rows, read in place.
 //! - [`int16`]: the 16-bit integer micro-kernel of the kNN screen, exact in `i32`.
 //!
@@ -13,6 +15,7 @@
 
 pub(crate) mod gram;
 pub(crate) mod int16;
+pub(crate) mod prepacked;
 pub(crate) mod sgemm;
 pub(crate) mod tile;
 

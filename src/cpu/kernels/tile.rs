@@ -5,7 +5,8 @@
 //! product there ([`TileKernel::tile`] on panels of the slice read in place), with no thread
 //! pool inside the product to wake and join. The left operand A (m × k) is packed into
 //! ⌈m / 6⌉ panels of 6 rows ([`pack_a`]), stored k-major. The kNN screen's integer kernel
-//! ([`super::int16`]) uses the same tile shape and packing.
+//! ([`super::int16`]) uses the same tile shape and packing, and the conv products
+//! ([`super::prepacked`]) this kernel where the CPU has AVX2 but not AVX-512.
 
 use crate::cpu::isa::{Avx2Fma, Kernel};
 
@@ -47,7 +48,15 @@ impl TileKernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the token proves the CPU has AVX2 and FMA; the slices hold what the
             // kernel reads and writes (asserted above).
-            Self::Fast(_) => unsafe { avx2::kernel(kc, a, (b, ldb), (c, ldc), accumulate) },
+            Self::Fast(_) => unsafe {
+                avx2::kernel(
+                    kc,
+                    a.as_ptr(),
+                    (b.as_ptr(), ldb),
+                    (c.as_mut_ptr(), ldc),
+                    accumulate,
+                )
+            },
             _ => portable_kernel(kc, a, (b, ldb), (c, ldc), accumulate),
         }
     }
@@ -112,35 +121,37 @@ fn portable_kernel(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::{
         __m256, _mm256_add_ps, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps,
         _mm256_setzero_ps, _mm256_storeu_ps,
     };
 
-    use super::{MR, NR};
+    use super::MR;
 
     /// The 6 × 16 micro-tile c (+)= a · b over `kc` columns: twelve 8-lane accumulators, per
     /// column two loads of b, six broadcasts of a and twelve FMAs.
     ///
+    /// Raw pointers, so that callers whose threads share one output matrix (each writing its
+    /// own tiles) can pass their tile without a `&mut` slice over other threads' elements.
+    ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` must hold kc × 6 floats, `b` kc rows of 16 floats
-    /// `ldb` apart, and `c` six rows of 16 floats `ldc` apart.
+    /// The CPU must have AVX2 and FMA; `a` must point to kc × 6 floats, `b` to kc rows of 16
+    /// floats `ldb` apart, and `c` to six rows of 16 floats `ldc` apart that no other thread
+    /// touches during the call.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel(
+    pub(crate) unsafe fn kernel(
         kc: usize,
-        a: &[f32],
-        (b, ldb): (&[f32], usize),
-        (c, ldc): (&mut [f32], usize),
+        a: *const f32,
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
         accumulate: bool,
     ) {
-        debug_assert!(a.len() >= kc * MR && (kc == 0 || b.len() >= (kc - 1) * ldb + NR));
-        debug_assert!(ldc >= NR && c.len() >= (MR - 1) * ldc + NR);
-        let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
+        let (mut pa, mut pb) = (a, b);
         let mut acc: [[__m256; 2]; MR] = [[_mm256_setzero_ps(); 2]; MR];
-        // SAFETY: (the whole body) the reads stay within kc × 6 floats of `a` and kc rows of 16
-        // floats `ldb` apart in `b`, the writes within six rows of 16 floats `ldc` apart in `c`
-        // (the caller's contract).
+        // SAFETY: (the whole body) the reads stay within kc × 6 floats from `a` and kc rows of
+        // 16 floats `ldb` apart from `b`, the writes within six rows of 16 floats `ldc` apart
+        // from `c` (the caller's contract).
         unsafe {
             for _ in 0..kc {
                 let b0 = _mm256_loadu_ps(pb);
@@ -153,7 +164,7 @@ mod avx2 {
                 pa = pa.add(MR);
                 pb = pb.wrapping_add(ldb);
             }
-            let pc = c.as_mut_ptr();
+            let pc = c;
             for (r, row) in acc.iter().enumerate() {
                 let (lo, hi) = (pc.add(r * ldc), pc.add(r * ldc + 8));
                 if accumulate {
@@ -169,11 +180,12 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cpu::isa::report_tested;
 
-    fn filled(len: usize, seed: u32) -> Vec<f32> {
+    /// `len` values in [−0.5, 0.5), a hash of their index and `seed` (the f32 kernels' tests).
+    pub(crate) fn filled(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32)
             .map(|v| v / (1 << 24) as f32 - 0.5)

@@ -14,7 +14,7 @@ use std::convert::Infallible;
 
 use rayon::prelude::*;
 
-use super::conv::{ConvBnWeights, FoldedConv, Maps, max_pool};
+use super::conv::{ConvBnWeights, FoldedConv, Maps, max_pool_values};
 use crate::{Error, Result};
 
 /// A residual block's layers: its convs in order, then the shortcut conv (if any).
@@ -189,7 +189,7 @@ impl InferenceEngine {
             ));
         }
         let x = Maps::from_nchw(images, dims);
-        let mut x = max_pool(&self.net.stem.forward(&x, None, true)).0;
+        let mut x = max_pool_values(&self.net.stem.forward(&x, None, true));
         // One slot per tap; every tap is a block index (checked above), so every slot fills.
         let mut kept: Vec<Option<Maps>> = vec![None; taps.len()];
         for (i, block) in self.net.blocks.iter().enumerate() {

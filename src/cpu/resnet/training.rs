@@ -161,6 +161,12 @@ impl ConvBn {
         let kk = shape.patch();
         let n = dz.len() / shape.cout;
         let plan = shape.plan(x);
+        let method = self.folded.method(x);
+        if method != ConvMethod::Winograd
+            && let Some(dx) = self.folded.adjoint_forward(x, dz)
+        {
+            return dx;
+        }
         let mut dx = Maps {
             data: vec![0f32; x.data.len()],
             c: x.c,
@@ -168,7 +174,6 @@ impl ConvBn {
             h: x.h,
             w: x.w,
         };
-        let method = self.folded.method(x);
         if method == ConvMethod::CenterTap {
             // dX (C_in × B) = W_centerᵀ · g.
             sgemm(

@@ -1,0 +1,202 @@
+//! A conv's forward as one parallel region: its output cut into blocks of columns (and, where
+//! columns are few, of output channels), each block computed start to end by one rayon task:
+//! bias (+ residual), im2col of its columns into the thread's buffer, the product with the
+//! weights packed once ([`PackedLhs`]), ReLU.
+//!
+//! Before, a conv was three or four parallel passes (the output's initialisation, im2col, the
+//! `gemm` crate's threaded product with its own packing of both operands, ReLU), each waking
+//! the pool and walking the whole output. On 32 px images (8 × 8 maps and smaller), where a
+//! conv is little arithmetic, those passes and hand-offs cost about as much as the products.
+//! Here a block's columns are written by im2col and read by the product while they are in the
+//! thread's cache.
+
+use rayon::prelude::*;
+
+use super::geometry::{Chunk, ConvPlan, ConvShape};
+use super::im2col::im2col_serial;
+use super::maps::Maps;
+use super::scratch::ColsBuffer;
+use crate::cpu::kernels::prepacked::PackedLhs;
+
+/// Floats of im2col, or of output for a direct conv, per block (1 MiB): they stay in a
+/// core's L2 cache.
+const BLOCK_FLOATS: usize = 1 << 18;
+
+/// Blocks per thread at least, where the output has that many columns: the work spreads
+/// evenly when the threads finish at different times.
+const BLOCKS_PER_THREAD: usize = 2;
+
+/// Where a conv's right operand comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum Columns<'a> {
+    /// `x` itself, k rows of `n` columns: a 1 × 1 stride-1 conv, or the center tap on 1 × 1
+    /// maps.
+    Direct(&'a [f32]),
+    /// The im2col of `x` for `shape`, planned as `plan`.
+    Im2col(&'a Maps, &'a ConvShape, &'a ConvPlan),
+}
+
+/// An output's pointer, shared by the tasks of one parallel region; each writes only its own
+/// block (this module's and [`super::winograd`]'s products).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOutput(pub(crate) *mut f32);
+
+impl SharedOutput {
+    /// The element `offset` floats from the start (a method, so that a closure captures the
+    /// whole `SharedOutput`, which is `Sync`, not its raw pointer field).
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+// SAFETY: the tasks that share it write disjoint blocks of the output (see `forward` and
+// `winograd::packed_products`), and the output outlives them (they run inside the parallel
+// loop of the function that owns it).
+unsafe impl Send for SharedOutput {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SharedOutput {}
+
+/// `weights` (C_out × K) times the columns (K × n) plus `bias` (per output channel) plus
+/// `residual` (C_out × n) where given, then ReLU where asked: the C_out × n output.
+///
+/// ReLU keeps NaN (`v < 0 ? 0 : v`), as the backends' relu does.
+pub(crate) fn forward(
+    weights: &PackedLhs,
+    columns: Columns<'_>,
+    n: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let m = weights.rows();
+    let len = m * n;
+    let blocks = Blocks::new(weights, columns, n);
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let shared = SharedOutput(out.as_mut_ptr());
+    (0..blocks.count()).into_par_iter().for_each(|task| {
+        let (cols, panels) = blocks.block(task);
+        let rows = panels.start * blocks.mr..(panels.end * blocks.mr).min(m);
+        let width = cols.len();
+        // Row r of this task's block. `out` has capacity m × n; this task alone touches rows
+        // `rows` × columns `cols` (the blocks cut the output without overlap), and writes
+        // each of them before the product reads it: what the unsafe blocks below rely on.
+        let block = |r: usize| shared.at(r * n + cols.start);
+        for r in rows.clone() {
+            let b = bias[r];
+            let dst = block(r);
+            match residual {
+                // SAFETY: row r, columns `cols` of the output, this task's own.
+                Some(res) => unsafe {
+                    for (j, v) in res[r * n + cols.start..][..width].iter().enumerate() {
+                        dst.add(j).write(b + v);
+                    }
+                },
+                // SAFETY: as above.
+                None => unsafe {
+                    for j in 0..width {
+                        dst.add(j).write(b);
+                    }
+                },
+            }
+        }
+        let mut buffer;
+        let (b, ldb) = match columns {
+            Columns::Direct(x) => (&x[cols.start..], n),
+            Columns::Im2col(x, shape, plan) => {
+                let wo = plan.wo;
+                let chunk = Chunk {
+                    index: 0,
+                    rows: cols.start / wo..cols.end / wo,
+                    wo,
+                };
+                buffer = ColsBuffer::take();
+                buffer.resize(shape.patch() * width, 0.0);
+                im2col_serial(x, shape, plan, &chunk, 0..shape.patch(), &mut buffer);
+                (&buffer[..], width)
+            }
+        };
+        // SAFETY: rows `rows` (those of `panels`), columns `cols` of the output from `block(0)`
+        // (row r at `block(0) + r · n`): this task's own block, initialised above.
+        unsafe { weights.multiply(panels, (b, ldb), width, (block(0), n)) };
+        if relu {
+            for r in rows {
+                // SAFETY: row r, columns `cols`: this task's own, initialised.
+                let row = unsafe { std::slice::from_raw_parts_mut(block(r), width) };
+                row.iter_mut()
+                    .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+            }
+        }
+    });
+    // SAFETY: the blocks cover every row and column of the m × n output, and each task wrote
+    // its block's every element (the initialisation above) before finishing.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// How the output is cut: `column_blocks` blocks of `columns_per_block` columns (whole output
+/// rows for im2col), times `groups` groups of `panels_per_group` panels of output channels.
+struct Blocks {
+    n: usize,
+    columns_per_block: usize,
+    column_blocks: usize,
+    panels: usize,
+    panels_per_group: usize,
+    groups: usize,
+    mr: usize,
+}
+
+impl Blocks {
+    fn new(weights: &PackedLhs, columns: Columns<'_>, n: usize) -> Self {
+        let threads = rayon::current_num_threads().max(1);
+        let shape = weights.kernel().shape();
+        let wanted = BLOCKS_PER_THREAD * threads;
+        let balanced = n.div_ceil(wanted);
+        let columns_per_block = match columns {
+            Columns::Direct(_) => {
+                // The block's output (C_out × width) stays in the L2 cache between the passes
+                // over the inner dimension.
+                let fits = (BLOCK_FLOATS / weights.rows().max(1)) / shape.nr * shape.nr;
+                balanced
+                    .next_multiple_of(shape.nr)
+                    .min(fits.max(shape.nr))
+                    .clamp(1, n.max(1))
+            }
+            Columns::Im2col(_, conv, plan) => {
+                let wo = plan.wo.max(1);
+                let fits = (BLOCK_FLOATS / (conv.patch() * wo).max(1)).max(1);
+                // Whole output rows; at least a tile's width where the output has it.
+                let least = shape.nr.div_ceil(wo);
+                let rows = balanced.div_ceil(wo).max(least).min(fits).max(1);
+                rows * wo
+            }
+        };
+        let column_blocks = n.div_ceil(columns_per_block).max(1);
+        let panels = weights.panels();
+        let groups = wanted.div_ceil(column_blocks).clamp(1, panels.max(1));
+        let panels_per_group = panels.div_ceil(groups).max(1);
+        Self {
+            n,
+            columns_per_block,
+            column_blocks,
+            panels,
+            panels_per_group,
+            groups: panels.div_ceil(panels_per_group).max(1),
+            mr: shape.mr,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.column_blocks * self.groups
+    }
+
+    /// Task `task`'s columns and panels.
+    fn block(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (b, g) = (task / self.groups, task % self.groups);
+        let c0 = b * self.columns_per_block;
+        let p0 = g * self.panels_per_group;
+        (
+            c0..(c0 + self.columns_per_block).min(self.n),
+            p0..(p0 + self.panels_per_group).min(self.panels),
+        )
+    }
+}
