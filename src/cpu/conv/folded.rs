@@ -1,5 +1,7 @@
 //! A conv with its BatchNorm folded in (running statistics, as msad always normalises), and
-//! its forward: im2col + one product per column chunk, or F(2×2, 3×3) Winograd where it pays.
+//! its forward: blocks of im2col + a product on the weights packed once ([`blocked`], where
+//! the CPU runs a panel kernel), else im2col + one [`sgemm`] per column chunk; or F(2×2, 3×3)
+//! Winograd where it pays. Also the input gradient of stride-1 convs as the adjoint conv.
 
 use std::sync::OnceLock;
 
@@ -67,7 +69,7 @@ pub(crate) struct FoldedConv {
     /// The center tap of `w` (C_out × C_in), made on first use by a 1 × 1 map.
     center: OnceLock<Vec<f32>>,
     /// `w` packed for the panel kernel ([`blocked`]), made on first use; `None` where this CPU
-    /// runs no panel kernel (the `gemm` crate's products then).
+    /// runs no panel kernel (then [`sgemm`]: the `gemm` crate, or OpenBLAS).
     packed: OnceLock<Option<PackedLhs>>,
     /// The center tap packed likewise, made on first use by a 1 × 1 map.
     packed_center: OnceLock<Option<PackedLhs>>,
@@ -345,6 +347,87 @@ mod tests {
         (0..len as u32)
             .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32) / 8e6 - 1.0)
             .collect()
+    }
+
+    /// The blocked forward (bias, residual, product on the packed weights, ReLU, one task per
+    /// block) equals bias + residual + the `sgemm` product + ReLU, on the panel kernel
+    /// `PanelKernel::select` gives (`MSAD_CPU_ISA` picks others), for convs that are direct, same-size,
+    /// strided and 7 × 7, on outputs narrower and wider than a tile, in pools of 1, 2 and 7
+    /// threads (more threads than column blocks: the output channels are split too).
+    #[test]
+    fn blocked_forward_equals_the_sgemm_path() {
+        let Some(_) = PanelKernel::select() else {
+            return;
+        };
+        for (k, stride, cin, cout, b, h, w) in [
+            (1, 1, 5, 24, 2, 3, 3),
+            (3, 1, 4, 13, 3, 5, 4),
+            (3, 2, 6, 16, 2, 9, 7),
+            (7, 2, 3, 64, 1, 17, 15),
+            (3, 1, 8, 70, 4, 8, 8),
+        ] {
+            let shape = ConvShape::new(
+                "c",
+                ConvLayout {
+                    weight_dims: [cout, cin, k, k],
+                    stride: [stride; 2],
+                    padding: Some([k / 2; 4]),
+                    dilation: [1, 1],
+                    groups: 1,
+                },
+            )
+            .unwrap();
+            let conv = FoldedConv::fold(ConvBnWeights {
+                shape,
+                weight: values(cout * cin * k * k, 1),
+                conv_bias: None,
+                gamma: values(cout, 2),
+                beta: values(cout, 3),
+                mean: values(cout, 4),
+                var: values(cout, 5).iter().map(|v| v.abs() + 0.5).collect(),
+                eps: 1e-5,
+            });
+            let x = Maps {
+                data: values(cin * b * h * w, 6),
+                c: cin,
+                b,
+                h,
+                w,
+            };
+            assert_ne!(conv.method(&x), ConvMethod::Winograd);
+            let plan = shape.plan(&x);
+            let n = plan.columns();
+            let residual = Maps {
+                data: values(cout * n, 7),
+                c: cout,
+                b,
+                h: plan.ho,
+                w: plan.wo,
+            };
+            let mut want = vec![0f32; cout * n];
+            conv.accumulate_im2col(&x, &mut want);
+            for (o, row) in want.chunks_exact_mut(n).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let y = *v + conv.bias[o] + residual.data[o * n + j];
+                    *v = if y < 0.0 { 0.0 } else { y };
+                }
+            }
+            for threads in [1, 2, 7] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool
+                    .install(|| conv.forward(&x, Some(&residual), true))
+                    .data;
+                for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                        "k {k} s {stride} {threads} threads [{i}]: {g} vs {r}"
+                    );
+                }
+            }
+        }
     }
 
     /// On 1 × 1 maps the center-tap product equals im2col's (k = 3 and 7, strides 1 and 2).

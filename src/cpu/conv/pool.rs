@@ -56,8 +56,8 @@ pub(crate) fn max_pool(x: &Maps) -> (Maps, Vec<u32>) {
     (pooled, idx)
 }
 
-/// [`max_pool`]'s values alone, for inference: the same maxima (NaN wins likewise), without
-/// the positions, as a maximum of the window's rows and then of its columns, which vectorises
+/// [`max_pool`]'s values alone, for inference: the same maxima (NaN wins likewise; between
+/// −0.0 and +0.0, and between NaN payloads, the pick may differ), without the positions, as a maximum of the window's rows and then of its columns, which vectorises
 /// (the search for positions ran element by element: a tenth of a 32 px forward).
 pub(crate) fn max_pool_values(x: &Maps) -> Maps {
     // The larger of two values, NaN where either is NaN.

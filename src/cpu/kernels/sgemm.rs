@@ -1,5 +1,7 @@
-//! Single-precision matrix products on host memory, for the CPU kernels (the inference and
-//! training engines, the kNN scorer; the loss where the CPU lacks AVX2 and FMA).
+//! Single-precision matrix products on host memory, for the CPU kernels: the training
+//! engine's weight gradients and strided convs' input gradients, the kNN scorer's f32
+//! products, the loss where the CPU lacks AVX2 and FMA, and the convs where the CPU runs no
+//! panel kernel ([`super::prepacked`], which takes the convs' products wherever it runs).
 //!
 //! By default the products run on the pure-Rust `gemm` crate. With the `openblas` feature they
 //! run on the system's OpenBLAS (`cblas_sgemm`; Debian: `apt install libopenblas-dev`), which

@@ -155,7 +155,9 @@ impl ConvBn {
         dw
     }
 
-    /// dX: (W·s)ᵀ · g, scattered back onto the input positions (col2im).
+    /// dX: (W·s)ᵀ · g, scattered back onto the input positions (col2im); for stride-1 convs
+    /// that keep the map's size, the adjoint conv on the panel kernel instead
+    /// ([`FoldedConv::adjoint_forward`]), and F(2×2, 3×3) with the kernels turned over.
     fn input_grad(&self, x: &Maps, dz: &[f32]) -> Maps {
         let shape = &self.folded.shape;
         let kk = shape.patch();
