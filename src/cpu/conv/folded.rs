@@ -349,6 +349,32 @@ mod tests {
             .collect()
     }
 
+    /// A k × k conv (padding k / 2) from `cin` to `cout` channels with hashed weights and
+    /// BatchNorm statistics, folded.
+    fn folded(k: usize, stride: usize, cin: usize, cout: usize) -> FoldedConv {
+        let shape = ConvShape::new(
+            "c",
+            ConvLayout {
+                weight_dims: [cout, cin, k, k],
+                stride: [stride; 2],
+                padding: Some([k / 2; 4]),
+                dilation: [1, 1],
+                groups: 1,
+            },
+        )
+        .unwrap();
+        FoldedConv::fold(ConvBnWeights {
+            shape,
+            weight: values(cout * cin * k * k, 1),
+            conv_bias: None,
+            gamma: values(cout, 2),
+            beta: values(cout, 3),
+            mean: values(cout, 4),
+            var: values(cout, 5).iter().map(|v| v.abs() + 0.5).collect(),
+            eps: 1e-5,
+        })
+    }
+
     /// The blocked forward (bias, residual, product on the packed weights, ReLU, one task per
     /// block) equals bias + residual + the `sgemm` product + ReLU, on the panel kernel
     /// `PanelKernel::select` gives (`MSAD_CPU_ISA` picks others), for convs that are direct, same-size,
@@ -366,27 +392,8 @@ mod tests {
             (7, 2, 3, 64, 1, 17, 15),
             (3, 1, 8, 70, 4, 8, 8),
         ] {
-            let shape = ConvShape::new(
-                "c",
-                ConvLayout {
-                    weight_dims: [cout, cin, k, k],
-                    stride: [stride; 2],
-                    padding: Some([k / 2; 4]),
-                    dilation: [1, 1],
-                    groups: 1,
-                },
-            )
-            .unwrap();
-            let conv = FoldedConv::fold(ConvBnWeights {
-                shape,
-                weight: values(cout * cin * k * k, 1),
-                conv_bias: None,
-                gamma: values(cout, 2),
-                beta: values(cout, 3),
-                mean: values(cout, 4),
-                var: values(cout, 5).iter().map(|v| v.abs() + 0.5).collect(),
-                eps: 1e-5,
-            });
+            let conv = folded(k, stride, cin, cout);
+            let shape = conv.shape;
             let x = Maps {
                 data: values(cin * b * h * w, 6),
                 c: cin,
@@ -435,27 +442,7 @@ mod tests {
     fn the_center_tap_equals_im2col_on_one_pixel_maps() {
         for (k, stride) in [(3, 1), (3, 2), (7, 2)] {
             let (cin, cout, b) = (5, 4, 3);
-            let shape = ConvShape::new(
-                "c",
-                ConvLayout {
-                    weight_dims: [cout, cin, k, k],
-                    stride: [stride; 2],
-                    padding: Some([k / 2; 4]),
-                    dilation: [1, 1],
-                    groups: 1,
-                },
-            )
-            .unwrap();
-            let conv = FoldedConv::fold(ConvBnWeights {
-                shape,
-                weight: values(cout * cin * k * k, 1),
-                conv_bias: None,
-                gamma: values(cout, 2),
-                beta: values(cout, 3),
-                mean: values(cout, 4),
-                var: values(cout, 5).iter().map(|v| v.abs() + 0.5).collect(),
-                eps: 1e-5,
-            });
+            let conv = folded(k, stride, cin, cout);
             let x = Maps {
                 data: values(cin * b, 6),
                 c: cin,

@@ -36,43 +36,28 @@ pub(crate) fn im2col_serial(
     cols: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(token) = Avx2::detect() {
-        return wide::im2col_serial(token, x, shape, plan, chunk, rows, cols);
+    if Avx2::detect().is_some() {
+        // SAFETY: the token proves the CPU has AVX2; the body is safe code.
+        return unsafe { im2col_serial_avx2(x, shape, plan, chunk, rows, cols) };
     }
     im2col_serial_body(x, shape, plan, chunk, rows, cols)
 }
 
+/// [`im2col_serial`]'s body compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
-mod wide {
-    use super::*;
-
-    /// [`im2col_serial`] compiled for AVX2 (the token proves the CPU has it).
-    pub(super) fn im2col_serial(
-        _token: Avx2,
-        x: &Maps,
-        shape: &ConvShape,
-        plan: &ConvPlan,
-        chunk: &Chunk,
-        rows: std::ops::Range<usize>,
-        cols: &mut [f32],
-    ) {
-        // SAFETY: the token proves the CPU has AVX2; the body is safe code.
-        unsafe { body(x, shape, plan, chunk, rows, cols) }
-    }
-
-    /// # Safety
-    /// The CPU must have AVX2.
-    #[target_feature(enable = "avx2")]
-    unsafe fn body(
-        x: &Maps,
-        shape: &ConvShape,
-        plan: &ConvPlan,
-        chunk: &Chunk,
-        rows: std::ops::Range<usize>,
-        cols: &mut [f32],
-    ) {
-        im2col_serial_body(x, shape, plan, chunk, rows, cols)
-    }
+#[target_feature(enable = "avx2")]
+unsafe fn im2col_serial_avx2(
+    x: &Maps,
+    shape: &ConvShape,
+    plan: &ConvPlan,
+    chunk: &Chunk,
+    rows: std::ops::Range<usize>,
+    cols: &mut [f32],
+) {
+    im2col_serial_body(x, shape, plan, chunk, rows, cols)
 }
 
 /// [`im2col_serial`]'s work, inlined into each instruction set's copy.
