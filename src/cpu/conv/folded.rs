@@ -57,6 +57,22 @@ pub(crate) fn center_tap(w: &[f32], shape: &ConvShape) -> Vec<f32> {
     w.chunks_exact(taps).map(|kernel| kernel[center]).collect()
 }
 
+/// The adjoint's weights of a conv with weights `w` (C_out × C_in·taps): each kernel turned by
+/// 180° and the channels swapped, C_in × C_out·taps with rows (o, tap) as im2col's:
+/// W_adj\[i\]\[(o, t)\] = W\[o\]\[(i, taps − 1 − t)\]. With one tap, the transpose.
+fn adjoint_weights(w: &[f32], cout: usize, cin: usize, taps: usize) -> Vec<f32> {
+    let mut adjoint = vec![0f32; cin * cout * taps];
+    for (o, kernels) in w.chunks_exact(cin * taps).take(cout).enumerate() {
+        for (i, kernel) in kernels.chunks_exact(taps).enumerate() {
+            let dst = &mut adjoint[(i * cout + o) * taps..][..taps];
+            dst.iter_mut()
+                .zip(kernel.iter().rev())
+                .for_each(|(d, v)| *d = *v);
+        }
+    }
+    adjoint
+}
+
 /// A conv with its BatchNorm folded in: `w` is C_out × (C_in·k·k) scaled per output channel
 /// by `scale`, `bias` the BatchNorm shift.
 pub(crate) struct FoldedConv {
@@ -204,30 +220,14 @@ impl FoldedConv {
         match self.method(x) {
             ConvMethod::CenterTap | ConvMethod::Im2col if plan.direct || x.h * x.w == 1 => {
                 // dX (C_in × n) = Wᵀ g: the center tap (all of a 1 × 1 kernel), transposed.
-                let center = self.center_weights();
-                let mut transposed = vec![0f32; cin * cout];
-                for (o, row) in center.chunks_exact(cin).enumerate() {
-                    for (i, v) in row.iter().enumerate() {
-                        transposed[i * cout + o] = *v;
-                    }
-                }
+                let transposed = adjoint_weights(self.center_weights(), cout, cin, 1);
                 let packed = PackedLhs::new(kernel, &transposed, cin, cout);
                 let dx = blocked::forward(&packed, Columns::Direct(g), n, &zeros, None, false);
                 Some(maps(dx))
             }
             ConvMethod::Im2col if s.stride == 1 && plan.ho == x.h && plan.wo == x.w => {
-                let taps = k * k;
-                // W_adj[i][(o, t)] = W[o][(i, taps − 1 − t)], rows (o, ky, kx) as im2col's.
-                let mut adjoint = vec![0f32; cin * cout * taps];
-                for (o, kernels) in self.w.chunks_exact(cin * taps).enumerate() {
-                    for (i, kernel) in kernels.chunks_exact(taps).enumerate() {
-                        let dst = &mut adjoint[(i * cout + o) * taps..][..taps];
-                        dst.iter_mut()
-                            .zip(kernel.iter().rev())
-                            .for_each(|(d, v)| *d = *v);
-                    }
-                }
-                let packed = PackedLhs::new(kernel, &adjoint, cin, cout * taps);
+                let adjoint = adjoint_weights(&self.w, cout, cin, k * k);
+                let packed = PackedLhs::new(kernel, &adjoint, cin, cout * k * k);
                 let g = Maps {
                     data: g.to_vec(),
                     c: cout,

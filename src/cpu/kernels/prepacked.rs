@@ -167,23 +167,7 @@ impl PackedLhs {
     /// # Panics
     /// When `rows` holds fewer than m × k floats (a bug in the caller).
     pub(crate) fn new(kernel: PanelKernel, rows: &[f32], m: usize, k: usize) -> Self {
-        Self::strided(kernel, (rows, k), m, k)
-    }
-
-    /// Packs the m × k matrix whose rows lie `ld` ≥ k floats apart in `rows` for `kernel`.
-    ///
-    /// # Panics
-    /// When `rows` is too short for that (a bug in the caller).
-    pub(crate) fn strided(
-        kernel: PanelKernel,
-        (rows, ld): (&[f32], usize),
-        m: usize,
-        k: usize,
-    ) -> Self {
-        assert!(
-            ld >= k && (m == 0 || rows.len() >= (m - 1) * ld + k),
-            "packed operand: rows too short"
-        );
+        assert!(rows.len() >= m * k, "packed operand: rows too short");
         let TileShape { mr, kc, .. } = kernel.shape();
         let panels = m.div_ceil(mr);
         let mut data = vec![0f32; panels * mr * k];
@@ -193,7 +177,7 @@ impl PackedLhs {
             for p in 0..panels {
                 let panel = &mut data[at..at + depth * mr];
                 for r in 0..mr.min(m - p * mr) {
-                    let row = &rows[(p * mr + r) * ld + k0..][..depth];
+                    let row = &rows[(p * mr + r) * k + k0..][..depth];
                     for (t, &v) in row.iter().enumerate() {
                         panel[t * mr + r] = v;
                     }
