@@ -151,12 +151,17 @@ impl Blocks {
         let shape = weights.kernel().shape();
         let wanted = BLOCKS_PER_THREAD * threads;
         let balanced = n.div_ceil(wanted);
+        // Every column block reads all the weights, every group of channels does the im2col
+        // of its columns: where the weights outweigh the columns (a batch of one on 7 × 7
+        // maps: 512 channels, 49 columns), the columns stay in one block and the channels are
+        // split, so that each weight comes from memory once.
+        let few_columns = weights.rows() >= n;
         let columns_per_block = match columns {
             Columns::Direct(_) => {
                 // The block's output (C_out × width) stays in the L2 cache between the passes
                 // over the inner dimension.
                 let fits = (BLOCK_FLOATS / weights.rows().max(1)) / shape.nr * shape.nr;
-                balanced
+                if few_columns { n } else { balanced }
                     .next_multiple_of(shape.nr)
                     .min(fits.max(shape.nr))
                     .clamp(1, n.max(1))
@@ -166,8 +171,12 @@ impl Blocks {
                 let fits = (BLOCK_FLOATS / (conv.patch() * wo).max(1)).max(1);
                 // Whole output rows; at least a tile's width where the output has it.
                 let least = shape.nr.div_ceil(wo);
-                let rows = balanced.div_ceil(wo).max(least).min(fits).max(1);
-                rows * wo
+                let wanted_rows = if few_columns {
+                    n.div_ceil(wo)
+                } else {
+                    balanced.div_ceil(wo)
+                };
+                wanted_rows.max(least).min(fits).max(1) * wo
             }
         };
         let column_blocks = n.div_ceil(columns_per_block).max(1);

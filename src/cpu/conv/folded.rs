@@ -183,6 +183,12 @@ impl FoldedConv {
         self.center.get_or_init(|| center_tap(&self.w, &self.shape))
     }
 
+    /// The folded weights transformed for F(2×2, 3×3), on first use.
+    fn winograd(&self) -> &WinogradFilter {
+        self.winograd
+            .get_or_init(|| WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin))
+    }
+
     /// The folded weights (all taps, or the center tap alone) packed for the panel kernel,
     /// where this CPU runs one.
     fn packed(&self, center: bool) -> Option<&PackedLhs> {
@@ -264,15 +270,27 @@ impl FoldedConv {
                 .map(|w| (w, Columns::Im2col(x, &self.shape, &plan))),
             ConvMethod::Winograd => None,
         };
+        let maps = |data| Maps {
+            data,
+            c: self.shape.cout,
+            b: x.b,
+            h: plan.ho,
+            w: plan.wo,
+        };
         if let Some((weights, columns)) = blocked {
             let residual = residual.map(|r| &r.data[..]);
-            return Maps {
-                data: blocked::forward(weights, columns, n, &self.bias, residual, relu),
-                c: self.shape.cout,
-                b: x.b,
-                h: plan.ho,
-                w: plan.wo,
-            };
+            return maps(blocked::forward(
+                weights, columns, n, &self.bias, residual, relu,
+            ));
+        }
+        if method == ConvMethod::Winograd {
+            let residual = residual.map(|r| &r.data[..]);
+            let shape = winograd::Shape::of(x);
+            if let Some(out) =
+                winograd::forward(&x.data, shape, self.winograd(), &self.bias, residual, relu)
+            {
+                return maps(out);
+            }
         }
         // The output starts as bias (+ residual); the products accumulate onto it.
         // Written once, without zeroing first (a memset of every output cost ~3% of a
@@ -313,10 +331,7 @@ impl FoldedConv {
                 );
             }
             ConvMethod::Winograd => {
-                let filter = self
-                    .winograd
-                    .get_or_init(|| WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin));
-                winograd::accumulate(&x.data, winograd::Shape::of(x), filter, &mut out);
+                winograd::accumulate(&x.data, winograd::Shape::of(x), self.winograd(), &mut out);
             }
             ConvMethod::Im2col => self.accumulate_im2col(x, &mut out),
         }
@@ -391,6 +406,9 @@ mod tests {
             (3, 2, 6, 16, 2, 9, 7),
             (7, 2, 3, 64, 1, 17, 15),
             (3, 1, 8, 70, 4, 8, 8),
+            // More channels than columns: one block of columns, the channels split.
+            (3, 1, 16, 72, 1, 7, 7),
+            (3, 2, 8, 64, 1, 13, 13),
         ] {
             let conv = folded(k, stride, cin, cout);
             let shape = conv.shape;

@@ -182,6 +182,168 @@ pub(crate) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [
     });
 }
 
+/// Floats of one task's transformed input and products in [`forward`] (1 MiB): they stay
+/// in a core's L2 cache from the input transform to the output transform.
+const FUSED_TASK_FLOATS: usize = 1 << 18;
+
+/// Tasks per thread at least in [`forward`], where the map has that many tile rows.
+const TASKS_PER_THREAD: usize = 2;
+
+/// The 3x3, stride-1, padding-1 convolution of `x` (shape `x`, values `data`) with the filter,
+/// plus `bias` per output channel, plus `residual` (C_out × B·H·W) where given, then ReLU
+/// (NaN kept) where asked: the C_out × B·H·W output, in one parallel region. Each task owns a
+/// block of tile rows and a group of output channels and takes them from the input transform
+/// through the 16 products on the panel kernel to the output transform, its V and M in its
+/// thread's buffer (in cache), writing its part of the output once. `None` where the filter
+/// has no panel-kernel form (this CPU runs none): then [`accumulate`].
+///
+/// Before, the same work was five passes over the whole map (output initialisation, input
+/// transform, products, output transform, ReLU), each a parallel region and each reading or
+/// writing all of V or M (16 times the map) in memory: at batch 1 that cost about as much as
+/// the products.
+pub(crate) fn forward(
+    data: &[f32],
+    x: Shape,
+    f: &WinogradFilter,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Option<Vec<f32>> {
+    let packed = f.packed.as_ref()?;
+    let (cin, cout, plane) = (x.c, f.cout, x.plane());
+    assert_eq!(data.len(), cin * plane, "winograd: input size");
+    assert_eq!(cin, f.cin, "winograd: input channels");
+    assert_eq!(bias.len(), cout, "winograd: bias size");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), cout * plane, "winograd: residual size");
+    }
+    let tasks = FusedTasks::new(x, cout, packed[0].panels(), packed[0].kernel().shape().mr);
+    let len = cout * plane;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let shared = SharedOutput(out.as_mut_ptr());
+    (0..tasks.count()).into_par_iter().for_each(|task| {
+        let (rows, panels) = tasks.block(task);
+        let channels = panels.start * tasks.mr..(panels.end * tasks.mr).min(cout);
+        let tw = x.w.div_ceil(2);
+        let nt = rows.len() * tw;
+        let mut buffer = ColsBuffer::take();
+        buffer.resize(16 * (cin + cout) * nt, 0.0);
+        let (v, m) = buffer.split_at_mut(16 * cin * nt);
+        // V (C_in × 16 × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
+        let mut lines = InputLines::new(x);
+        for (ci, v) in v.chunks_exact_mut(16 * nt).enumerate() {
+            lines.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
+        }
+        let ld = 16 * nt;
+        m[channels.start * ld..channels.end * ld].fill(0.0);
+        for (xi, u) in packed.iter().enumerate() {
+            // SAFETY: `m` holds C_out rows of 16·nt floats; the panels' rows are `channels`,
+            // columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this task owns.
+            unsafe {
+                u.multiply(
+                    panels.clone(),
+                    (&v[xi * nt..], ld),
+                    nt,
+                    (m[xi * nt..].as_mut_ptr(), ld),
+                )
+            };
+        }
+        // Aᵀ M A + bias (+ residual), ReLU, into this task's channels and output rows.
+        let mut y = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
+        for o in channels {
+            let mo = &m[o * ld..(o + 1) * ld];
+            let b = bias[o];
+            for (k, tile_row) in rows.clone().enumerate() {
+                output_tile_row(mo, nt, k * tw, tw, &mut y);
+                for (at, r) in output_lines(x, tile_row) {
+                    let at = o * plane + at;
+                    // Output row `at` of channel o: this task alone writes it (the tasks cut
+                    // the channels × tile rows without overlap, and a tile row's output rows
+                    // are its own); `out` has capacity C_out × plane.
+                    // SAFETY: as said, x.w floats from `at` inside the output.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            shared.at(at).cast::<std::mem::MaybeUninit<f32>>(),
+                            x.w,
+                        )
+                    };
+                    let conv = &y[r][..x.w];
+                    let finish = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
+                    match residual {
+                        Some(res) => {
+                            for ((d, c), r) in dst.iter_mut().zip(conv).zip(&res[at..at + x.w]) {
+                                d.write(finish(b + r + c));
+                            }
+                        }
+                        None => {
+                            for (d, c) in dst.iter_mut().zip(conv) {
+                                d.write(finish(b + c));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    // SAFETY: the tasks cover every channel and tile row, and a tile row's output rows cover
+    // the map's rows (2·ty and 2·ty + 1 inside it): every element was written above.
+    unsafe { out.set_len(len) };
+    Some(out)
+}
+
+/// How [`forward`] cuts its work: `row_blocks` blocks of `rows_per_block` tile rows, times
+/// `groups` groups of `panels_per_group` panels of output channels (groups only where the map
+/// has too few tile rows for every thread).
+struct FusedTasks {
+    tile_rows: usize,
+    rows_per_block: usize,
+    row_blocks: usize,
+    panels: usize,
+    panels_per_group: usize,
+    groups: usize,
+    mr: usize,
+}
+
+impl FusedTasks {
+    fn new(x: Shape, cout: usize, panels: usize, mr: usize) -> Self {
+        let tile_rows = (x.b * x.h.div_ceil(2)).max(1);
+        let per_row = 16 * (x.c + cout) * x.w.div_ceil(2);
+        let fits = (FUSED_TASK_FLOATS / per_row.max(1)).max(1);
+        let wanted = TASKS_PER_THREAD * rayon::current_num_threads().max(1);
+        // Blocks of tile rows (each task reads all of U): splitting the channels instead
+        // where the tiles are few (a batch of one on 14 × 14 maps) was slower, each group
+        // then transforming all of the input.
+        let rows_per_block = tile_rows.div_ceil(wanted).min(fits).max(1);
+        let row_blocks = tile_rows.div_ceil(rows_per_block);
+        let groups = wanted.div_ceil(row_blocks).clamp(1, panels.max(1));
+        let panels_per_group = panels.div_ceil(groups).max(1);
+        Self {
+            tile_rows,
+            rows_per_block,
+            row_blocks,
+            panels,
+            panels_per_group,
+            groups: panels.div_ceil(panels_per_group).max(1),
+            mr,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.row_blocks * self.groups
+    }
+
+    /// Task `task`'s tile rows and panels.
+    fn block(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (b, g) = (task / self.groups, task % self.groups);
+        let r0 = b * self.rows_per_block;
+        let p0 = g * self.panels_per_group;
+        (
+            r0..(r0 + self.rows_per_block).min(self.tile_rows),
+            p0..(p0 + self.panels_per_group).min(self.panels),
+        )
+    }
+}
+
 /// Runs `each` over the tiles of `x` in chunks of whole tile rows (one image, one tile row:
 /// ⌈w/2⌉ tiles each) sized to the buffer: with the tile rows, their number of tiles nt, V
 /// (C_in × 16 × nt, the transformed input) and a C_out × 16 × nt scratch. Each channel's task
@@ -210,28 +372,40 @@ fn by_chunks(
 /// V (C_in × 16 × nt): Bᵀ d B for every tile of the tile rows `rows` (image, tile row) of
 /// every channel, d the 4×4 input block at rows 2·ty − 1.., columns 2·tx − 1.. (zero outside).
 fn transform_input(data: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut [f32]) {
-    let (h, w) = (x.h, x.w);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let nt = rows.len() * tw;
+    let nt = rows.len() * x.w.div_ceil(2);
     let plane = x.plane();
-    // Input rows padded with a zero column on the left and enough on the right: padded
-    // column j holds input column j − 1.
-    let wp = 2 * tw + 2;
     v.par_chunks_mut(16 * nt).enumerate().for_each(|(ci, v)| {
-        let src = &data[ci * plane..(ci + 1) * plane];
-        let mut d = [
-            vec![0f32; wp],
-            vec![0f32; wp],
-            vec![0f32; wp],
-            vec![0f32; wp],
-        ];
-        let mut t = [
-            vec![0f32; wp],
-            vec![0f32; wp],
-            vec![0f32; wp],
-            vec![0f32; wp],
-        ];
-        for (k, tile_row) in rows.clone().enumerate() {
+        let mut lines = InputLines::new(x);
+        lines.transform(&data[ci * plane..(ci + 1) * plane], x, rows.clone(), v);
+    });
+}
+
+/// The rows one channel's input transform works on: four input rows padded with a zero
+/// column on the left and enough on the right (padded column j holds input column j − 1),
+/// and Bᵀ d of them.
+struct InputLines {
+    d: [Vec<f32>; 4],
+    t: [Vec<f32>; 4],
+}
+
+impl InputLines {
+    fn new(x: Shape) -> Self {
+        let wp = 2 * x.w.div_ceil(2) + 2;
+        Self {
+            d: std::array::from_fn(|_| vec![0f32; wp]),
+            t: std::array::from_fn(|_| vec![0f32; wp]),
+        }
+    }
+
+    /// V of one channel (16 × nt, ξ's row nt floats long): Bᵀ d B for every tile of the tile
+    /// rows `rows` of `src` (the channel's B × H × W values).
+    fn transform(&mut self, src: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut [f32]) {
+        let (h, w) = (x.h, x.w);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        let nt = rows.len() * tw;
+        let (d, t) = (&mut self.d, &mut self.t);
+        let wp = d[0].len();
+        for (k, tile_row) in rows.enumerate() {
             let (img, ty) = (tile_row / th, tile_row % th);
             for (r, dr) in d.iter_mut().enumerate() {
                 let iy = (2 * ty + r).wrapping_sub(1);
@@ -264,56 +438,67 @@ fn transform_input(data: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut
                 }
             }
         }
-    });
+    }
 }
 
 /// `out` += Aᵀ m A for every tile of the tile rows `rows` of every output channel, the 2×2
 /// blocks clipped to the map; `m` is C_out × 16 × nt.
 fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut [f32]) {
-    let (h, w) = (x.h, x.w);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let w = x.w;
+    let tw = w.div_ceil(2);
     let nt = rows.len() * tw;
-    let plane = x.plane();
-    out.par_chunks_mut(plane)
+    out.par_chunks_mut(x.plane())
         .zip(m.par_chunks(16 * nt))
         .for_each(|(dst, m)| {
             let mut y = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
             for (k, tile_row) in rows.clone().enumerate() {
-                let (img, ty) = (tile_row / th, tile_row % th);
-                let at = k * tw;
-                let row = |xi: usize| &m[xi * nt + at..xi * nt + at + tw];
-                // Aᵀ m A per tile: the two output rows, columns 2·tx and 2·tx + 1.
-                let (m0, m1, m2, m3) = (row(0), row(1), row(2), row(3));
-                let (m4, m5, m6, m7) = (row(4), row(5), row(6), row(7));
-                let (m8, m9, m10, m11) = (row(8), row(9), row(10), row(11));
-                let (m12, m13, m14, m15) = (row(12), row(13), row(14), row(15));
-                for tx in 0..tw {
-                    let s = [
-                        m0[tx] + m4[tx] + m8[tx],
-                        m1[tx] + m5[tx] + m9[tx],
-                        m2[tx] + m6[tx] + m10[tx],
-                        m3[tx] + m7[tx] + m11[tx],
-                    ];
-                    let d = [
-                        m4[tx] - m8[tx] - m12[tx],
-                        m5[tx] - m9[tx] - m13[tx],
-                        m6[tx] - m10[tx] - m14[tx],
-                        m7[tx] - m11[tx] - m15[tx],
-                    ];
-                    y[0][2 * tx] = s[0] + s[1] + s[2];
-                    y[0][2 * tx + 1] = s[1] - s[2] - s[3];
-                    y[1][2 * tx] = d[0] + d[1] + d[2];
-                    y[1][2 * tx + 1] = d[1] - d[2] - d[3];
-                }
-                for (r, yr) in y.iter().enumerate() {
-                    let oy = 2 * ty + r;
-                    if oy < h {
-                        let line = &mut dst[(img * h + oy) * w..][..w];
-                        line.iter_mut().zip(yr).for_each(|(o, v)| *o += v);
-                    }
+                output_tile_row(m, nt, k * tw, tw, &mut y);
+                for (oy, r) in output_lines(x, tile_row) {
+                    let line = &mut dst[oy..][..w];
+                    line.iter_mut().zip(&y[r]).for_each(|(o, v)| *o += v);
                 }
             }
         });
+}
+
+/// The output rows of tile row `tile_row` inside the map: (offset of the row in a channel's
+/// B × H × W values, which of the tile's two rows).
+fn output_lines(x: Shape, tile_row: usize) -> impl Iterator<Item = (usize, usize)> {
+    let th = x.h.div_ceil(2);
+    let (img, ty) = (tile_row / th, tile_row % th);
+    (0..2)
+        .filter(move |r| 2 * ty + r < x.h)
+        .map(move |r| ((img * x.h + 2 * ty + r) * x.w, r))
+}
+
+/// Aᵀ m A for the `tw` tiles from column `at` of one channel's M (16 rows `nt` apart): the
+/// two output rows of those tiles, 2·tw values each, into `y`.
+fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>; 2]) {
+    let row = |xi: usize| &m[xi * nt + at..xi * nt + at + tw];
+    let (m0, m1, m2, m3) = (row(0), row(1), row(2), row(3));
+    let (m4, m5, m6, m7) = (row(4), row(5), row(6), row(7));
+    let (m8, m9, m10, m11) = (row(8), row(9), row(10), row(11));
+    let (m12, m13, m14, m15) = (row(12), row(13), row(14), row(15));
+    let (y0, y1) = y.split_at_mut(1);
+    let (y0, y1) = (&mut y0[0], &mut y1[0]);
+    for tx in 0..tw {
+        let s = [
+            m0[tx] + m4[tx] + m8[tx],
+            m1[tx] + m5[tx] + m9[tx],
+            m2[tx] + m6[tx] + m10[tx],
+            m3[tx] + m7[tx] + m11[tx],
+        ];
+        let d = [
+            m4[tx] - m8[tx] - m12[tx],
+            m5[tx] - m9[tx] - m13[tx],
+            m6[tx] - m10[tx] - m14[tx],
+            m7[tx] - m11[tx] - m15[tx],
+        ];
+        y0[2 * tx] = s[0] + s[1] + s[2];
+        y0[2 * tx + 1] = s[1] - s[2] - s[3];
+        y1[2 * tx] = d[0] + d[1] + d[2];
+        y1[2 * tx + 1] = d[1] - d[2] - d[3];
+    }
 }
 
 /// The gradient of a 3x3, stride-1, padding-1 convolution with respect to its kernels:
@@ -482,6 +667,61 @@ mod tests {
                     "{b}x{cin}x{h}x{w} -> {cout} at {i}: {} vs {w}",
                     g - s
                 );
+            }
+        }
+    }
+
+    /// The fused forward equals im2col's convolution plus bias (plus residual), then ReLU,
+    /// on odd and even maps, batches of one and several, channel counts that leave edge
+    /// panels, in pools of 1, 2 and 7 threads (tile rows and channels cut differently); a NaN
+    /// input stays NaN through the ReLU.
+    #[test]
+    fn fused_forward_equals_the_convolution_plus_bias_and_relu() {
+        let mut rng = StdRng::seed_from_u64(14);
+        for &(b, cin, cout, h, w) in &[
+            (1, 16, 72, 14, 14),
+            (2, 8, 16, 7, 9),
+            (1, 3, 5, 1, 6),
+            (3, 24, 40, 12, 13),
+        ] {
+            let mut x = Maps {
+                data: random(&mut rng, cin * b * h * w),
+                c: cin,
+                b,
+                h,
+                w,
+            };
+            x.data[5] = f32::NAN;
+            let weights = random(&mut rng, cout * cin * 9);
+            let bias = random(&mut rng, cout);
+            let residual = random(&mut rng, cout * x.plane());
+            let conv = direct(&x, &weights, cout);
+            let filter = WinogradFilter::new(&weights, cout, cin);
+            if filter.packed.is_none() {
+                eprintln!("no panel kernel on this CPU: the fused forward is not used");
+                return;
+            }
+            for threads in [1, 2, 7] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("a thread pool");
+                for (res, relu) in [(None, true), (Some(&residual[..]), true), (None, false)] {
+                    let got = pool
+                        .install(|| forward(&x.data, Shape::of(&x), &filter, &bias, res, relu))
+                        .expect("a panel kernel");
+                    for (i, (g, c)) in got.iter().zip(&conv).enumerate() {
+                        let o = i / x.plane();
+                        let pre = bias[o] + res.map_or(0.0, |r| r[i]) + c;
+                        let want = if relu && pre < 0.0 { 0.0 } else { pre };
+                        let tol = 1e-5 * (1.0 + want.abs()) * (cin as f32).sqrt() * 4.0;
+                        assert!(
+                            g.is_nan() == want.is_nan()
+                                && (want.is_nan() || (g - want).abs() <= tol),
+                            "{threads} threads, {b}x{cin}x{h}x{w} -> {cout} at {i}: {g} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

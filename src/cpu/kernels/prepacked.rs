@@ -114,23 +114,55 @@ impl PanelKernel {
                 super::tile::avx2::kernel(kc, a, b, c, true)
             },
             // SAFETY: the caller's contract.
-            _ => unsafe { portable_kernel(self.shape(), kc, a, b, c) },
+            _ => unsafe {
+                let TileShape { mr, nr, .. } = self.shape();
+                portable_kernel(mr, nr, kc, a, b, c)
+            },
+        }
+    }
+
+    /// Whether [`PanelKernel::narrow_tile`] runs on this kernel.
+    fn has_narrow_tile(self) -> bool {
+        matches!(self, Self::Fast(F32Isa::Avx512(_)))
+    }
+
+    /// The tile c += a · b on its first `cols` columns only (1 ≤ cols < nr), reading and
+    /// writing no others. AVX-512 masks its loads and stores (a tile of at most 16 columns
+    /// costs half a full one); other kernels have no such form ([`Self::has_narrow_tile`]) and
+    /// get the plain Rust loop.
+    ///
+    /// # Safety
+    /// As [`PanelKernel::tile`], for `cols` columns of `b` and `c` instead of nr.
+    unsafe fn narrow_tile(
+        self,
+        kc: usize,
+        a: *const f32,
+        b: (*const f32, usize),
+        c: (*mut f32, usize),
+        cols: usize,
+    ) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the token proves AVX-512 F; the pointers are the caller's contract.
+            Self::Fast(F32Isa::Avx512(_)) => unsafe { avx512::narrow_kernel(kc, a, b, c, cols) },
+            // SAFETY: the caller's contract.
+            _ => unsafe { portable_kernel(self.shape().mr, cols, kc, a, b, c) },
         }
     }
 }
 
-/// The tile c += a · b in plain Rust, any tile shape up to [`MAX_TILE`].
+/// The tile c += a · b in plain Rust, `mr` rows × `nr` columns, up to [`MAX_TILE`] floats.
 ///
 /// # Safety
-/// As [`PanelKernel::tile`].
+/// As [`PanelKernel::tile`], for `nr` columns of `b` and `c`.
 unsafe fn portable_kernel(
-    shape: TileShape,
+    mr: usize,
+    nr: usize,
     kc: usize,
     a: *const f32,
     (b, ldb): (*const f32, usize),
     (c, ldc): (*mut f32, usize),
 ) {
-    let (mr, nr) = (shape.mr, shape.nr);
     let mut acc = [0f32; MAX_TILE];
     // SAFETY: the reads and writes stay within the caller's contract (kc × mr floats of `a`,
     // kc rows of nr floats of `b`, mr rows of nr floats of `c`).
@@ -242,6 +274,9 @@ impl PackedLhs {
         // Rows far apart lie in as many pages: each strip is then copied (as the tail is) into
         // one contiguous buffer before the panels read it.
         let copy_strips = ldb > FAR_ROWS;
+        // A last strip narrower than a tile is read in place where the kernel has a narrow
+        // (masked) form; otherwise copied into a zero-padded strip.
+        let narrow = self.kernel.has_narrow_tile();
         let mut padded: Vec<f32> = Vec::new();
         let mut edge = [0f32; MAX_TILE];
         let mut a_at = 0;
@@ -252,7 +287,7 @@ impl PackedLhs {
             let b_rows = &b[k0 * ldb..];
             for s in 0..full_strips + usize::from(tail > 0) {
                 let cols = if s < full_strips { nr } else { tail };
-                let (strip, strip_ld) = if cols == nr && !copy_strips {
+                let (strip, strip_ld) = if (cols == nr || narrow) && !copy_strips {
                     (&b_rows[s * nr..], ldb)
                 } else {
                     // The strip's columns into a contiguous copy, zero-padded where the
@@ -271,24 +306,28 @@ impl PackedLhs {
                     // region, and the strip holds `depth` rows of nr floats `strip_ld` apart
                     // (a full strip: column s · nr + nr ≤ width ≤ ldb; the padded copy: nr).
                     let out = unsafe { c.add(p * mr * ldc + s * nr) };
-                    if rows == mr && cols == nr {
-                        // SAFETY: the whole tile is inside the caller's region.
-                        unsafe {
-                            self.kernel
-                                .tile(depth, a, (strip.as_ptr(), strip_ld), (out, ldc))
-                        };
+                    // A tile computed in place, or (edge rows, or a narrow strip the kernel
+                    // reads padded) into a buffer whose inside is then added to C.
+                    let in_place = rows == mr && (cols == nr || narrow);
+                    let (dst, dst_ld) = if in_place {
+                        (out, ldc)
                     } else {
-                        // An edge tile: computed into a buffer, its inside added to C.
                         edge[..mr * nr].fill(0.0);
-                        // SAFETY: `edge` holds mr rows of nr floats.
-                        unsafe {
-                            self.kernel.tile(
-                                depth,
-                                a,
-                                (strip.as_ptr(), strip_ld),
-                                (edge.as_mut_ptr(), nr),
-                            )
-                        };
+                        (edge.as_mut_ptr(), nr)
+                    };
+                    let strip = (strip.as_ptr(), strip_ld);
+                    // SAFETY: `dst` is the tile inside the caller's region (or `edge`, mr rows
+                    // of nr floats); the strip holds `depth` rows of `cols` floats (in place,
+                    // narrow) or nr (a full or padded strip).
+                    unsafe {
+                        if cols == nr || !narrow {
+                            self.kernel.tile(depth, a, strip, (dst, dst_ld));
+                        } else {
+                            self.kernel
+                                .narrow_tile(depth, a, strip, (dst, dst_ld), cols);
+                        }
+                    }
+                    if !in_place {
                         for r in 0..rows {
                             for j in 0..cols {
                                 // SAFETY: row r < rows, column j < cols: inside the region.
@@ -305,8 +344,8 @@ impl PackedLhs {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
+        __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+        _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
     const MR: usize = 8;
@@ -349,6 +388,69 @@ mod avx512 {
             }
         }
     }
+
+    /// The tile c += a · b on the first `cols` columns (1 ≤ cols < 32) of the 8 × 32 tile,
+    /// with masked loads and stores: no other column of `b` or `c` is read or written. Up to 16
+    /// columns, eight accumulators (half the work of a full tile).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `a` must point to kc × 8 floats, `b` to kc rows of `cols`
+    /// floats `ldb` apart, and `c` to eight rows of `cols` floats `ldc` apart that no other
+    /// thread touches during the call.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn narrow_kernel(
+        kc: usize,
+        a: *const f32,
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        cols: usize,
+    ) {
+        debug_assert!((1..32).contains(&cols));
+        let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        let (mut pa, mut pb) = (a, b);
+        // SAFETY: (the whole body) masked-off lanes are neither read nor written (AVX-512
+        // suppresses their faults); the lanes on stay within kc × 8 floats from `a`, kc rows of
+        // `cols` floats `ldb` apart from `b` and eight rows of `cols` floats `ldc` apart from
+        // `c` (the caller's contract).
+        unsafe {
+            if cols <= 16 {
+                let mut acc: [__m512; MR] = [_mm512_setzero_ps(); MR];
+                for _ in 0..kc {
+                    let b0 = _mm512_maskz_loadu_ps(m0, pb);
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        *row = _mm512_fmadd_ps(_mm512_set1_ps(*pa.add(r)), b0, *row);
+                    }
+                    pa = pa.add(MR);
+                    pb = pb.wrapping_add(ldb);
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    let lo = c.add(r * ldc);
+                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, lo), *row);
+                    _mm512_mask_storeu_ps(lo, m0, sum);
+                }
+                return;
+            }
+            let mut acc: [[__m512; 2]; MR] = [[_mm512_setzero_ps(); 2]; MR];
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(pb);
+                let b1 = _mm512_maskz_loadu_ps(m1, pb.add(16));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*pa.add(r));
+                    row[0] = _mm512_fmadd_ps(x, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(x, b1, row[1]);
+                }
+                pa = pa.add(MR);
+                pb = pb.wrapping_add(ldb);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let (lo, hi) = (c.add(r * ldc), c.add(r * ldc + 16));
+                _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), row[0]));
+                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, hi), row[1]);
+                _mm512_mask_storeu_ps(hi, m1, sum);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -373,6 +475,8 @@ mod tests {
                 (13, 129, 45, false),
                 (64, 576, 70, false),
                 (20, 7, 3, false),
+                (16, 64, 57, false),
+                (8, 40, 17, false),
                 (9, 7, 40, true),
                 (16, 130, 64, true),
             ];

@@ -169,6 +169,30 @@ impl ConvBn {
         {
             return dx;
         }
+        let maps = |data| Maps {
+            data,
+            c: x.c,
+            b: x.b,
+            h: x.h,
+            w: x.w,
+        };
+        if method == ConvMethod::Winograd {
+            // A 3x3 stride-1 padding-1 conv's input gradient is the conv of g with the
+            // kernels turned over and the channels swapped: F(2×2, 3×3) again, fused where
+            // this CPU runs the panel kernel.
+            let adjoint = WinogradFilter::adjoint(&self.folded.w, shape.cout, shape.cin);
+            let g = Shape {
+                c: shape.cout,
+                ..Shape::of(x)
+            };
+            let zeros = vec![0f32; shape.cin];
+            if let Some(dx) = winograd::forward(dz, g, &adjoint, &zeros, None, false) {
+                return maps(dx);
+            }
+            let mut dx = vec![0f32; x.data.len()];
+            winograd::accumulate(dz, g, &adjoint, &mut dx);
+            return maps(dx);
+        }
         let mut dx = Maps {
             data: vec![0f32; x.data.len()],
             c: x.c,
@@ -186,17 +210,6 @@ impl ConvBn {
                 n,
                 false,
             );
-            return dx;
-        }
-        if method == ConvMethod::Winograd {
-            // A 3x3 stride-1 padding-1 conv's input gradient is the conv of g with the
-            // kernels turned over and the channels swapped: F(2×2, 3×3) again.
-            let adjoint = WinogradFilter::adjoint(&self.folded.w, shape.cout, shape.cin);
-            let g = Shape {
-                c: shape.cout,
-                ..Shape::of(x)
-            };
-            winograd::accumulate(dz, g, &adjoint, &mut dx.data);
             return dx;
         }
         if plan.direct {
