@@ -354,11 +354,12 @@ impl FoldedConv {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cpu::conv::ConvLayout;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// `len` hashed values in [−1, 1).
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len as u32)
             .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32) / 8e6 - 1.0)
             .collect()
@@ -366,7 +367,7 @@ mod tests {
 
     /// A k × k conv (padding k / 2) from `cin` to `cout` channels with hashed weights and
     /// BatchNorm statistics, folded.
-    fn folded(k: usize, stride: usize, cin: usize, cout: usize) -> FoldedConv {
+    pub(crate) fn folded(k: usize, stride: usize, cin: usize, cout: usize) -> FoldedConv {
         let shape = ConvShape::new(
             "c",
             ConvLayout {

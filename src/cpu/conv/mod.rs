@@ -18,6 +18,7 @@ mod im2col;
 mod maps;
 mod pool;
 mod scratch;
+pub(crate) mod weight_gradient;
 pub(crate) mod winograd;
 
 pub(crate) use folded::{ConvBnWeights, ConvMethod, FoldedConv};

@@ -19,7 +19,7 @@ use super::blocked::SharedOutput;
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
 use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
-use crate::cpu::kernels::sgemm::{Operand, sgemm};
+use crate::cpu::kernels::sgemm::{Operand, sgemm, sgemm_serial};
 
 /// Largest transformed-input plus product buffer, in floats (32 MiB, as im2col's): wider
 /// convs are computed in chunks of tiles.
@@ -509,23 +509,54 @@ fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>
 pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -> Vec<f32> {
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(dy.len(), cout * x.plane(), "winograd: gradient size");
-    let cin = x.c;
-    let mut du = vec![0f32; 16 * cout * cin];
-    by_chunks(data, x, cout, |rows, nt, v, yh| {
-        let first = rows.start == 0;
-        transform_output_gradient(dy, x, rows, yh);
-        // dU[ξ] (C_out × C_in) += Ŷ[ξ] (C_out × nt) · V[ξ]ᵀ (nt × C_in)
-        for xi in 0..16 {
-            sgemm(
-                (cout, cin, nt),
-                Operand::rows(&yh[xi * nt..], 16 * nt),
-                Operand::transposed(&v[xi * nt..], 16 * nt),
-                &mut du[xi * cout * cin..],
-                cin,
-                !first,
-            );
-        }
-    });
+    let (cin, plane) = (x.c, x.plane());
+    let tw = x.w.div_ceil(2);
+    let tasks = FusedTasks::new(x, cout, 1, 1);
+    // One parallel region: each task transforms the input and the output gradient of its
+    // tile rows (in cache) and adds its 16 products to its split's dU, at most two splits per
+    // thread (each holds a 16 × C_out × C_in dU); the splits' dU are summed at the end.
+    // Before, the whole map's V and Ŷ were written to memory chunk by chunk, and each
+    // product, small (64 × 64 on a ResNet's first layer) with a long inner dimension, ran on
+    // all threads in turn: a quarter of a 224 px training step.
+    let splits = 2 * rayon::current_num_threads().max(1);
+    let du = (0..tasks.count())
+        .into_par_iter()
+        .with_min_len(tasks.count().div_ceil(splits).max(1))
+        .fold(
+            || vec![0f32; 16 * cout * cin],
+            |mut du, task| {
+                let (rows, _) = tasks.block(task);
+                let nt = rows.len() * tw;
+                let mut buffer = ColsBuffer::take();
+                buffer.resize(16 * (cin + cout) * nt, 0.0);
+                let (v, yh) = buffer.split_at_mut(16 * cin * nt);
+                let mut lines = InputLines::new(x);
+                for (ci, v) in v.chunks_exact_mut(16 * nt).enumerate() {
+                    lines.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
+                }
+                let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
+                for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
+                    output_gradient_tiles(&dy[o * plane..][..plane], x, rows.clone(), yh, &mut d);
+                }
+                // dU[ξ] (C_out × C_in) += Ŷ[ξ] (C_out × nt) · V[ξ]ᵀ (nt × C_in)
+                for (xi, du) in du.chunks_exact_mut(cout * cin).enumerate() {
+                    sgemm_serial(
+                        (cout, cin, nt),
+                        Operand::rows(&yh[xi * nt..], 16 * nt),
+                        Operand::transposed(&v[xi * nt..], 16 * nt),
+                        du,
+                        cin,
+                        true,
+                    );
+                }
+                du
+            },
+        )
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+            a
+        })
+        .unwrap_or_else(|| vec![0f32; 16 * cout * cin]);
     // dg = Gᵀ dU G per kernel.
     let plane = cout * cin;
     let mut dg = vec![0f32; plane * 9];
@@ -547,44 +578,45 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
     dg
 }
 
-/// Ŷ (C_out × 16 × nt): A dy Aᵀ for every tile of the tile rows `rows` of every channel of
-/// `dy` (shaped as `x` but C_out channels), dy the 2×2 block at rows 2·ty.., columns 2·tx..
-/// (zero outside the map).
-fn transform_output_gradient(dy: &[f32], x: Shape, rows: std::ops::Range<usize>, yh: &mut [f32]) {
+/// Ŷ of one channel (16 × nt, ξ's row nt floats long): A dy Aᵀ for every tile of the tile
+/// rows `rows` of `src` (the channel's B × H × W output gradient), dy the 2×2 block at rows
+/// 2·ty.., columns 2·tx.. (zero outside the map). `d` holds two map rows padded on the right
+/// to 2·tw columns.
+fn output_gradient_tiles(
+    src: &[f32],
+    x: Shape,
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    d: &mut [Vec<f32>; 2],
+) {
     let (h, w) = (x.h, x.w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let nt = rows.len() * tw;
-    let plane = x.plane();
-    yh.par_chunks_mut(16 * nt)
-        .zip(dy.par_chunks(plane))
-        .for_each(|(out, src)| {
-            // Map rows padded on the right to 2·tw columns (zero beyond w).
-            let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
-            for (k, tile_row) in rows.clone().enumerate() {
-                let (img, ty) = (tile_row / th, tile_row % th);
-                for (r, dr) in d.iter_mut().enumerate() {
-                    let oy = 2 * ty + r;
-                    if oy < h {
-                        dr[..w].copy_from_slice(&src[(img * h + oy) * w..][..w]);
-                    } else {
-                        dr[..w].fill(0.0);
-                    }
-                }
-                let at = k * tw;
-                for tx in 0..tw {
-                    let (a, b) = (d[0][2 * tx], d[0][2 * tx + 1]);
-                    let (c, e) = (d[1][2 * tx], d[1][2 * tx + 1]);
-                    // A dy: 4 × 2 (rows dy0, dy0 + dy1, dy0 − dy1, −dy1).
-                    let p = [[a, b], [a + c, b + e], [a - c, b - e], [-c, -e]];
-                    for (i, [p0, p1]) in p.into_iter().enumerate() {
-                        let row = [p0, p0 + p1, p0 - p1, -p1];
-                        for (j, value) in row.into_iter().enumerate() {
-                            out[(i * 4 + j) * nt + at + tx] = value;
-                        }
-                    }
+    for (k, tile_row) in rows.enumerate() {
+        let (img, ty) = (tile_row / th, tile_row % th);
+        for (r, dr) in d.iter_mut().enumerate() {
+            let oy = 2 * ty + r;
+            if oy < h {
+                dr[..w].copy_from_slice(&src[(img * h + oy) * w..][..w]);
+            } else {
+                dr[..w].fill(0.0);
+            }
+            dr[w..].fill(0.0);
+        }
+        let at = k * tw;
+        for tx in 0..tw {
+            let (a, b) = (d[0][2 * tx], d[0][2 * tx + 1]);
+            let (c, e) = (d[1][2 * tx], d[1][2 * tx + 1]);
+            // A dy: 4 × 2 (rows dy0, dy0 + dy1, dy0 − dy1, −dy1).
+            let p = [[a, b], [a + c, b + e], [a - c, b - e], [-c, -e]];
+            for (i, [p0, p1]) in p.into_iter().enumerate() {
+                let row = [p0, p0 + p1, p0 - p1, -p1];
+                for (j, value) in row.into_iter().enumerate() {
+                    out[(i * 4 + j) * nt + at + tx] = value;
                 }
             }
-        });
+        }
+    }
 }
 
 #[cfg(test)]

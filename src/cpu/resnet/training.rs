@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::{Block, Layer, LayerWeights, Net, NetWeights, check_images};
+use crate::cpu::conv::weight_gradient;
 use crate::cpu::conv::winograd::{self, Shape, WinogradFilter};
 use crate::cpu::conv::{
     ColsBuffer, ConvMethod, FoldedConv, Maps, col2im, max_pool, max_pool_backward,
@@ -141,16 +142,21 @@ impl ConvBn {
             ConvMethod::Winograd => {
                 return winograd::kernel_gradient(&x.data, Shape::of(x), dz, shape.cout);
             }
-            ConvMethod::Im2col => self.folded.for_each_chunk(x, |chunk, rhs, stride| {
-                sgemm(
-                    (shape.cout, kk, chunk.width()),
-                    Operand::rows(&dz[chunk.first_column()..], n),
-                    Operand::transposed(rhs, stride),
-                    &mut dw,
-                    kk,
-                    chunk.index > 0,
-                );
-            }),
+            ConvMethod::Im2col => {
+                if let Some(g) = weight_gradient::small_weights(&self.folded, x, dz) {
+                    return g;
+                }
+                self.folded.for_each_chunk(x, |chunk, rhs, stride| {
+                    sgemm(
+                        (shape.cout, kk, chunk.width()),
+                        Operand::rows(&dz[chunk.first_column()..], n),
+                        Operand::transposed(rhs, stride),
+                        &mut dw,
+                        kk,
+                        chunk.index > 0,
+                    );
+                })
+            }
         }
         dw
     }
