@@ -9,19 +9,22 @@
 //! to the tensor path: the one fallback, logged once per process as a warning. Any other error
 //! is returned.
 
+use std::collections::HashMap;
 use std::sync::Once;
 
-use burn::module::ParamId;
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
+#[cfg(test)]
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
 
 use super::{ResNet, Stage, check_images};
 use crate::cpu::conv::{ConvBnWeights, ConvLayout, ConvShape};
-use crate::cpu::resnet::{
-    Block, InferenceEngine, LayerWeights, Net, NetWeights, Tape, TrainingEngine,
-};
+#[cfg(test)]
+use crate::cpu::resnet::Tape;
+use crate::cpu::resnet::{Block, InferenceEngine, LayerWeights, Net, NetWeights, TrainingEngine};
 use crate::device::{Route, Work, route};
 use crate::host::vec_from_tensor;
 use crate::{Error, Result};
@@ -255,50 +258,138 @@ impl CpuInference {
     }
 }
 
-/// A [`ResNet`] on the CPU training engine, for one step: φ with a tape, then the gradients
-/// as burn's optimisers take them.
-pub(crate) struct CpuTraining {
-    engine: TrainingEngine,
-    /// Per layer index: (conv weight, γ, β) ids and the weight's dimensions.
-    params: Vec<([ParamId; 3], [usize; 4])>,
+/// SGD as burn's `SgdConfig` with optional weight decay and no momentum (what
+/// [`TrainingSession`](crate::train::TrainingSession) configures): w ← w − lr·(g + λ·w).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sgd {
+    /// The learning rate (burn multiplies by it in f32).
+    pub(crate) lr: f32,
+    /// The weight decay penalty λ, if any.
+    pub(crate) weight_decay: Option<f32>,
 }
 
-impl CpuTraining {
-    /// The engine with `model`'s current weights; [`Error::Unsupported`] for a layout the
-    /// engine does not cover.
+impl Sgd {
+    /// `param` ← `param` − lr·(`grad` + λ·`param`), in burn's order of operations (λ·w + g,
+    /// times lr, subtracted), so that the result equals burn's to the bit.
+    fn update(self, param: &mut [f32], grad: &[f32]) {
+        assert_eq!(param.len(), grad.len(), "sgd: gradient size");
+        let Self { lr, weight_decay } = self;
+        param
+            .par_chunks_mut(1 << 14)
+            .zip(grad.par_chunks(1 << 14))
+            .for_each(|(param, grad)| {
+                for (w, g) in param.iter_mut().zip(grad) {
+                    let g = match weight_decay {
+                        Some(penalty) => *w * penalty + g,
+                        None => *g,
+                    };
+                    *w -= g * lr;
+                }
+            });
+    }
+}
+
+/// A [`ResNet`]'s weights on host memory for the CPU training engine, kept from step to step:
+/// each step builds the engine from them and applies its SGD update to them in place, so a
+/// step neither reads the model's tensors nor hands gradients to burn's optimiser (those
+/// copies and burn's update took about a tenth of a 32 px step). [`HostTraining::write_back`]
+/// gives the model with the current weights.
+pub(crate) struct HostTraining {
+    weights: NetWeights,
+    /// Per layer index: the (conv weight, γ, β) parameter ids.
+    ids: Vec<[ParamId; 3]>,
+}
+
+impl HostTraining {
+    /// `model`'s current weights; [`Error::Unsupported`] for a layout the engine does not
+    /// cover.
     pub(crate) fn new(model: &ResNet) -> Result<Self> {
         check_layout(model, true)?;
-        let params = layers(model)
+        let ids = layers(model)
             .layers()
-            .map(|l| {
-                let (conv, bn) = (l.conv, l.bn);
-                (
-                    [conv.weight.id, bn.gamma.id, bn.beta.id],
-                    conv.weight.dims(),
-                )
-            })
+            .map(|l| [l.conv.weight.id, l.bn.gamma.id, l.bn.beta.id])
             .collect();
         Ok(Self {
-            engine: TrainingEngine::new(read(model)?)?,
-            params,
+            weights: read(model)?,
+            ids,
         })
     }
 
-    /// φ (B × D, row-major) of `images` (B × 3 × H × W, row-major) and the tape.
-    pub(crate) fn embed(&self, images: &[f32], dims: [usize; 4]) -> Result<(Vec<f32>, Tape)> {
-        self.engine.embed(images, dims)
+    /// One step: φ (B × D, row-major) of `images` (B × 3 × H × W, row-major), `loss(φ)` →
+    /// (value, dL/dφ), and where the value is finite, the gradients of the trainable layers
+    /// applied by `sgd`. Returns the loss value; a non-finite one leaves the weights as they
+    /// were.
+    pub(crate) fn step(
+        &mut self,
+        images: &[f32],
+        dims: [usize; 4],
+        sgd: Sgd,
+        loss: impl FnOnce(&[f32]) -> (f64, Vec<f32>),
+    ) -> Result<f64> {
+        let engine = TrainingEngine::new(self.weights.clone())?;
+        let (phi, tape) = engine.embed(images, dims)?;
+        let (value, d_phi) = loss(&phi);
+        if !value.is_finite() {
+            return Ok(value);
+        }
+        let grads = engine.backward(tape, &d_phi);
+        drop(engine);
+        let mut layers: Vec<&mut LayerWeights> = self.weights.layers_mut().collect();
+        for g in grads {
+            let layer = &mut layers[g.layer].conv_bn;
+            sgd.update(&mut layer.weight, &g.weight);
+            sgd.update(&mut layer.gamma, &g.gamma);
+            sgd.update(&mut layer.beta, &g.beta);
+        }
+        Ok(value)
     }
 
-    /// The gradients of the trainable parameters from the loss's gradient with respect to φ,
-    /// as tensors on `device` by parameter id.
-    pub(crate) fn backward(&self, tape: Tape, d_phi: &[f32], device: &Device) -> GradientsParams {
+    /// `model` (the one these weights were read from, or one with the same parameters) with
+    /// the current weights.
+    pub(crate) fn write_back(&self, model: ResNet) -> ResNet {
+        let mut values = HashMap::new();
+        for (layer, ids) in self.weights.layers().zip(&self.ids) {
+            let w = &layer.conv_bn;
+            for (id, v) in ids.iter().zip([&w.weight, &w.gamma, &w.beta]) {
+                values.insert(*id, v);
+            }
+        }
+        model.map(&mut WriteBack { values })
+    }
+
+    /// φ and the tape, on the current weights (the tests' access to the engine).
+    #[cfg(test)]
+    fn embed(&self, images: &[f32], dims: [usize; 4]) -> Result<(Vec<f32>, Tape)> {
+        TrainingEngine::new(self.weights.clone())?.embed(images, dims)
+    }
+
+    /// φ and the gradients of the trainable parameters for `d_phi`, as burn's optimisers take
+    /// them, on `device` (the tests compare them with autodiff's).
+    #[cfg(test)]
+    fn gradients(
+        &self,
+        images: &[f32],
+        dims: [usize; 4],
+        d_phi: &[f32],
+        device: &Device,
+    ) -> Result<(Vec<f32>, GradientsParams)> {
+        let engine = TrainingEngine::new(self.weights.clone())?;
+        let (phi, tape) = engine.embed(images, dims)?;
+        let dims_of: Vec<[usize; 4]> = self
+            .weights
+            .layers()
+            .map(|l| {
+                let s = &l.conv_bn.shape;
+                [s.cout, s.cin, s.k, s.k]
+            })
+            .collect();
         let mut params = GradientsParams::new();
-        for g in self.engine.backward(tape, d_phi) {
-            let ([weight, gamma, beta], dims) = self.params[g.layer];
+        for g in engine.backward(tape, d_phi) {
+            let [weight, gamma, beta] = self.ids[g.layer];
             let c = g.gamma.len();
             params.register(
                 weight,
-                Tensor::<4>::from_data(TensorData::new(g.weight, dims), device),
+                Tensor::<4>::from_data(TensorData::new(g.weight, dims_of[g.layer]), device),
             );
             params.register(
                 gamma,
@@ -309,7 +400,25 @@ impl CpuTraining {
                 Tensor::<1>::from_data(TensorData::new(g.beta, [c]), device),
             );
         }
-        params
+        Ok((phi, params))
+    }
+}
+
+/// Replaces the values of the parameters it holds (by id), keeping each one's shape, device
+/// and settings.
+struct WriteBack<'a> {
+    values: HashMap<ParamId, &'a Vec<f32>>,
+}
+
+impl ModuleMapper for WriteBack<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        match self.values.get(&param.id) {
+            Some(values) => {
+                let values = (*values).clone();
+                param.map(|t| Tensor::from_data(TensorData::new(values, t.dims()), &t.device()))
+            }
+            None => param,
+        }
     }
 }
 
@@ -327,6 +436,48 @@ mod tests {
     impl ModuleVisitor for Ids<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             (self.0)(param.id, D)
+        }
+    }
+
+    /// The host steps' update equals burn's SGD with weight decay (what the tensor path runs)
+    /// to the bit, with and without the decay.
+    #[test]
+    fn host_sgd_equals_burns_to_the_bit() {
+        use burn::nn::LinearConfig;
+        use burn::optim::decay::WeightDecayConfig;
+        use burn::optim::{GradientsParams, SgdConfig};
+
+        let plain = Device::flex();
+        let ad = plain.clone().autodiff();
+        for weight_decay in [Some(5e-5f32), None] {
+            let linear = LinearConfig::new(37, 29).with_bias(false).init(&ad);
+            let before = vec_from_tensor(linear.weight.val().inner()).unwrap();
+            let grad: Vec<f32> = (0..before.len())
+                .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+                .collect();
+            let mut grads = GradientsParams::new();
+            let g = Tensor::<2>::from_data(TensorData::new(grad.clone(), [37, 29]), &plain);
+            grads.register(linear.weight.id, g);
+            let mut optim = SgdConfig::new()
+                .with_weight_decay(weight_decay.map(WeightDecayConfig::new))
+                .init();
+            let lr = 3e-3;
+            let stepped = optim.step(lr, linear, grads);
+            let burn = vec_from_tensor(stepped.weight.val().inner()).unwrap();
+            let mut host = before.clone();
+            Sgd {
+                lr: lr as f32,
+                weight_decay,
+            }
+            .update(&mut host, &grad);
+            assert_ne!(host, before, "the step moved the weights");
+            for (i, (h, b)) in host.iter().zip(&burn).enumerate() {
+                assert_eq!(
+                    h.to_bits(),
+                    b.to_bits(),
+                    "{weight_decay:?} at {i}: {h} vs {b}"
+                );
+            }
         }
     }
 
@@ -366,11 +517,10 @@ mod tests {
             let d = model.feature_dim();
             let df = Tensor::<2>::random([b, d], Distribution::Normal(0.0, 1.0), &plain);
 
-            let engine = CpuTraining::new(&model).unwrap();
+            let engine = HostTraining::new(&model).unwrap();
             let xs = vec_from_tensor(x.clone()).unwrap();
-            let (features, tape) = engine.embed(&xs, [b, 3, h, w]).unwrap();
             let dfs = vec_from_tensor(df.clone()).unwrap();
-            let mut host = engine.backward(tape, &dfs, &plain);
+            let (features, mut host) = engine.gradients(&xs, [b, 3, h, w], &dfs, &plain).unwrap();
 
             let reference = crate::encoder::l2_normalize(model.forward_tensor_ops(x.fork(&ad)));
             let ref_features = vec_from_tensor(reference.clone()).unwrap();
@@ -437,7 +587,7 @@ mod tests {
             }
             xs[3 * h * w + 5 * w + 7] = f32::NAN;
             xs[2 * 3 * h * w + h * w + 20 * w + 30] = f32::INFINITY;
-            let engine = CpuTraining::new(&model).unwrap();
+            let engine = HostTraining::new(&model).unwrap();
             let (phi, _) = engine.embed(&xs, [b, 3, h, w]).unwrap();
             let x = Tensor::<4>::from_data(TensorData::new(xs, [b, 3, h, w]), &device);
             let reference =
@@ -503,7 +653,7 @@ mod tests {
             .init(&device);
         for err in [
             CpuInference::new(&model).err().expect("refused"),
-            CpuTraining::new(&model).err().expect("refused"),
+            HostTraining::new(&model).err().expect("refused"),
         ] {
             assert!(matches!(err, Error::Unsupported { .. }), "{err}");
             assert!(err.to_string().contains("conv1"), "{err}");

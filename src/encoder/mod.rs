@@ -53,7 +53,7 @@ use crate::device::{Route, Work, route};
 use crate::{Error, NORM_EPS, Result};
 
 use cpu_bridge::{CpuInference, forward_prepared, prepare_inference, unsupported_falls_back};
-pub(crate) use cpu_bridge::{CpuTraining, cpu_training_covers};
+pub(crate) use cpu_bridge::{HostTraining, Sgd, cpu_training_covers};
 
 /// The torchvision ResNets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -10,7 +10,7 @@ use rand::Rng;
 use super::MscTrainerConfig;
 use crate::augment::TrainAugment;
 use crate::device::{Route, Work, route};
-use crate::encoder::{CpuTraining, FreezePolicy, ResNet, cpu_training_covers};
+use crate::encoder::{FreezePolicy, HostTraining, ResNet, Sgd, cpu_training_covers};
 use crate::loss::{MeanShiftedContrastiveLoss, MeanShiftedContrastiveLossConfig};
 use crate::{Error, Result};
 
@@ -20,8 +20,10 @@ use crate::{Error, Result};
 /// parameters. [`MscTrainer::fit`](super::MscTrainer::fit) is a loop over these steps.
 ///
 /// On CPU devices (flex, ndarray) the step runs the encoder's forward and backward on host
-/// memory (im2col + sgemm, 1.5-2x faster than autodiff through the backends'
-/// convolutions); elsewhere through burn's autodiff. Both compute the same gradients.
+/// memory (msad's CPU engines, 1.5-2x faster than autodiff through the backends'
+/// convolutions), the weights kept there between steps and updated by the same SGD as
+/// burn's (to the bit); [`TrainingSession::encoder`] writes them back into the encoder.
+/// Elsewhere the step runs through burn's autodiff. Both compute the same gradients.
 ///
 /// ```
 /// use burn::tensor::Device;
@@ -54,8 +56,12 @@ pub struct TrainingSession {
     center_host: Vec<f32>,
     plain: Device,
     train_device: Device,
-    /// Whether steps run on msad's CPU training engine (CPU devices, layouts it covers).
-    host: bool,
+    /// The weights on host memory where steps run on msad's CPU training engine (CPU devices,
+    /// layouts it covers): updated there step by step, `model` left as it was until
+    /// [`TrainingSession::encoder`] writes them back.
+    host: Option<HostTraining>,
+    /// The SGD update the host steps apply (burn's, as `optim` on the tensor path).
+    sgd: Sgd,
     lr: f64,
 }
 
@@ -99,7 +105,11 @@ impl TrainingSession {
             .init();
         // Decided once: the CPU engine where the rule routes training there and it covers the
         // layout (checked without reading a weight), else autodiff through the tensor path.
-        let host = route(&plain, Work::TrainingStep) == Route::Cpu && cpu_training_covers(&model)?;
+        let host =
+            match route(&plain, Work::TrainingStep) == Route::Cpu && cpu_training_covers(&model)? {
+                true => Some(HostTraining::new(&model)?),
+                false => None,
+            };
         Ok(Self {
             model: Some(model),
             optim,
@@ -110,6 +120,10 @@ impl TrainingSession {
             host,
             plain,
             train_device,
+            sgd: Sgd {
+                lr: config.lr as f32,
+                weight_decay: (config.weight_decay > 0.0).then_some(config.weight_decay as f32),
+            },
             lr: config.lr,
         })
     }
@@ -126,35 +140,33 @@ impl TrainingSession {
                 format!("{b} images; the loss needs at least 2"),
             ));
         }
+        if let Some(host) = &mut self.host {
+            let (v1, v2) = self.augment.views(images, rng, &self.plain)?;
+            let x = Tensor::cat(vec![v1, v2], 0);
+            let dims = x.dims();
+            let images = crate::host::vec_from_tensor(x)?;
+            let (loss, center) = (&self.loss, &self.center_host);
+            let value = host.step(&images, dims, self.sgd, |phi| {
+                let d = phi.len() / (2 * b);
+                loss.value_and_grad_host(phi, center, b, d)
+            })?;
+            return Ok(value as f32);
+        }
         let model = self
             .model
             .as_ref()
             .expect("the model is back after every step");
-        let (value, grads) = match self.host {
-            true => {
-                let engine = CpuTraining::new(model)?;
-                let (v1, v2) = self.augment.views(images, rng, &self.plain)?;
-                let x = Tensor::cat(vec![v1, v2], 0);
-                let dims = x.dims();
-                let (phi, tape) = engine.embed(&crate::host::vec_from_tensor(x)?, dims)?;
-                let d = phi.len() / (2 * b);
-                let (value, d_phi) = self.loss.value_and_grad_host(&phi, &self.center_host, b, d);
-                (value as f32, engine.backward(tape, &d_phi, &self.plain))
-            }
-            false => {
-                let (v1, v2) = self.augment.views(images, rng, &self.train_device)?;
-                // BatchNorm runs on running statistics, so both views go through in one batch.
-                let phi = model.try_embed(Tensor::cat(vec![v1, v2], 0))?;
-                let d = phi.dims()[1];
-                let phi1 = phi.clone().slice([0..b, 0..d]);
-                let phi2 = phi.slice([b..2 * b, 0..d]);
-                let center = self.center.clone().to_device(&self.train_device);
-                let loss = self.loss.try_forward(phi1, phi2, center)?;
-                let value = crate::host::vec_from_tensor(loss.clone())?[0];
-                (value, GradientsParams::from_grads(loss.backward(), model))
-            }
-        };
+        let (v1, v2) = self.augment.views(images, rng, &self.train_device)?;
+        // BatchNorm runs on running statistics, so both views go through in one batch.
+        let phi = model.try_embed(Tensor::cat(vec![v1, v2], 0))?;
+        let d = phi.dims()[1];
+        let phi1 = phi.clone().slice([0..b, 0..d]);
+        let phi2 = phi.slice([b..2 * b, 0..d]);
+        let center = self.center.clone().to_device(&self.train_device);
+        let loss = self.loss.try_forward(phi1, phi2, center)?;
+        let value = crate::host::vec_from_tensor(loss.clone())?[0];
         if value.is_finite() {
+            let grads = GradientsParams::from_grads(loss.backward(), model);
             let model = self
                 .model
                 .take()
@@ -166,10 +178,15 @@ impl TrainingSession {
 
     /// The encoder as it is now, on the plain (non-autodiff) device.
     pub fn encoder(&self) -> ResNet {
-        self.model
+        let model = self
+            .model
             .as_ref()
             .expect("the model is back after every step")
-            .valid()
+            .valid();
+        match &self.host {
+            Some(host) => host.write_back(model),
+            None => model,
+        }
     }
 
     /// The fine-tuned encoder, on the plain (non-autodiff) device.
@@ -180,6 +197,6 @@ impl TrainingSession {
     /// Whether steps run on msad's CPU training engine (CPU devices and layouts it covers)
     /// rather than through autodiff.
     pub fn runs_on_host(&self) -> bool {
-        self.host
+        self.host.is_some()
     }
 }

@@ -8,7 +8,9 @@
 
 mod training;
 
-pub(crate) use training::{Tape, TrainingEngine};
+#[cfg(test)]
+pub(crate) use training::Tape;
+pub(crate) use training::TrainingEngine;
 
 use std::convert::Infallible;
 
@@ -57,6 +59,15 @@ impl<L: Send> Net<L> {
             self.blocks
                 .iter()
                 .flat_map(|b| b.convs.iter().chain(&b.downsample)),
+        )
+    }
+
+    /// Every layer, mutably, in layer-index order (as [`Net::layers`]).
+    pub(crate) fn layers_mut(&mut self) -> impl Iterator<Item = &mut L> {
+        std::iter::once(&mut self.stem).chain(
+            self.blocks
+                .iter_mut()
+                .flat_map(|b| b.convs.iter_mut().chain(b.downsample.as_mut())),
         )
     }
 

@@ -4,9 +4,12 @@
 //! msad), named by layer index ([`super::Net`]).
 //!
 //! Activations are channel-major (C × B·H·W) as in the inference engine. A conv's forward is
-//! im2col + one sgemm over the batch; its weight and BatchNorm gradients come from one product
-//! g · colsᵀ and its input gradient is (W·s)ᵀ · g scattered back onto the input (col2im), with
-//! g the gradient with respect to the BatchNorm's output (see `ConvBn`). This replaces burn's
+//! the inference engine's (blocked im2col on packed weights, or fused F(2×2, 3×3)); its weight
+//! and BatchNorm gradients come from one product g · colsᵀ (F(2×2, 3×3)'s adjoint in the
+//! kernels where the forward used it; one parallel region of column blocks where the weights
+//! are small, `conv::weight_gradient`), and its input gradient is the adjoint conv on the
+//! panel kernel where the conv keeps the map's size, else (W·s)ᵀ · g scattered back onto the
+//! input (col2im), with g the gradient with respect to the BatchNorm's output (see `ConvBn`). This replaces burn's
 //! autodiff on CPU backends, whose conv weight gradient (a convolution with the output
 //! gradient as its kernel) dominates a training step. Stages frozen at the bottom of the net
 //! get neither parameter gradients nor an input gradient.
