@@ -361,18 +361,36 @@ mod avx512 {
     pub(super) unsafe fn kernel(
         kc: usize,
         a: *const f32,
+        b: (*const f32, usize),
+        c: (*mut f32, usize),
+    ) {
+        // SAFETY: the caller's contract, all 32 columns.
+        unsafe { two_vectors(kc, a, b, c, u16::MAX) }
+    }
+
+    /// The 8 × 32 tile on its first 16 columns and, of the last 16, those `high` has on.
+    ///
+    /// # Safety
+    /// As [`kernel`], the columns of the last 16 that `high` has off neither read nor written.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn two_vectors(
+        kc: usize,
+        a: *const f32,
         (b, ldb): (*const f32, usize),
         (c, ldc): (*mut f32, usize),
+        high: __mmask16,
     ) {
         let (mut pa, mut pb) = (a, b);
         let mut acc: [[__m512; 2]; MR] = [[_mm512_setzero_ps(); 2]; MR];
-        // SAFETY: (the whole body) the reads stay within kc × 8 floats from `a` and kc rows of
-        // 32 floats `ldb` apart from `b`, the writes within eight rows of 32 floats `ldc` apart
-        // from `c` (the caller's contract).
+        // SAFETY: (the whole body) masked-off lanes are neither read nor written (AVX-512
+        // suppresses their faults); the reads stay within kc × 8 floats from `a` and kc rows of
+        // the tile's columns `ldb` apart from `b`, the writes within eight rows of them `ldc`
+        // apart from `c` (the caller's contract).
         unsafe {
             for _ in 0..kc {
                 let b0 = _mm512_loadu_ps(pb);
-                let b1 = _mm512_loadu_ps(pb.add(16));
+                let b1 = _mm512_maskz_loadu_ps(high, pb.add(16));
                 for (r, row) in acc.iter_mut().enumerate() {
                     let x = _mm512_set1_ps(*pa.add(r));
                     row[0] = _mm512_fmadd_ps(x, b0, row[0]);
@@ -384,7 +402,8 @@ mod avx512 {
             for (r, row) in acc.iter().enumerate() {
                 let (lo, hi) = (c.add(r * ldc), c.add(r * ldc + 16));
                 _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), row[0]));
-                _mm512_storeu_ps(hi, _mm512_add_ps(_mm512_loadu_ps(hi), row[1]));
+                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(high, hi), row[1]);
+                _mm512_mask_storeu_ps(hi, high, sum);
             }
         }
     }
@@ -431,24 +450,7 @@ mod avx512 {
                 }
                 return;
             }
-            let mut acc: [[__m512; 2]; MR] = [[_mm512_setzero_ps(); 2]; MR];
-            for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(pb);
-                let b1 = _mm512_maskz_loadu_ps(m1, pb.add(16));
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*pa.add(r));
-                    row[0] = _mm512_fmadd_ps(x, b0, row[0]);
-                    row[1] = _mm512_fmadd_ps(x, b1, row[1]);
-                }
-                pa = pa.add(MR);
-                pb = pb.wrapping_add(ldb);
-            }
-            for (r, row) in acc.iter().enumerate() {
-                let (lo, hi) = (c.add(r * ldc), c.add(r * ldc + 16));
-                _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), row[0]));
-                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, hi), row[1]);
-                _mm512_mask_storeu_ps(hi, m1, sum);
-            }
+            two_vectors(kc, a, (b, ldb), (c, ldc), m1)
         }
     }
 }
