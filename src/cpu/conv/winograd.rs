@@ -217,6 +217,9 @@ pub(crate) fn forward(
     if let Some(r) = residual {
         assert_eq!(r.len(), cout * plane, "winograd: residual size");
     }
+    if plane == 0 {
+        return Some(Vec::new());
+    }
     let tasks = FusedTasks::new(x, cout, packed[0].panels(), packed[0].kernel().shape().mr);
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -306,6 +309,7 @@ struct FusedTasks {
 
 impl FusedTasks {
     fn new(x: Shape, cout: usize, panels: usize, mr: usize) -> Self {
+        // At least one tile row: the callers return early on empty maps.
         let tile_rows = (x.b * x.h.div_ceil(2)).max(1);
         let per_row = 16 * (x.c + cout) * x.w.div_ceil(2);
         let fits = (FUSED_TASK_FLOATS / per_row.max(1)).max(1);
@@ -510,6 +514,9 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(dy.len(), cout * x.plane(), "winograd: gradient size");
     let (cin, plane) = (x.c, x.plane());
+    if plane == 0 {
+        return vec![0f32; cout * cin * 9];
+    }
     let tw = x.w.div_ceil(2);
     let tasks = FusedTasks::new(x, cout, 1, 1);
     // One parallel region: each task transforms the input and the output gradient of its
@@ -827,6 +834,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An empty batch: no output, a zero kernel gradient, no panic.
+    #[test]
+    fn empty_maps_give_empty_results() {
+        let x = Shape {
+            c: 4,
+            b: 0,
+            h: 6,
+            w: 6,
+        };
+        let filter = WinogradFilter::new(&[0.5; 8 * 4 * 9], 8, 4);
+        if filter.packed.is_some() {
+            let out = forward(&[], x, &filter, &[0.0; 8], None, true).expect("a panel kernel");
+            assert!(out.is_empty());
+        }
+        assert_eq!(kernel_gradient(&[], x, &[], 8), vec![0.0; 8 * 4 * 9]);
     }
 
     #[test]
