@@ -70,12 +70,15 @@ pub(crate) fn forward(
 ) -> Vec<f32> {
     let m = weights.rows();
     let len = m * n;
-    let blocks = Blocks::new(weights, columns, n);
+    let grid = blocks(weights, columns, n);
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOutput(out.as_mut_ptr());
-    (0..blocks.count()).into_par_iter().for_each(|task| {
-        let (cols, panels) = blocks.block(task);
-        let rows = panels.start * blocks.mr..(panels.end * blocks.mr).min(m);
+    (0..grid.count()).into_par_iter().for_each(|task| {
+        let GridTask {
+            items: cols,
+            panels,
+            rows,
+        } = grid.task(task);
         let width = cols.len();
         // Row r of this task's block. `out` has capacity m × n; this task alone touches rows
         // `rows` × columns `cols` (the blocks cut the output without overlap), and writes
@@ -133,84 +136,125 @@ pub(crate) fn forward(
     out
 }
 
-/// How the output is cut: `column_blocks` blocks of `columns_per_block` columns (whole output
-/// rows for im2col), times `groups` groups of `panels_per_group` panels of output channels.
-struct Blocks {
-    n: usize,
-    columns_per_block: usize,
-    column_blocks: usize,
+/// How the columns of a conv's output are cut into blocks (whole output rows for im2col),
+/// and, where they are few, its channels into groups ([`TaskGrid`]).
+fn blocks(weights: &PackedLhs, columns: Columns<'_>, n: usize) -> TaskGrid {
+    let threads = rayon::current_num_threads().max(1);
+    let shape = weights.kernel().shape();
+    let wanted = BLOCKS_PER_THREAD * threads;
+    let balanced = n.div_ceil(wanted);
+    // Every column block reads all the weights, every group of channels does the im2col
+    // of its columns: where the weights far outweigh the columns (a batch of one on 7 × 7
+    // maps: 512 channels, 49 columns), the columns stay in one block and the channels are
+    // split, so that each weight comes from memory once. A direct conv has no im2col to
+    // repeat; an im2col one splits its channels only at four times as many channels as
+    // columns (at 32 px, 256 channels on 256 columns lost 3% to the repeated im2col).
+    let few_columns = match columns {
+        Columns::Direct(_) => weights.rows() >= n,
+        Columns::Im2col(..) => weights.rows() >= 4 * n,
+    };
+    let columns_per_block = match columns {
+        Columns::Direct(_) => {
+            // The block's output (C_out × width) stays in the L2 cache between the passes
+            // over the inner dimension.
+            let fits = (BLOCK_FLOATS / weights.rows().max(1)) / shape.nr * shape.nr;
+            if few_columns { n } else { balanced }
+                .next_multiple_of(shape.nr)
+                .min(fits.max(shape.nr))
+                .clamp(1, n.max(1))
+        }
+        Columns::Im2col(_, conv, plan) => {
+            let wo = plan.wo.max(1);
+            let fits = (BLOCK_FLOATS / (conv.patch() * wo).max(1)).max(1);
+            // Whole output rows; at least a tile's width where the output has it.
+            let least = shape.nr.div_ceil(wo);
+            let wanted_rows = if few_columns {
+                n.div_ceil(wo)
+            } else {
+                balanced.div_ceil(wo)
+            };
+            wanted_rows.max(least).min(fits).max(1) * wo
+        }
+    };
+    TaskGrid::new(n, columns_per_block, weights, wanted)
+}
+
+/// The tasks of one parallel region over a product's output: blocks of `per_block` items
+/// (columns, or Winograd's tile rows) times groups of panels of output rows, as many groups
+/// as it takes to give `wanted` tasks where the blocks are fewer (at most one per panel).
+pub(crate) struct TaskGrid {
+    items: usize,
+    per_block: usize,
+    blocks: usize,
     panels: usize,
     panels_per_group: usize,
     groups: usize,
+    /// Rows per panel, and of the output.
     mr: usize,
+    rows: usize,
 }
 
-impl Blocks {
-    fn new(weights: &PackedLhs, columns: Columns<'_>, n: usize) -> Self {
-        let threads = rayon::current_num_threads().max(1);
-        let shape = weights.kernel().shape();
-        let wanted = BLOCKS_PER_THREAD * threads;
-        let balanced = n.div_ceil(wanted);
-        // Every column block reads all the weights, every group of channels does the im2col
-        // of its columns: where the weights far outweigh the columns (a batch of one on 7 × 7
-        // maps: 512 channels, 49 columns), the columns stay in one block and the channels are
-        // split, so that each weight comes from memory once. A direct conv has no im2col to
-        // repeat; an im2col one splits its channels only at four times as many channels as
-        // columns (at 32 px, 256 channels on 256 columns lost 3% to the repeated im2col).
-        let few_columns = match columns {
-            Columns::Direct(_) => weights.rows() >= n,
-            Columns::Im2col(..) => weights.rows() >= 4 * n,
-        };
-        let columns_per_block = match columns {
-            Columns::Direct(_) => {
-                // The block's output (C_out × width) stays in the L2 cache between the passes
-                // over the inner dimension.
-                let fits = (BLOCK_FLOATS / weights.rows().max(1)) / shape.nr * shape.nr;
-                if few_columns { n } else { balanced }
-                    .next_multiple_of(shape.nr)
-                    .min(fits.max(shape.nr))
-                    .clamp(1, n.max(1))
-            }
-            Columns::Im2col(_, conv, plan) => {
-                let wo = plan.wo.max(1);
-                let fits = (BLOCK_FLOATS / (conv.patch() * wo).max(1)).max(1);
-                // Whole output rows; at least a tile's width where the output has it.
-                let least = shape.nr.div_ceil(wo);
-                let wanted_rows = if few_columns {
-                    n.div_ceil(wo)
-                } else {
-                    balanced.div_ceil(wo)
-                };
-                wanted_rows.max(least).min(fits).max(1) * wo
-            }
-        };
-        let column_blocks = n.div_ceil(columns_per_block).max(1);
-        let panels = weights.panels();
-        let groups = wanted.div_ceil(column_blocks).clamp(1, panels.max(1));
+/// One task of a [`TaskGrid`].
+pub(crate) struct GridTask {
+    /// Its items (columns, tile rows).
+    pub(crate) items: std::ops::Range<usize>,
+    /// Its panels of the weights.
+    pub(crate) panels: std::ops::Range<usize>,
+    /// The output rows of those panels.
+    pub(crate) rows: std::ops::Range<usize>,
+}
+
+impl TaskGrid {
+    /// `items` in blocks of `per_block` (at least one block), times groups of the panels of
+    /// `weights` up to `wanted` tasks.
+    pub(crate) fn new(items: usize, per_block: usize, weights: &PackedLhs, wanted: usize) -> Self {
+        let (panels, mr) = (weights.panels(), weights.kernel().shape().mr);
+        Self::build(items, per_block, (panels, mr, weights.rows()), wanted)
+    }
+
+    /// `items` in blocks of `per_block` (at least one block), each block one task (no
+    /// panels: [`GridTask::panels`] and [`GridTask::rows`] are `0..1`).
+    pub(crate) fn blocks_only(items: usize, per_block: usize) -> Self {
+        Self::build(items, per_block, (1, 1, 1), 1)
+    }
+
+    fn build(
+        items: usize,
+        per_block: usize,
+        (panels, mr, rows): (usize, usize, usize),
+        wanted: usize,
+    ) -> Self {
+        let per_block = per_block.max(1);
+        let blocks = items.div_ceil(per_block).max(1);
+        let groups = wanted.div_ceil(blocks).clamp(1, panels.max(1));
         let panels_per_group = panels.div_ceil(groups).max(1);
         Self {
-            n,
-            columns_per_block,
-            column_blocks,
+            items,
+            per_block,
+            blocks,
             panels,
             panels_per_group,
             groups: panels.div_ceil(panels_per_group).max(1),
-            mr: shape.mr,
+            mr,
+            rows,
         }
     }
 
-    fn count(&self) -> usize {
-        self.column_blocks * self.groups
+    /// Tasks.
+    pub(crate) fn count(&self) -> usize {
+        self.blocks * self.groups
     }
 
-    /// Task `task`'s columns and panels.
-    fn block(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    /// Task `task`'s items, panels and output rows.
+    pub(crate) fn task(&self, task: usize) -> GridTask {
         let (b, g) = (task / self.groups, task % self.groups);
-        let c0 = b * self.columns_per_block;
+        let i0 = b * self.per_block;
         let p0 = g * self.panels_per_group;
-        (
-            c0..(c0 + self.columns_per_block).min(self.n),
-            p0..(p0 + self.panels_per_group).min(self.panels),
-        )
+        let panels = p0..(p0 + self.panels_per_group).min(self.panels);
+        GridTask {
+            items: i0..(i0 + self.per_block).min(self.items),
+            rows: panels.start * self.mr..(panels.end * self.mr).min(self.rows),
+            panels,
+        }
     }
 }

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::blocked::SharedOutput;
+use super::blocked::{GridTask, SharedOutput, TaskGrid};
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
 use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
@@ -220,23 +220,24 @@ pub(crate) fn forward(
     if plane == 0 {
         return Some(Vec::new());
     }
-    let tasks = FusedTasks::new(x, cout, packed[0].panels(), packed[0].kernel().shape().mr);
+    let (tile_rows, per_task) = tile_rows_per_task(x, cout);
+    let grid = TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks());
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let shared = SharedOutput(out.as_mut_ptr());
-    (0..tasks.count()).into_par_iter().for_each(|task| {
-        let (rows, panels) = tasks.block(task);
-        let channels = panels.start * tasks.mr..(panels.end * tasks.mr).min(cout);
+    (0..grid.count()).into_par_iter().for_each(|task| {
+        let GridTask {
+            items: rows,
+            panels,
+            rows: channels,
+        } = grid.task(task);
         let tw = x.w.div_ceil(2);
         let nt = rows.len() * tw;
         let mut buffer = ColsBuffer::take();
         buffer.resize(16 * (cin + cout) * nt, 0.0);
         let (v, m) = buffer.split_at_mut(16 * cin * nt);
         // V (C_in × 16 × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
-        let mut lines = InputLines::new(x);
-        for (ci, v) in v.chunks_exact_mut(16 * nt).enumerate() {
-            lines.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
-        }
+        InputLines::new(x).transform_channels(data, x, rows.clone(), v);
         let ld = 16 * nt;
         m[channels.start * ld..channels.end * ld].fill(0.0);
         for (xi, u) in packed.iter().enumerate() {
@@ -294,58 +295,24 @@ pub(crate) fn forward(
     Some(out)
 }
 
-/// How [`forward`] cuts its work: `row_blocks` blocks of `rows_per_block` tile rows, times
-/// `groups` groups of `panels_per_group` panels of output channels (groups only where the map
-/// has too few tile rows for every thread).
-struct FusedTasks {
-    tile_rows: usize,
-    rows_per_block: usize,
-    row_blocks: usize,
-    panels: usize,
-    panels_per_group: usize,
-    groups: usize,
-    mr: usize,
+/// Tile rows per task of [`forward`] and [`kernel_gradient`]: their V and M (or Ŷ) fit
+/// [`FUSED_TASK_FLOATS`], and there are [`TASKS_PER_THREAD`] blocks per thread where the map
+/// has that many tile rows. At least one tile row: the callers return early on empty maps.
+///
+/// Blocks of tile rows (each task reads all of U): splitting the channels instead where the
+/// tiles are few (a batch of one on 14 × 14 maps) was slower, each group then transforming all
+/// of the input; [`forward`] splits them only where the blocks are fewer than the threads.
+fn tile_rows_per_task(x: Shape, cout: usize) -> (usize, usize) {
+    let tile_rows = (x.b * x.h.div_ceil(2)).max(1);
+    let per_row = 16 * (x.c + cout) * x.w.div_ceil(2);
+    let fits = (FUSED_TASK_FLOATS / per_row.max(1)).max(1);
+    let per_task = tile_rows.div_ceil(wanted_tasks()).min(fits).max(1);
+    (tile_rows, per_task)
 }
 
-impl FusedTasks {
-    fn new(x: Shape, cout: usize, panels: usize, mr: usize) -> Self {
-        // At least one tile row: the callers return early on empty maps.
-        let tile_rows = (x.b * x.h.div_ceil(2)).max(1);
-        let per_row = 16 * (x.c + cout) * x.w.div_ceil(2);
-        let fits = (FUSED_TASK_FLOATS / per_row.max(1)).max(1);
-        let wanted = TASKS_PER_THREAD * rayon::current_num_threads().max(1);
-        // Blocks of tile rows (each task reads all of U): splitting the channels instead
-        // where the tiles are few (a batch of one on 14 × 14 maps) was slower, each group
-        // then transforming all of the input.
-        let rows_per_block = tile_rows.div_ceil(wanted).min(fits).max(1);
-        let row_blocks = tile_rows.div_ceil(rows_per_block);
-        let groups = wanted.div_ceil(row_blocks).clamp(1, panels.max(1));
-        let panels_per_group = panels.div_ceil(groups).max(1);
-        Self {
-            tile_rows,
-            rows_per_block,
-            row_blocks,
-            panels,
-            panels_per_group,
-            groups: panels.div_ceil(panels_per_group).max(1),
-            mr,
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.row_blocks * self.groups
-    }
-
-    /// Task `task`'s tile rows and panels.
-    fn block(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-        let (b, g) = (task / self.groups, task % self.groups);
-        let r0 = b * self.rows_per_block;
-        let p0 = g * self.panels_per_group;
-        (
-            r0..(r0 + self.rows_per_block).min(self.tile_rows),
-            p0..(p0 + self.panels_per_group).min(self.panels),
-        )
-    }
+/// Tasks wanted in one of this module's parallel regions.
+fn wanted_tasks() -> usize {
+    TASKS_PER_THREAD * rayon::current_num_threads().max(1)
 }
 
 /// Runs `each` over the tiles of `x` in chunks of whole tile rows (one image, one tile row:
@@ -398,6 +365,22 @@ impl InputLines {
         Self {
             d: std::array::from_fn(|_| vec![0f32; wp]),
             t: std::array::from_fn(|_| vec![0f32; wp]),
+        }
+    }
+
+    /// V (C_in × 16 × nt) of every channel of `data` (shape `x`) for the tile rows `rows`, on
+    /// the calling thread.
+    fn transform_channels(
+        &mut self,
+        data: &[f32],
+        x: Shape,
+        rows: std::ops::Range<usize>,
+        v: &mut [f32],
+    ) {
+        let plane = x.plane();
+        let nt = rows.len() * x.w.div_ceil(2);
+        for (ci, v) in v.chunks_exact_mut(16 * nt).enumerate() {
+            self.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
         }
     }
 
@@ -518,7 +501,8 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
         return vec![0f32; cout * cin * 9];
     }
     let tw = x.w.div_ceil(2);
-    let tasks = FusedTasks::new(x, cout, 1, 1);
+    let (tile_rows, per_task) = tile_rows_per_task(x, cout);
+    let grid = TaskGrid::blocks_only(tile_rows, per_task);
     // One parallel region: each task transforms the input and the output gradient of its
     // tile rows (in cache) and adds its 16 products to its split's dU, at most two splits per
     // thread (each holds a 16 × C_out × C_in dU); the splits' dU are summed at the end.
@@ -526,21 +510,18 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
     // product, small (64 × 64 on a ResNet's first layer) with a long inner dimension, ran on
     // all threads in turn: a quarter of a 224 px training step.
     let splits = 2 * rayon::current_num_threads().max(1);
-    let du = (0..tasks.count())
+    let du = (0..grid.count())
         .into_par_iter()
-        .with_min_len(tasks.count().div_ceil(splits).max(1))
+        .with_min_len(grid.count().div_ceil(splits).max(1))
         .fold(
             || vec![0f32; 16 * cout * cin],
             |mut du, task| {
-                let (rows, _) = tasks.block(task);
+                let rows = grid.task(task).items;
                 let nt = rows.len() * tw;
                 let mut buffer = ColsBuffer::take();
                 buffer.resize(16 * (cin + cout) * nt, 0.0);
                 let (v, yh) = buffer.split_at_mut(16 * cin * nt);
-                let mut lines = InputLines::new(x);
-                for (ci, v) in v.chunks_exact_mut(16 * nt).enumerate() {
-                    lines.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
-                }
+                InputLines::new(x).transform_channels(data, x, rows.clone(), v);
                 let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
                 for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
                     output_gradient_tiles(&dy[o * plane..][..plane], x, rows.clone(), yh, &mut d);
