@@ -29,8 +29,8 @@ const BLOCKS_PER_THREAD: usize = 2;
 /// Where a conv's right operand comes from.
 #[derive(Clone, Copy)]
 pub(crate) enum Columns<'a> {
-    /// `x` itself, k rows of `n` columns: a 1 × 1 stride-1 conv, or the center tap on 1 × 1
-    /// maps.
+    /// `x` itself, k rows of `n` columns: a 1 × 1 stride-1 conv, or an unrolled conv's
+    /// transposed maps.
     Direct(&'a [f32]),
     /// The im2col of `x` for `shape`, planned as `plan`.
     Im2col(&'a Maps, &'a ConvShape, &'a ConvPlan),

@@ -1,7 +1,8 @@
 //! A conv with its BatchNorm folded in (running statistics, as msad always normalises), and
 //! its forward: blocks of im2col + a product on the weights packed once ([`blocked`], where
 //! the CPU runs a panel kernel), else im2col + one [`sgemm`] per column chunk; or F(2×2, 3×3)
-//! Winograd where it pays. Also the input gradient of stride-1 convs as the adjoint conv.
+//! Winograd where it pays; or one dense product on maps the kernel covers ([`Unrolled`]).
+//! Also the input gradient of stride-1 convs as the adjoint conv.
 
 use std::sync::OnceLock;
 
@@ -12,6 +13,7 @@ use super::geometry::{Chunk, ConvShape};
 use super::im2col::im2col;
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
+use super::unrolled::{self, Unrolled};
 use super::winograd::{self, WinogradFilter};
 use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
 use crate::cpu::kernels::sgemm::{Operand, sgemm};
@@ -40,21 +42,15 @@ pub(crate) struct ConvBnWeights {
 /// How a conv of one input is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ConvMethod {
-    /// A 1 × 1 map (with padding k / 2): every tap but the center one reads padding, so the
-    /// conv is a 1 × 1 conv with the center tap's weights, k² times less work than im2col's
-    /// (ResNet's last stage on 32 px images).
-    CenterTap,
+    /// A map with fewer positions than the kernel has taps (2 × 2 or 1 × 1 under a 3 × 3
+    /// kernel: ResNet's last stages on 32 px images): one dense product whose weights lay
+    /// every output position against every input position ([`Unrolled`]), h·w / k² of
+    /// im2col's work, which mostly multiplies padding there.
+    Unrolled,
     /// Winograd F(2×2, 3×3): a 3x3 stride-1 conv on a map where it pays ([`winograd::pays`]).
     Winograd,
     /// im2col + one product per column chunk.
     Im2col,
-}
-
-/// The center tap (k / 2, k / 2) of weights C_out × (C_in·k·k): C_out × C_in.
-pub(crate) fn center_tap(w: &[f32], shape: &ConvShape) -> Vec<f32> {
-    let taps = shape.k * shape.k;
-    let center = shape.pad * shape.k + shape.pad;
-    w.chunks_exact(taps).map(|kernel| kernel[center]).collect()
 }
 
 /// The adjoint's weights of a conv with weights `w` (C_out × C_in·taps): each kernel turned by
@@ -82,13 +78,12 @@ pub(crate) struct FoldedConv {
     pub(crate) scale: Vec<f32>,
     /// `w` transformed for F(2×2, 3×3), made on first use by a map where it pays.
     winograd: OnceLock<WinogradFilter>,
-    /// The center tap of `w` (C_out × C_in), made on first use by a 1 × 1 map.
-    center: OnceLock<Vec<f32>>,
+    /// `w` unrolled for the first map small enough ([`ConvMethod::Unrolled`]), made on first
+    /// use.
+    unrolled: OnceLock<Unrolled>,
     /// `w` packed for the panel kernel ([`blocked`]), made on first use; `None` where this CPU
     /// runs no panel kernel (then [`sgemm`]: the `gemm` crate, or OpenBLAS).
     packed: OnceLock<Option<PackedLhs>>,
-    /// The center tap packed likewise, made on first use by a 1 × 1 map.
-    packed_center: OnceLock<Option<PackedLhs>>,
     bias: Vec<f32>,
     /// The conv's layout.
     pub(crate) shape: ConvShape,
@@ -125,9 +120,8 @@ impl FoldedConv {
             w,
             scale,
             winograd: OnceLock::new(),
-            center: OnceLock::new(),
+            unrolled: OnceLock::new(),
             packed: OnceLock::new(),
-            packed_center: OnceLock::new(),
             bias,
             shape,
         }
@@ -169,18 +163,24 @@ impl FoldedConv {
     /// How the conv of `x` is computed (the forward and the backward agree on it).
     pub(crate) fn method(&self, x: &Maps) -> ConvMethod {
         let s = &self.shape;
-        if x.h == 1 && x.w == 1 && s.k > 1 {
-            ConvMethod::CenterTap
-        } else if s.k == 3 && s.stride == 1 && s.pad == 1 && winograd::pays(x.h, x.w) {
+        if unrolled::pays(s, x.h, x.w) {
+            ConvMethod::Unrolled
+        } else if s.k == 3 && s.stride == 1 && s.pad == 1 && winograd::pays(x.b, x.h, x.w) {
             ConvMethod::Winograd
         } else {
             ConvMethod::Im2col
         }
     }
 
-    /// The center tap of the folded weights, C_out × C_in (see [`ConvMethod::CenterTap`]).
-    pub(crate) fn center_weights(&self) -> &[f32] {
-        self.center.get_or_init(|| center_tap(&self.w, &self.shape))
+    /// `f` of the folded weights unrolled for the maps of `x` ([`ConvMethod::Unrolled`]):
+    /// those made on first use if they fit `x`, else unrolled for this call.
+    pub(crate) fn with_unrolled<R>(&self, x: &Maps, f: impl FnOnce(&Unrolled) -> R) -> R {
+        let make = || Unrolled::new(&self.w, &self.shape, x.h, x.w);
+        let kept = self.unrolled.get_or_init(make);
+        match kept.fits(x.h, x.w) {
+            true => f(kept),
+            false => f(&make()),
+        }
     }
 
     /// The folded weights transformed for F(2×2, 3×3), on first use.
@@ -189,23 +189,20 @@ impl FoldedConv {
             .get_or_init(|| WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin))
     }
 
-    /// The folded weights (all taps, or the center tap alone) packed for the panel kernel,
-    /// where this CPU runs one.
-    fn packed(&self, center: bool) -> Option<&PackedLhs> {
-        let (cell, rows, k) = if center {
-            (&self.packed_center, self.center_weights(), self.shape.cin)
-        } else {
-            (&self.packed, &self.w[..], self.shape.patch())
-        };
-        cell.get_or_init(|| {
-            PanelKernel::select().map(|kernel| PackedLhs::new(kernel, rows, self.shape.cout, k))
-        })
-        .as_ref()
+    /// The folded weights packed for the panel kernel, where this CPU runs one.
+    fn packed(&self) -> Option<&PackedLhs> {
+        self.packed
+            .get_or_init(|| {
+                PanelKernel::select().map(|kernel| {
+                    PackedLhs::new(kernel, &self.w, self.shape.cout, self.shape.patch())
+                })
+            })
+            .as_ref()
     }
 
     /// The gradient with respect to the input `x` of this conv (its folded weights W·s), for
     /// the gradient `g` (C_out × B·H·W) of its output, where the conv keeps the map's size
-    /// with stride 1 (or reads the center tap alone on 1 × 1 maps): the conv of `g` with each
+    /// with stride 1 (or is 1 × 1 on a 1 × 1 map): the conv of `g` with each
     /// kernel turned by 180° and the channels swapped, run as a forward on the panel kernel
     /// (one parallel region, no col2im). `None` for other convs, and where this CPU runs no
     /// panel kernel.
@@ -224,9 +221,10 @@ impl FoldedConv {
             w: x.w,
         };
         match self.method(x) {
-            ConvMethod::CenterTap | ConvMethod::Im2col if plan.direct || x.h * x.w == 1 => {
-                // dX (C_in × n) = Wᵀ g: the center tap (all of a 1 × 1 kernel), transposed.
-                let transposed = adjoint_weights(self.center_weights(), cout, cin, 1);
+            ConvMethod::Im2col if plan.direct || x.h * x.w == 1 => {
+                // dX (C_in × n) = Wᵀ g: a 1 × 1 kernel (larger ones are unrolled on 1 × 1
+                // maps), transposed.
+                let transposed = adjoint_weights(&self.w, cout, cin, 1);
                 let packed = PackedLhs::new(kernel, &transposed, cin, cout);
                 let dx = blocked::forward(&packed, Columns::Direct(g), n, &zeros, None, false);
                 Some(maps(dx))
@@ -261,12 +259,14 @@ impl FoldedConv {
         let n = plan.columns();
         let method = self.method(x);
         let blocked = match method {
-            ConvMethod::CenterTap => self.packed(true).map(|w| (w, Columns::Direct(&x.data))),
+            ConvMethod::Unrolled => {
+                return self.with_unrolled(x, |u| u.forward(x, &self.bias, residual, relu));
+            }
             ConvMethod::Im2col if plan.direct => {
-                self.packed(false).map(|w| (w, Columns::Direct(&x.data)))
+                self.packed().map(|w| (w, Columns::Direct(&x.data)))
             }
             ConvMethod::Im2col => self
-                .packed(false)
+                .packed()
                 .map(|w| (w, Columns::Im2col(x, &self.shape, &plan))),
             ConvMethod::Winograd => None,
         };
@@ -318,22 +318,10 @@ impl FoldedConv {
         // (`n` ≥ 1: every conv output has a position per image).
         unsafe { out.set_len(len) };
         match method {
-            ConvMethod::CenterTap => {
-                // out (C_out × B) += W_center (C_out × C_in) · x (C_in × B)
-                let cin = self.shape.cin;
-                sgemm(
-                    (self.shape.cout, n, cin),
-                    Operand::rows(self.center_weights(), cin),
-                    Operand::rows(&x.data, n),
-                    &mut out,
-                    n,
-                    true,
-                );
-            }
             ConvMethod::Winograd => {
                 winograd::accumulate(&x.data, winograd::Shape::of(x), self.winograd(), &mut out);
             }
-            ConvMethod::Im2col => self.accumulate_im2col(x, &mut out),
+            _ => self.accumulate_im2col(x, &mut out),
         }
         if relu {
             // Not `v.max(0.0)`, which maps NaN to 0: NaN stays NaN, as in the backends' relu
@@ -456,29 +444,78 @@ pub(crate) mod tests {
         }
     }
 
-    /// On 1 × 1 maps the center-tap product equals im2col's (k = 3 and 7, strides 1 and 2).
+    /// Where the kernel covers the whole map from every output position (1 × 1 maps under k
+    /// = 3, 5 and 7 at strides 1 and 2, 2 × 2, 1 × 2, 3 × 2 and 4 × 4 maps), the unrolled
+    /// product plus bias, residual and ReLU equals im2col's, NaN input included (it reaches
+    /// every output of its image in both), in pools of 1, 2 and 7 threads; on maps the kernel
+    /// does not cover, im2col or Winograd runs.
     #[test]
-    fn the_center_tap_equals_im2col_on_one_pixel_maps() {
-        for (k, stride) in [(3, 1), (3, 2), (7, 2)] {
-            let (cin, cout, b) = (5, 4, 3);
+    fn unrolled_convs_equal_im2col_where_the_kernel_covers_the_map() {
+        for (k, stride, cin, cout, b, h, w) in [
+            (3, 1, 5, 4, 3, 1, 1),
+            (3, 2, 5, 4, 3, 1, 1),
+            (7, 2, 3, 6, 2, 1, 1),
+            (3, 1, 6, 10, 3, 2, 2),
+            (3, 2, 6, 10, 3, 2, 2),
+            (3, 1, 4, 5, 2, 1, 2),
+            (3, 1, 4, 5, 2, 2, 1),
+            (5, 1, 3, 4, 2, 3, 2),
+            (7, 2, 3, 6, 2, 4, 4),
+        ] {
             let conv = folded(k, stride, cin, cout);
-            let x = Maps {
-                data: values(cin * b, 6),
+            let mut x = Maps {
+                data: values(cin * b * h * w, 6),
                 c: cin,
                 b,
-                h: 1,
-                w: 1,
+                h,
+                w,
             };
-            assert_eq!(conv.method(&x), ConvMethod::CenterTap);
-            let fast = conv.forward(&x, None, false).data;
-            let mut reference = vec![0f32; cout * b];
-            conv.accumulate_im2col(&x, &mut reference);
-            for (o, row) in reference.chunks_exact_mut(b).enumerate() {
-                row.iter_mut().for_each(|v| *v += conv.bias[o]);
+            assert_eq!(conv.method(&x), ConvMethod::Unrolled, "k {k} {h} × {w}");
+            // The first image's first input position is NaN in channel 1.
+            x.data[b * h * w] = f32::NAN;
+            let plan = conv.shape.plan(&x);
+            let n = plan.columns();
+            let residual = Maps {
+                data: values(cout * n, 7),
+                c: cout,
+                b,
+                h: plan.ho,
+                w: plan.wo,
+            };
+            let mut want = vec![0f32; cout * n];
+            conv.accumulate_im2col(&x, &mut want);
+            for (o, row) in want.chunks_exact_mut(n).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let y = *v + conv.bias[o] + residual.data[o * n + j];
+                    *v = if y < 0.0 { 0.0 } else { y };
+                }
             }
-            for (a, r) in fast.iter().zip(&reference) {
-                assert!((a - r).abs() <= 1e-5 * (1.0 + r.abs()), "k {k}: {a} vs {r}");
+            assert!(want[0].is_nan());
+            for threads in [1, 2, 7] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| conv.forward(&x, Some(&residual), true));
+                assert_eq!((got.c, got.b, got.h, got.w), (cout, b, plan.ho, plan.wo));
+                for (i, (g, r)) in got.data.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g.is_nan() && r.is_nan()) || (g - r).abs() <= 1e-5 * (1.0 + r.abs()),
+                        "k {k} s {stride} {h} × {w}, {threads} threads [{i}]: {g} vs {r}"
+                    );
+                }
             }
+        }
+        for (k, h, w) in [(3, 3, 3), (3, 2, 3), (1, 1, 1), (7, 5, 5)] {
+            let conv = folded(k, 1, 2, 2);
+            let x = Maps {
+                data: values(2 * h * w, 6),
+                c: 2,
+                b: 1,
+                h,
+                w,
+            };
+            assert_ne!(conv.method(&x), ConvMethod::Unrolled, "k {k} {h} × {w}");
         }
     }
 }

@@ -5,7 +5,8 @@
 //! the next conv's input and a conv is one matrix product over the whole batch. Each conv has
 //! its BatchNorm folded in ([`FoldedConv`]) and runs as im2col + a product with its weights
 //! packed once, one block of columns per task ([`blocked`]), or as im2col + [`sgemm`] in column chunks
-//! ([`ConvPlan`]), or as Winograd F(2×2, 3×3) ([`winograd`]) where that pays.
+//! ([`ConvPlan`]), or as Winograd F(2×2, 3×3) ([`winograd`]) where that pays, or as one dense
+//! product on maps the kernel covers whole (`unrolled`: 2 × 2 and 1 × 1 maps).
 //!
 //! Imports run one way: this module uses [`super::kernels`] and nothing above it.
 //!
@@ -18,6 +19,7 @@ mod im2col;
 mod maps;
 mod pool;
 mod scratch;
+mod unrolled;
 pub(crate) mod weight_gradient;
 pub(crate) mod winograd;
 

@@ -125,22 +125,8 @@ impl ConvBn {
         let n = dz.len() / shape.cout;
         let mut dw = vec![0f32; shape.cout * kk];
         match self.folded.method(x) {
-            ConvMethod::CenterTap => {
-                // Only the center tap read the input: G_center = g · xᵀ, zero elsewhere.
-                let cin = shape.cin;
-                let mut center = vec![0f32; shape.cout * cin];
-                sgemm(
-                    (shape.cout, cin, n),
-                    Operand::rows(dz, n),
-                    Operand::transposed(&x.data, n),
-                    &mut center,
-                    cin,
-                    false,
-                );
-                let (taps, tap) = (shape.k * shape.k, shape.pad * shape.k + shape.pad);
-                for (kernel, v) in dw.chunks_exact_mut(taps).zip(center) {
-                    kernel[tap] = v;
-                }
+            ConvMethod::Unrolled => {
+                return self.folded.with_unrolled(x, |u| u.weight_gradient(x, dz));
             }
             ConvMethod::Winograd => {
                 return winograd::kernel_gradient(&x.data, Shape::of(x), dz, shape.cout);
@@ -173,6 +159,12 @@ impl ConvBn {
         let n = dz.len() / shape.cout;
         let plan = shape.plan(x);
         let method = self.folded.method(x);
+        if method == ConvMethod::Unrolled {
+            let w = &self.folded.w;
+            return self
+                .folded
+                .with_unrolled(x, |u| u.input_gradient(w, dz, x.b));
+        }
         if method != ConvMethod::Winograd
             && let Some(dx) = self.folded.adjoint_forward(x, dz)
         {
@@ -209,18 +201,6 @@ impl ConvBn {
             h: x.h,
             w: x.w,
         };
-        if method == ConvMethod::CenterTap {
-            // dX (C_in × B) = W_centerᵀ · g.
-            sgemm(
-                (shape.cin, n, shape.cout),
-                Operand::transposed(self.folded.center_weights(), shape.cin),
-                Operand::rows(dz, n),
-                &mut dx.data,
-                n,
-                false,
-            );
-            return dx;
-        }
         if plan.direct {
             sgemm(
                 (kk, n, shape.cout),
