@@ -50,37 +50,47 @@ impl WinogradFilter {
 
     /// U = G g Gᵀ for every kernel g(o, i) of an `outs` × `ins` bank; `kernel(o, i, k)` is
     /// tap k (row-major 3×3) of the kernel from input i to output o.
-    fn transform(outs: usize, ins: usize, kernel: impl Fn(usize, usize, usize) -> f32) -> Self {
+    fn transform(
+        outs: usize,
+        ins: usize,
+        kernel: impl Fn(usize, usize, usize) -> f32 + Sync,
+    ) -> Self {
         let plane = outs * ins;
-        let mut u = vec![0f32; 16 * plane];
-        for o in 0..outs {
-            for i in 0..ins {
-                let g: [f32; 9] = std::array::from_fn(|k| kernel(o, i, k));
-                // G g: 4 × 3.
-                let mut t = [[0f32; 3]; 4];
-                for c in 0..3 {
-                    let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                    t[0][c] = g0;
-                    t[1][c] = 0.5 * (g0 + g1 + g2);
-                    t[2][c] = 0.5 * (g0 - g1 + g2);
-                    t[3][c] = g2;
-                }
-                // (G g) Gᵀ: 4 × 4.
-                for (r, row) in t.iter().enumerate() {
-                    let v = [
-                        row[0],
-                        0.5 * (row[0] + row[1] + row[2]),
-                        0.5 * (row[0] - row[1] + row[2]),
-                        row[2],
-                    ];
-                    for (c, v) in v.into_iter().enumerate() {
-                        u[(r * 4 + c) * plane + o * ins + i] = v;
+        // Kernel by kernel (16 values each) on every thread, then regrouped by ξ: a training
+        // step transforms every filter anew, ResNet-18's last stage 4 M values per conv.
+        let mut by_kernel = vec![0f32; 16 * plane];
+        by_kernel
+            .par_chunks_mut(16 * ins)
+            .enumerate()
+            .for_each(|(o, row)| {
+                for (i, dst) in row.chunks_exact_mut(16).enumerate() {
+                    let g: [f32; 9] = std::array::from_fn(|k| kernel(o, i, k));
+                    // G g: 4 × 3.
+                    let mut t = [[0f32; 3]; 4];
+                    for c in 0..3 {
+                        let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                        t[0][c] = g0;
+                        t[1][c] = 0.5 * (g0 + g1 + g2);
+                        t[2][c] = 0.5 * (g0 - g1 + g2);
+                        t[3][c] = g2;
+                    }
+                    // (G g) Gᵀ: 4 × 4.
+                    for (r, row) in t.iter().enumerate() {
+                        dst[r * 4] = row[0];
+                        dst[r * 4 + 1] = 0.5 * (row[0] + row[1] + row[2]);
+                        dst[r * 4 + 2] = 0.5 * (row[0] - row[1] + row[2]);
+                        dst[r * 4 + 3] = row[2];
                     }
                 }
+            });
+        let mut u = vec![0f32; 16 * plane];
+        u.par_chunks_mut(plane).enumerate().for_each(|(xi, ui)| {
+            for (v, kernel) in ui.iter_mut().zip(by_kernel.chunks_exact(16)) {
+                *v = kernel[xi];
             }
-        }
+        });
         let packed = PanelKernel::select().map(|kernel| {
-            u.chunks_exact(plane)
+            u.par_chunks_exact(plane)
                 .map(|ui| PackedLhs::new(kernel, ui, outs, ins))
                 .collect()
         });
@@ -125,14 +135,17 @@ fn packed_products(packed: &[PackedLhs], nt: usize, v: &[f32], m: &mut [f32]) {
 
 /// Whether F(2×2, 3×3) pays for a batch of `b` h × w maps: its 16 multiplications per 2×2
 /// tile (tiles overhanging an odd map included) must be at most two thirds of im2col's 9 per
-/// output, and the batch must hold enough tiles for the 16 products to be wide: on 12 × 12
-/// maps and larger, or with 256 tiles or more. Measured with `examples/throughput` on a
-/// 2-core Zen 4: the 8 × 8 and 4 × 4 maps of 32 px images at batch 64 gain 9%, ResNet-18's 7
-/// × 7 maps at batch 32 gain 7-10%, while the same 7 × 7 maps of a single image lose a
-/// quarter (the transformed weights, 16/9 of the conv's, are then read for 16 tiles).
+/// output, and the batch must hold enough tiles for the 16 products to be wide: 12 × 12 maps
+/// and larger, or even maps with 256 tiles or more in the batch. Measured with
+/// `examples/throughput` on a 2-core Zen 4: the 8 × 8 and 4 × 4 maps of 32 px images at batch
+/// 64 gain 9% in inference. ResNet-18's 7 × 7 maps stay on im2col: at batch 32 they gain 7-10%
+/// in inference, but lose 30% in a training step (which transforms its filters anew each
+/// step, and whose kernel gradient pays for the overhanging tiles twice), and at batch 1 they
+/// lose a quarter (the transformed weights, 16/9 of the conv's, read for 16 tiles).
 pub(crate) fn pays(b: usize, h: usize, w: usize) -> bool {
     let tiles = h.div_ceil(2) * w.div_ceil(2);
-    16 * tiles <= 6 * h * w && (h * w >= 144 || b.saturating_mul(tiles) >= 256)
+    let even = h % 2 == 0 && w % 2 == 0;
+    16 * tiles <= 6 * h * w && (h * w >= 144 || (even && b.saturating_mul(tiles) >= 256))
 }
 
 /// The shape of channel-major maps (C × B × H × W) read from a plain slice.
@@ -841,6 +854,6 @@ mod tests {
     fn pays_only_where_tiles_fit() {
         assert!(pays(1, 56, 56) && pays(1, 14, 14) && pays(1, 13, 13) && pays(1, 28, 12));
         assert!(!pays(1, 8, 8) && !pays(1, 7, 7) && !pays(1, 1, 1) && !pays(64, 3, 3));
-        assert!(pays(64, 8, 8) && pays(64, 4, 4) && pays(32, 7, 7) && !pays(8, 7, 7));
+        assert!(pays(64, 8, 8) && pays(64, 4, 4) && !pays(32, 7, 7) && !pays(8, 4, 4));
     }
 }
