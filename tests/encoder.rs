@@ -81,7 +81,8 @@ fn matches_torchvision_on_every_backend() {
 fn the_cpu_engine_equals_the_tensor_path() {
     // On CPU devices `forward` runs the CPU engine (folded BatchNorm, im2col + sgemm);
     // `forward_tensor_ops` the backend's own operations. Odd sizes, several images, every
-    // block design, strides and downsampling included.
+    // block design, strides and downsampling included; 112 × 100 images give 28 × 25 maps,
+    // where F(4×4, 3×3) runs.
     let cpu = backends()
         .into_iter()
         .filter(|d| d.backend() != msad::device::Backend::Wgpu);
@@ -90,7 +91,7 @@ fn the_cpu_engine_equals_the_tensor_path() {
         for net in NETS {
             let model = ResNet::from_torchvision(fixture("encoder", &format!("{net}.pth")), device)
                 .unwrap();
-            for [b, h, w] in [[3, 37, 29], [1, 1, 1], [2, 64, 64]] {
+            for [b, h, w] in [[3, 37, 29], [1, 1, 1], [2, 64, 64], [1, 112, 100]] {
                 let values = common::splitmix_uniform((b * h * w) as u64, b * 3 * h * w);
                 let values: Vec<f32> = values.iter().map(|v| *v as f32 * 2.0).collect();
                 let x = Tensor::<4>::from_data(
@@ -464,7 +465,9 @@ fn non_finite_images(h: usize, w: usize, device: &Device) -> Tensor<4> {
 /// and so does the CPU engine now (its ReLU mapped NaN to 0). Images with a NaN, a +inf or a
 /// −inf pixel beside a clean one give NaN features at the same positions as flex's tensor
 /// path, through `forward` (the CPU engine) and an `InferenceEncoder`, on flex and on ndarray,
-/// at sizes where the convs run on im2col and on F(2×2, 3×3); the other features agree.
+/// at sizes where the convs run on im2col, on F(2×2, 3×3), and where F(4×4, 3×3) would
+/// (28 × 25 maps: it declines maps holding NaN or infinities, which would spread over its
+/// tiles, and F(2×2, 3×3) takes them); the other features agree.
 ///
 /// Two tensor paths differ from PyTorch here, and are only checked on the clean image (which
 /// the others in its batch must not disturb): ndarray's max-pool skips NaN (`val > max`), and
@@ -476,7 +479,7 @@ fn non_finite_pixels_give_nan_features_as_the_tensor_path() {
     for net in ["narrow18", "narrow50"] {
         let checkpoint = fixture("encoder", &format!("{net}.pth"));
         let reference_model = ResNet::from_torchvision(&checkpoint, &flex).unwrap();
-        for [h, w] in [[37, 29], [64, 64], [9, 9]] {
+        for [h, w] in [[37, 29], [64, 64], [9, 9], [112, 100]] {
             let reference = msad::host::vec_from_tensor(
                 reference_model.forward_tensor_ops(non_finite_images(h, w, &flex)),
             )

@@ -484,7 +484,8 @@ mod tests {
     /// Every trainable parameter's gradient from the CPU training engine equals burn's autodiff
     /// through the tensor path, for
     /// basic blocks and bottlenecks, strides, downsampling, odd sizes, frozen stages, and
-    /// convs on im2col and on F(2×2, 3×3).
+    /// convs on im2col, on F(2×2, 3×3) and on F(4×4, 3×3) (the input gradient on 28 × 25
+    /// maps).
     #[test]
     fn gradients_equal_autodiff() {
         let plain = Device::flex();
@@ -501,6 +502,8 @@ mod tests {
             // Large enough (15 × 13 after the stem) for layer1's convs to run as F(2×2, 3×3).
             ("narrow18", FreezePolicy::NONE, [2, 57, 51]),
             ("narrow50", FreezePolicy::NONE, [1, 57, 51]),
+            // 28 × 25 after the stem: layer1's input gradients on F(4×4, 3×3).
+            ("narrow18", FreezePolicy::NONE, [1, 112, 100]),
         ] {
             // torchvision-layout fixtures with non-trivial BatchNorm statistics.
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

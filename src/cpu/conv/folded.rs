@@ -14,7 +14,7 @@ use super::im2col::im2col;
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
 use super::unrolled::{self, Unrolled};
-use super::winograd::{self, WinogradFilter};
+use super::winograd::{self, Tile, WinogradFilter};
 use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
 use crate::cpu::kernels::sgemm::{Operand, sgemm};
 
@@ -76,8 +76,9 @@ pub(crate) struct FoldedConv {
     pub(crate) w: Vec<f32>,
     /// s = γ / sqrt(σ² + eps) per output channel.
     pub(crate) scale: Vec<f32>,
-    /// `w` transformed for F(2×2, 3×3), made on first use by a map where it pays.
-    winograd: OnceLock<WinogradFilter>,
+    /// `w` transformed for F(2×2, 3×3) and for F(4×4, 3×3), each made on first use by a map
+    /// where it runs.
+    winograd: [OnceLock<WinogradFilter>; 2],
     /// `w` unrolled for the first map small enough ([`ConvMethod::Unrolled`]), made on first
     /// use.
     unrolled: OnceLock<Unrolled>,
@@ -119,7 +120,7 @@ impl FoldedConv {
         Self {
             w,
             scale,
-            winograd: OnceLock::new(),
+            winograd: [OnceLock::new(), OnceLock::new()],
             unrolled: OnceLock::new(),
             packed: OnceLock::new(),
             bias,
@@ -183,10 +184,20 @@ impl FoldedConv {
         }
     }
 
-    /// The folded weights transformed for F(2×2, 3×3), on first use.
-    fn winograd(&self) -> &WinogradFilter {
-        self.winograd
-            .get_or_init(|| WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin))
+    /// Which Winograd algorithm runs on the maps of `x` (where [`ConvMethod::Winograd`] does):
+    /// F(4×4, 3×3) on large maps where this CPU runs the panel kernel
+    /// ([`winograd::pays_4x4`]), else F(2×2, 3×3).
+    pub(crate) fn winograd_tile(&self, x: &Maps) -> Tile {
+        match winograd::pays_4x4(x.h, x.w) && PanelKernel::select().is_some() {
+            true => Tile::Four,
+            false => Tile::Two,
+        }
+    }
+
+    /// The folded weights transformed for `tile`, on first use.
+    fn winograd(&self, tile: Tile) -> &WinogradFilter {
+        self.winograd[(tile == Tile::Four) as usize]
+            .get_or_init(|| WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin, tile))
     }
 
     /// The folded weights packed for the panel kernel, where this CPU runs one.
@@ -286,10 +297,14 @@ impl FoldedConv {
         if method == ConvMethod::Winograd {
             let residual = residual.map(|r| &r.data[..]);
             let shape = winograd::Shape::of(x);
-            if let Some(out) =
-                winograd::forward(&x.data, shape, self.winograd(), &self.bias, residual, relu)
-            {
-                return maps(out);
+            // F(4×4, 3×3) declines maps holding NaN or infinities; F(2×2, 3×3) takes them.
+            for tile in [self.winograd_tile(x), Tile::Two] {
+                let filter = self.winograd(tile);
+                if let Some(out) =
+                    winograd::forward(&x.data, shape, filter, &self.bias, residual, relu)
+                {
+                    return maps(out);
+                }
             }
         }
         // The output starts as bias (+ residual); the products accumulate onto it.
@@ -319,7 +334,8 @@ impl FoldedConv {
         unsafe { out.set_len(len) };
         match method {
             ConvMethod::Winograd => {
-                winograd::accumulate(&x.data, winograd::Shape::of(x), self.winograd(), &mut out);
+                let filter = self.winograd(Tile::Two);
+                winograd::accumulate(&x.data, winograd::Shape::of(x), filter, &mut out);
             }
             _ => self.accumulate_im2col(x, &mut out),
         }

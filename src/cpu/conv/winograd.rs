@@ -25,27 +25,101 @@ use crate::cpu::kernels::sgemm::{Operand, sgemm, sgemm_serial};
 /// convs are computed in chunks of tiles.
 const BUFFER_FLOATS: usize = 8 << 20;
 
-/// A 3x3 kernel bank transformed for F(2×2, 3×3): U\[ξ\] (C_out × C_in) for each of the 16
-/// positions ξ of the 4×4 block.
+/// The minimal filtering algorithm: F(2×2, 3×3) (16 multiplications per 2 × 2 outputs) or
+/// F(4×4, 3×3) (36 per 4 × 4: 2.25 per output instead of 4, with larger transforms whose
+/// constants, up to 8 in Aᵀ and 1/24 in G, cost a little float precision).
+///
+/// F(4×4, 3×3) runs only in the fused [`forward`] (where this CPU runs the panel kernel);
+/// [`accumulate`] and [`kernel_gradient`] are F(2×2, 3×3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tile {
+    /// F(2×2, 3×3): 4 × 4 input blocks.
+    Two,
+    /// F(4×4, 3×3): 6 × 6 input blocks, Lavin & Gray's points 0, ±1, ±2.
+    Four,
+}
+
+impl Tile {
+    /// Outputs per tile side, m.
+    pub(crate) fn m(self) -> usize {
+        match self {
+            Tile::Two => 2,
+            Tile::Four => 4,
+        }
+    }
+
+    /// Inputs per tile side, α = m + 2.
+    fn alpha(self) -> usize {
+        self.m() + 2
+    }
+
+    /// Positions ξ of a transformed block, α².
+    fn positions(self) -> usize {
+        self.alpha() * self.alpha()
+    }
+
+    /// G g for one row or column g of a kernel: α values (then zeros).
+    fn filter(self, [g0, g1, g2]: [f32; 3]) -> [f32; 6] {
+        match self {
+            Tile::Two => [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2, 0.0, 0.0],
+            Tile::Four => [
+                g0 / 4.0,
+                -(g0 + g1 + g2) / 6.0,
+                -(g0 - g1 + g2) / 6.0,
+                g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+                g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+                g2,
+            ],
+        }
+    }
+}
+
+/// F(4×4, 3×3)'s Bᵀ d for one column or row d of a 6 × 6 input block.
+#[inline(always)]
+fn input_4x4([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        -4.0 * d1 - 4.0 * d2 + d3 + d4,
+        4.0 * d1 - 4.0 * d2 - d3 + d4,
+        -2.0 * d1 - d2 + 2.0 * d3 + d4,
+        2.0 * d1 - d2 - 2.0 * d3 + d4,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// F(4×4, 3×3)'s Aᵀ m for one column or row m of a 6 × 6 product block.
+#[inline(always)]
+fn output_4x4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    [
+        m0 + m1 + m2 + m3 + m4,
+        m1 - m2 + 2.0 * (m3 - m4),
+        m1 + m2 + 4.0 * (m3 + m4),
+        m1 - m2 + 8.0 * (m3 - m4) + m5,
+    ]
+}
+
+/// A 3x3 kernel bank transformed for F(m×m, 3×3): U\[ξ\] (C_out × C_in) for each of the α²
+/// positions ξ of the transformed block.
 pub(crate) struct WinogradFilter {
     u: Vec<f32>,
-    /// The 16 U\[ξ\] packed for the panel kernel, where this CPU runs one.
+    /// The U\[ξ\] packed for the panel kernel, where this CPU runs one.
     packed: Option<Vec<PackedLhs>>,
+    tile: Tile,
     cout: usize,
     cin: usize,
 }
 
 impl WinogradFilter {
     /// From weights C_out × C_in × 3 × 3, row-major.
-    pub(crate) fn new(w: &[f32], cout: usize, cin: usize) -> Self {
-        Self::transform(cout, cin, |o, i, k| w[(o * cin + i) * 9 + k])
+    pub(crate) fn new(w: &[f32], cout: usize, cin: usize, tile: Tile) -> Self {
+        Self::transform(cout, cin, tile, |o, i, k| w[(o * cin + i) * 9 + k])
     }
 
     /// The filter of the convolution's adjoint (C_in outputs from C_out inputs): each kernel
     /// turned by 180°, input and output channels swapped. Its output is the gradient with
     /// respect to the input of the convolution that `w` (C_out × C_in × 3 × 3) defines.
-    pub(crate) fn adjoint(w: &[f32], cout: usize, cin: usize) -> Self {
-        Self::transform(cin, cout, |i, o, k| w[(o * cin + i) * 9 + 8 - k])
+    pub(crate) fn adjoint(w: &[f32], cout: usize, cin: usize, tile: Tile) -> Self {
+        Self::transform(cin, cout, tile, |i, o, k| w[(o * cin + i) * 9 + 8 - k])
     }
 
     /// U = G g Gᵀ for every kernel g(o, i) of an `outs` × `ins` bank; `kernel(o, i, k)` is
@@ -53,39 +127,33 @@ impl WinogradFilter {
     fn transform(
         outs: usize,
         ins: usize,
+        tile: Tile,
         kernel: impl Fn(usize, usize, usize) -> f32 + Sync,
     ) -> Self {
         let plane = outs * ins;
-        // Kernel by kernel (16 values each) on every thread, then regrouped by ξ: a training
+        let (alpha, positions) = (tile.alpha(), tile.positions());
+        // Kernel by kernel (α² values each) on every thread, then regrouped by ξ: a training
         // step transforms every filter anew, ResNet-18's last stage 4 M values per conv.
-        let mut by_kernel = vec![0f32; 16 * plane];
+        let mut by_kernel = vec![0f32; positions * plane];
         by_kernel
-            .par_chunks_mut(16 * ins)
+            .par_chunks_mut(positions * ins)
             .enumerate()
             .for_each(|(o, row)| {
-                for (i, dst) in row.chunks_exact_mut(16).enumerate() {
+                for (i, dst) in row.chunks_exact_mut(positions).enumerate() {
                     let g: [f32; 9] = std::array::from_fn(|k| kernel(o, i, k));
-                    // G g: 4 × 3.
-                    let mut t = [[0f32; 3]; 4];
-                    for c in 0..3 {
-                        let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                        t[0][c] = g0;
-                        t[1][c] = 0.5 * (g0 + g1 + g2);
-                        t[2][c] = 0.5 * (g0 - g1 + g2);
-                        t[3][c] = g2;
-                    }
-                    // (G g) Gᵀ: 4 × 4.
-                    for (r, row) in t.iter().enumerate() {
-                        dst[r * 4] = row[0];
-                        dst[r * 4 + 1] = 0.5 * (row[0] + row[1] + row[2]);
-                        dst[r * 4 + 2] = 0.5 * (row[0] - row[1] + row[2]);
-                        dst[r * 4 + 3] = row[2];
+                    // G g: α × 3, column by column.
+                    let columns: [[f32; 6]; 3] =
+                        std::array::from_fn(|c| tile.filter([g[c], g[3 + c], g[6 + c]]));
+                    // (G g) Gᵀ: α × α, row by row.
+                    for (r, dst) in dst.chunks_exact_mut(alpha).enumerate() {
+                        let row = tile.filter([columns[0][r], columns[1][r], columns[2][r]]);
+                        dst.copy_from_slice(&row[..alpha]);
                     }
                 }
             });
-        let mut u = vec![0f32; 16 * plane];
+        let mut u = vec![0f32; positions * plane];
         u.par_chunks_mut(plane).enumerate().for_each(|(xi, ui)| {
-            for (v, kernel) in ui.iter_mut().zip(by_kernel.chunks_exact(16)) {
+            for (v, kernel) in ui.iter_mut().zip(by_kernel.chunks_exact(positions)) {
                 *v = kernel[xi];
             }
         });
@@ -97,6 +165,7 @@ impl WinogradFilter {
         Self {
             u,
             packed,
+            tile,
             cout: outs,
             cin: ins,
         }
@@ -144,8 +213,17 @@ fn packed_products(packed: &[PackedLhs], nt: usize, v: &[f32], m: &mut [f32]) {
 /// lose a quarter (the transformed weights, 16/9 of the conv's, read for 16 tiles).
 pub(crate) fn pays(b: usize, h: usize, w: usize) -> bool {
     let tiles = h.div_ceil(2) * w.div_ceil(2);
-    let even = h % 2 == 0 && w % 2 == 0;
+    let even = h.is_multiple_of(2) && w.is_multiple_of(2);
     16 * tiles <= 6 * h * w && (h * w >= 144 || (even && b.saturating_mul(tiles) >= 256))
+}
+
+/// Whether F(4×4, 3×3) runs instead of F(2×2, 3×3) on an h × w map (where Winograd pays):
+/// maps of 24 × 24 and larger. Measured per conv on a 2-core Zen 4 (ResNet-18, 224 px): 28 × 28
+/// maps take 0.68-0.77 of F(2×2, 3×3)'s time, 56 × 56 maps 0.65-0.9, at batch 32 and at batch
+/// 1; 14 × 14 maps twice as long at batch 1 (16 tiles, and 36 transformed kernels instead of
+/// 16 to read).
+pub(crate) fn pays_4x4(h: usize, w: usize) -> bool {
+    h.min(w) >= 24
 }
 
 /// The shape of channel-major maps (C × B × H × W) read from a plain slice.
@@ -178,6 +256,11 @@ pub(crate) fn accumulate(data: &[f32], x: Shape, f: &WinogradFilter, out: &mut [
     assert_eq!(data.len(), x.c * x.plane(), "winograd: input size");
     assert_eq!(x.c, f.cin, "winograd: input channels");
     assert_eq!(out.len(), f.cout * x.plane(), "winograd: output size");
+    assert_eq!(
+        f.tile,
+        Tile::Two,
+        "winograd: accumulate runs F(2×2, 3×3) only"
+    );
     by_chunks(data, x, f.cout, |rows, nt, v, m| {
         // M[ξ] (C_out × nt) = U[ξ] (C_out × C_in) · V[ξ] (C_in × nt)
         if let Some(packed) = &f.packed {
@@ -236,7 +319,19 @@ pub(crate) fn forward(
     if plane == 0 {
         return Some(Vec::new());
     }
-    let (tile_rows, per_task) = tile_rows_per_task(x, cout);
+    let tile = f.tile;
+    // F(4×4, 3×3)'s dense transforms would spread a NaN input over its whole tile (and turn
+    // an infinity into NaN where the convolution keeps it infinite): it declines such maps.
+    // F(2×2, 3×3)'s sparse ones keep a NaN where the convolution puts it.
+    if tile == Tile::Four
+        && !data
+            .par_chunks(1 << 14)
+            .all(|c| c.iter().all(|v| v.is_finite()))
+    {
+        return None;
+    }
+    let (m_side, positions) = (tile.m(), tile.positions());
+    let (tile_rows, per_task) = tile_rows_per_task(x, cout, tile);
     let grid = TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks());
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -247,17 +342,17 @@ pub(crate) fn forward(
             panels,
             rows: channels,
         } = grid.task(task);
-        let tw = x.w.div_ceil(2);
+        let tw = x.w.div_ceil(m_side);
         let nt = rows.len() * tw;
         let mut buffer = ColsBuffer::take();
-        buffer.resize(16 * (cin + cout) * nt, 0.0);
-        let (v, m) = buffer.split_at_mut(16 * cin * nt);
-        // V (C_in × 16 × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
-        InputLines::new(x).transform_channels(data, x, rows.clone(), v);
-        let ld = 16 * nt;
+        buffer.resize(positions * (cin + cout) * nt, 0.0);
+        let (v, m) = buffer.split_at_mut(positions * cin * nt);
+        // V (C_in × α² × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
+        InputLines::new(x, tile).transform_channels(data, x, rows.clone(), v);
+        let ld = positions * nt;
         m[channels.start * ld..channels.end * ld].fill(0.0);
         for (xi, u) in packed.iter().enumerate() {
-            // SAFETY: `m` holds C_out rows of 16·nt floats; the panels' rows are `channels`,
+            // SAFETY: `m` holds C_out rows of α²·nt floats; the panels' rows are `channels`,
             // columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this task owns.
             unsafe {
                 u.multiply(
@@ -269,13 +364,16 @@ pub(crate) fn forward(
             };
         }
         // Aᵀ M A + bias (+ residual), ReLU, into this task's channels and output rows.
-        let mut y = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
+        let mut y = vec![vec![0f32; m_side * tw]; m_side];
         for o in channels {
             let mo = &m[o * ld..(o + 1) * ld];
             let b = bias[o];
             for (k, tile_row) in rows.clone().enumerate() {
-                output_tile_row(mo, nt, k * tw, tw, &mut y);
-                for (at, r) in output_lines(x, tile_row) {
+                match tile {
+                    Tile::Two => output_tile_row(mo, nt, k * tw, tw, &mut y),
+                    Tile::Four => output_tile_row_4x4(mo, nt, k * tw, tw, &mut y),
+                }
+                for (at, r) in output_lines(x, tile_row, m_side) {
                     let at = o * plane + at;
                     // Output row `at` of channel o: this task alone writes it (the tasks cut
                     // the channels × tile rows without overlap, and a tile row's output rows
@@ -306,7 +404,7 @@ pub(crate) fn forward(
         }
     });
     // SAFETY: the tasks cover every channel and tile row, and a tile row's output rows cover
-    // the map's rows (2·ty and 2·ty + 1 inside it): every element was written above.
+    // the map's rows (m·ty .. m·ty + m inside it): every element was written above.
     unsafe { out.set_len(len) };
     Some(out)
 }
@@ -318,9 +416,9 @@ pub(crate) fn forward(
 /// Blocks of tile rows (each task reads all of U): splitting the channels instead where the
 /// tiles are few (a batch of one on 14 × 14 maps) was slower, each group then transforming all
 /// of the input; [`forward`] splits them only where the blocks are fewer than the threads.
-fn tile_rows_per_task(x: Shape, cout: usize) -> (usize, usize) {
-    let tile_rows = (x.b * x.h.div_ceil(2)).max(1);
-    let per_row = 16 * (x.c + cout) * x.w.div_ceil(2);
+fn tile_rows_per_task(x: Shape, cout: usize, tile: Tile) -> (usize, usize) {
+    let tile_rows = (x.b * x.h.div_ceil(tile.m())).max(1);
+    let per_row = tile.positions() * (x.c + cout) * x.w.div_ceil(tile.m());
     let fits = (FUSED_TASK_FLOATS / per_row.max(1)).max(1);
     let per_task = tile_rows.div_ceil(wanted_tasks()).min(fits).max(1);
     (tile_rows, per_task)
@@ -362,29 +460,32 @@ fn transform_input(data: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut
     let nt = rows.len() * x.w.div_ceil(2);
     let plane = x.plane();
     v.par_chunks_mut(16 * nt).enumerate().for_each(|(ci, v)| {
-        let mut lines = InputLines::new(x);
+        let mut lines = InputLines::new(x, Tile::Two);
         lines.transform(&data[ci * plane..(ci + 1) * plane], x, rows.clone(), v);
     });
 }
 
-/// The rows one channel's input transform works on: four input rows padded with a zero
-/// column on the left and enough on the right (padded column j holds input column j − 1),
-/// and Bᵀ d of them.
+/// The rows one channel's input transform works on: α input rows padded with a zero column
+/// on the left and enough on the right (padded column j holds input column j − 1), and Bᵀ d
+/// of them.
 struct InputLines {
-    d: [Vec<f32>; 4],
-    t: [Vec<f32>; 4],
+    tile: Tile,
+    d: Vec<Vec<f32>>,
+    t: Vec<Vec<f32>>,
 }
 
 impl InputLines {
-    fn new(x: Shape) -> Self {
-        let wp = 2 * x.w.div_ceil(2) + 2;
+    fn new(x: Shape, tile: Tile) -> Self {
+        let m = tile.m();
+        let wp = m * x.w.div_ceil(m) + 2;
         Self {
-            d: std::array::from_fn(|_| vec![0f32; wp]),
-            t: std::array::from_fn(|_| vec![0f32; wp]),
+            tile,
+            d: vec![vec![0f32; wp]; tile.alpha()],
+            t: vec![vec![0f32; wp]; tile.alpha()],
         }
     }
 
-    /// V (C_in × 16 × nt) of every channel of `data` (shape `x`) for the tile rows `rows`, on
+    /// V (C_in × α² × nt) of every channel of `data` (shape `x`) for the tile rows `rows`, on
     /// the calling thread.
     fn transform_channels(
         &mut self,
@@ -394,50 +495,85 @@ impl InputLines {
         v: &mut [f32],
     ) {
         let plane = x.plane();
-        let nt = rows.len() * x.w.div_ceil(2);
-        for (ci, v) in v.chunks_exact_mut(16 * nt).enumerate() {
+        let nt = rows.len() * x.w.div_ceil(self.tile.m());
+        for (ci, v) in v.chunks_exact_mut(self.tile.positions() * nt).enumerate() {
             self.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
         }
     }
 
-    /// V of one channel (16 × nt, ξ's row nt floats long): Bᵀ d B for every tile of the tile
+    /// V of one channel (α² × nt, ξ's row nt floats long): Bᵀ d B for every tile of the tile
     /// rows `rows` of `src` (the channel's B × H × W values).
     fn transform(&mut self, src: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut [f32]) {
-        let (h, w) = (x.h, x.w);
-        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        let (h, w, m) = (x.h, x.w, self.tile.m());
+        let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
         let nt = rows.len() * tw;
         let (d, t) = (&mut self.d, &mut self.t);
         let wp = d[0].len();
         for (k, tile_row) in rows.enumerate() {
             let (img, ty) = (tile_row / th, tile_row % th);
             for (r, dr) in d.iter_mut().enumerate() {
-                let iy = (2 * ty + r).wrapping_sub(1);
+                let iy = (m * ty + r).wrapping_sub(1);
                 if iy < h {
                     dr[1..=w].copy_from_slice(&src[(img * h + iy) * w..][..w]);
                 } else {
                     dr[1..=w].fill(0.0);
                 }
             }
-            // Bᵀ d, along the rows, for every column at once.
-            for j in 0..wp {
-                let (d0, d1, d2, d3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
-                t[0][j] = d0 - d2;
-                t[1][j] = d1 + d2;
-                t[2][j] = d2 - d1;
-                t[3][j] = d1 - d3;
-            }
-            // (Bᵀ d) B, per tile: padded columns 2·tx .. 2·tx + 3.
             let at = k * tw;
-            for (r, tr) in t.iter().enumerate() {
-                let (o0, rest) = v[4 * r * nt + at..].split_at_mut(nt);
-                let (o1, rest) = rest.split_at_mut(nt);
-                let (o2, o3) = rest.split_at_mut(nt);
-                for tx in 0..tw {
-                    let c = &tr[2 * tx..2 * tx + 4];
-                    o0[tx] = c[0] - c[2];
-                    o1[tx] = c[1] + c[2];
-                    o2[tx] = c[2] - c[1];
-                    o3[tx] = c[1] - c[3];
+            match self.tile {
+                Tile::Two => {
+                    // Bᵀ d, along the rows, for every column at once.
+                    for j in 0..wp {
+                        let (d0, d1, d2, d3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
+                        t[0][j] = d0 - d2;
+                        t[1][j] = d1 + d2;
+                        t[2][j] = d2 - d1;
+                        t[3][j] = d1 - d3;
+                    }
+                    // (Bᵀ d) B, per tile: padded columns 2·tx .. 2·tx + 3.
+                    for (r, tr) in t.iter().enumerate() {
+                        let (o0, rest) = v[4 * r * nt + at..].split_at_mut(nt);
+                        let (o1, rest) = rest.split_at_mut(nt);
+                        let (o2, o3) = rest.split_at_mut(nt);
+                        for tx in 0..tw {
+                            let c = &tr[2 * tx..2 * tx + 4];
+                            o0[tx] = c[0] - c[2];
+                            o1[tx] = c[1] + c[2];
+                            o2[tx] = c[2] - c[1];
+                            o3[tx] = c[1] - c[3];
+                        }
+                    }
+                }
+                Tile::Four => {
+                    // Bᵀ d, along the rows, for every column at once (slices of one length,
+                    // so that the loop vectorises).
+                    let d: [&[f32]; 6] = std::array::from_fn(|r| &d[r][..wp]);
+                    if let [t0, t1, t2, t3, t4, t5] = &mut t[..] {
+                        let (t0, t1, t2) = (&mut t0[..wp], &mut t1[..wp], &mut t2[..wp]);
+                        let (t3, t4, t5) = (&mut t3[..wp], &mut t4[..wp], &mut t5[..wp]);
+                        for j in 0..wp {
+                            let c =
+                                input_4x4([d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j]]);
+                            (t0[j], t1[j], t2[j]) = (c[0], c[1], c[2]);
+                            (t3[j], t4[j], t5[j]) = (c[3], c[4], c[5]);
+                        }
+                    }
+                    // (Bᵀ d) B, per tile: padded columns 4·tx .. 4·tx + 5.
+                    for (r, tr) in t.iter().enumerate() {
+                        let out = &mut v[6 * r * nt + at..];
+                        let (o0, rest) = out.split_at_mut(nt);
+                        let (o1, rest) = rest.split_at_mut(nt);
+                        let (o2, rest) = rest.split_at_mut(nt);
+                        let (o3, rest) = rest.split_at_mut(nt);
+                        let (o4, o5) = rest.split_at_mut(nt);
+                        let (o0, o1, o2) = (&mut o0[..tw], &mut o1[..tw], &mut o2[..tw]);
+                        let (o3, o4, o5) = (&mut o3[..tw], &mut o4[..tw], &mut o5[..tw]);
+                        for (tx, c) in tr.windows(6).step_by(4).take(tw).enumerate() {
+                            let c = input_4x4([c[0], c[1], c[2], c[3], c[4], c[5]]);
+                            (o0[tx], o1[tx], o2[tx]) = (c[0], c[1], c[2]);
+                            (o3[tx], o4[tx], o5[tx]) = (c[3], c[4], c[5]);
+                        }
+                    }
                 }
             }
         }
@@ -453,10 +589,10 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
     out.par_chunks_mut(x.plane())
         .zip(m.par_chunks(16 * nt))
         .for_each(|(dst, m)| {
-            let mut y = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
+            let mut y = vec![vec![0f32; 2 * tw]; 2];
             for (k, tile_row) in rows.clone().enumerate() {
                 output_tile_row(m, nt, k * tw, tw, &mut y);
-                for (oy, r) in output_lines(x, tile_row) {
+                for (oy, r) in output_lines(x, tile_row, 2) {
                     let line = &mut dst[oy..][..w];
                     line.iter_mut().zip(&y[r]).for_each(|(o, v)| *o += v);
                 }
@@ -464,19 +600,19 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
         });
 }
 
-/// The output rows of tile row `tile_row` inside the map: (offset of the row in a channel's
-/// B × H × W values, which of the tile's two rows).
-fn output_lines(x: Shape, tile_row: usize) -> impl Iterator<Item = (usize, usize)> {
-    let th = x.h.div_ceil(2);
+/// The output rows of tile row `tile_row` (tiles of m × m outputs) inside the map: (offset
+/// of the row in a channel's B × H × W values, which of the tile's m rows).
+fn output_lines(x: Shape, tile_row: usize, m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let th = x.h.div_ceil(m);
     let (img, ty) = (tile_row / th, tile_row % th);
-    (0..2)
-        .filter(move |r| 2 * ty + r < x.h)
-        .map(move |r| ((img * x.h + 2 * ty + r) * x.w, r))
+    (0..m)
+        .filter(move |r| m * ty + r < x.h)
+        .map(move |r| ((img * x.h + m * ty + r) * x.w, r))
 }
 
 /// Aᵀ m A for the `tw` tiles from column `at` of one channel's M (16 rows `nt` apart): the
 /// two output rows of those tiles, 2·tw values each, into `y`.
-fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>; 2]) {
+fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
     let row = |xi: usize| &m[xi * nt + at..xi * nt + at + tw];
     let (m0, m1, m2, m3) = (row(0), row(1), row(2), row(3));
     let (m4, m5, m6, m7) = (row(4), row(5), row(6), row(7));
@@ -504,6 +640,46 @@ fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>
     }
 }
 
+/// F(4×4, 3×3)'s Aᵀ m A for the `tw` tiles from column `at` of one channel's M (36 rows `nt`
+/// apart): the four output rows of those tiles, 4·tw values each, into `y`.
+fn output_tile_row_4x4(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
+    let rows: [&[f32]; 36] = std::array::from_fn(|xi| &m[xi * nt + at..][..tw]);
+    let [y0, y1, y2, y3] = y else {
+        unreachable!("F(4×4, 3×3) writes four output rows");
+    };
+    let mut lines = [
+        &mut y0[..4 * tw],
+        &mut y1[..4 * tw],
+        &mut y2[..4 * tw],
+        &mut y3[..4 * tw],
+    ];
+    for tx in 0..tw {
+        // Aᵀ along the columns of the 6 × 6 block (column j from rows j, 6 + j, ...), then
+        // along the rows of the 4 × 6 result.
+        let columns: [[f32; 4]; 6] = std::array::from_fn(|j| {
+            output_4x4([
+                rows[j][tx],
+                rows[6 + j][tx],
+                rows[12 + j][tx],
+                rows[18 + j][tx],
+                rows[24 + j][tx],
+                rows[30 + j][tx],
+            ])
+        });
+        for (r, line) in lines.iter_mut().enumerate() {
+            let out = output_4x4([
+                columns[0][r],
+                columns[1][r],
+                columns[2][r],
+                columns[3][r],
+                columns[4][r],
+                columns[5][r],
+            ]);
+            line[4 * tx..4 * tx + 4].copy_from_slice(&out);
+        }
+    }
+}
+
 /// The gradient of a 3x3, stride-1, padding-1 convolution with respect to its kernels:
 /// C_out × C_in × 3 × 3 (row-major) for input `x` (shape `x`, values `data`) and the gradient
 /// `dy` (C_out × B·H·W) of its output. The adjoint of F(2×2, 3×3) in the kernels: with
@@ -517,7 +693,7 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
         return vec![0f32; cout * cin * 9];
     }
     let tw = x.w.div_ceil(2);
-    let (tile_rows, per_task) = tile_rows_per_task(x, cout);
+    let (tile_rows, per_task) = tile_rows_per_task(x, cout, Tile::Two);
     let grid = TaskGrid::blocks_only(tile_rows, per_task);
     // One parallel region: each task transforms the input and the output gradient of its
     // tile rows (in cache) and adds its 16 products to its split's dU, at most two splits per
@@ -537,7 +713,7 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
                 let mut buffer = ColsBuffer::take();
                 buffer.resize(16 * (cin + cout) * nt, 0.0);
                 let (v, yh) = buffer.split_at_mut(16 * cin * nt);
-                InputLines::new(x).transform_channels(data, x, rows.clone(), v);
+                InputLines::new(x, Tile::Two).transform_channels(data, x, rows.clone(), v);
                 let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
                 for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
                     output_gradient_tiles(&dy[o * plane..][..plane], x, rows.clone(), yh, &mut d);
@@ -695,7 +871,7 @@ mod tests {
             let want = direct(&x, &weights, cout);
             let start = random(&mut rng, want.len());
             let mut got = start.clone();
-            let filter = WinogradFilter::new(&weights, cout, cin);
+            let filter = WinogradFilter::new(&weights, cout, cin, Tile::Two);
             accumulate(&x.data, Shape::of(&x), &filter, &mut got);
             for (i, ((g, s), w)) in got.iter().zip(&start).zip(&want).enumerate() {
                 assert!(
@@ -707,19 +883,26 @@ mod tests {
         }
     }
 
-    /// The fused forward equals im2col's convolution plus bias (plus residual), then ReLU,
-    /// on odd and even maps, batches of one and several, channel counts that leave edge
-    /// panels, in pools of 1, 2 and 7 threads (tile rows and channels cut differently); a NaN
-    /// input stays NaN through the ReLU.
+    /// The fused forward, F(2×2, 3×3) and F(4×4, 3×3), equals im2col's convolution plus bias
+    /// (plus residual), then ReLU, on odd and even maps (sides 1 to 4 past a multiple of the
+    /// tile), batches of one and several, channel counts that leave edge panels, in pools of
+    /// 1, 2 and 7 threads (tile rows and channels cut differently); a NaN input stays NaN
+    /// through the ReLU.
     #[test]
     fn fused_forward_equals_the_convolution_plus_bias_and_relu() {
         let mut rng = StdRng::seed_from_u64(14);
-        for &(b, cin, cout, h, w) in &[
-            (1, 16, 72, 14, 14),
-            (2, 8, 16, 7, 9),
-            (1, 3, 5, 1, 6),
-            (3, 24, 40, 12, 13),
-        ] {
+        for (tile, &(b, cin, cout, h, w)) in [Tile::Two, Tile::Four].into_iter().flat_map(|t| {
+            [
+                (1, 16, 72, 14, 14),
+                (2, 8, 16, 7, 9),
+                (1, 3, 5, 1, 6),
+                (3, 24, 40, 12, 13),
+                (2, 40, 24, 17, 18),
+                (1, 64, 64, 28, 28),
+            ]
+            .iter()
+            .map(move |shape| (t, shape))
+        }) {
             let mut x = Maps {
                 data: random(&mut rng, cin * b * h * w),
                 c: cin,
@@ -729,14 +912,22 @@ mod tests {
             };
             x.data[5] = f32::NAN;
             let weights = random(&mut rng, cout * cin * 9);
-            let bias = random(&mut rng, cout);
-            let residual = random(&mut rng, cout * x.plane());
-            let conv = direct(&x, &weights, cout);
-            let filter = WinogradFilter::new(&weights, cout, cin);
+            let filter = WinogradFilter::new(&weights, cout, cin, tile);
             if filter.packed.is_none() {
                 eprintln!("no panel kernel on this CPU: the fused forward is not used");
                 return;
             }
+            if tile == Tile::Four {
+                // F(4×4, 3×3) declines a map holding NaN (or an infinity).
+                let zeros = vec![0f32; cout];
+                assert!(forward(&x.data, Shape::of(&x), &filter, &zeros, None, true).is_none());
+                x.data[5] = f32::INFINITY;
+                assert!(forward(&x.data, Shape::of(&x), &filter, &zeros, None, true).is_none());
+                x.data[5] = 0.25;
+            }
+            let bias = random(&mut rng, cout);
+            let residual = random(&mut rng, cout * x.plane());
+            let conv = direct(&x, &weights, cout);
             for threads in [1, 2, 7] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -754,7 +945,8 @@ mod tests {
                         assert!(
                             g.is_nan() == want.is_nan()
                                 && (want.is_nan() || (g - want).abs() <= tol),
-                            "{threads} threads, {b}x{cin}x{h}x{w} -> {cout} at {i}: {g} vs {want}"
+                            "{tile:?} {threads} threads, {b}x{cin}x{h}x{w} -> {cout} at {i}: \
+                             {g} vs {want}"
                         );
                     }
                 }
@@ -784,10 +976,10 @@ mod tests {
             w,
         };
         let mut conv_x = vec![0f32; y.data.len()];
-        let filter = WinogradFilter::new(&weights, cout, cin);
+        let filter = WinogradFilter::new(&weights, cout, cin, Tile::Two);
         accumulate(&x.data, Shape::of(&x), &filter, &mut conv_x);
         let mut adjoint_y = vec![0f32; x.data.len()];
-        let adjoint = WinogradFilter::adjoint(&weights, cout, cin);
+        let adjoint = WinogradFilter::adjoint(&weights, cout, cin, Tile::Two);
         accumulate(&y.data, Shape::of(&y), &adjoint, &mut adjoint_y);
         let dot = |a: &[f32], b: &[f32]| -> f64 {
             a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum()
@@ -842,7 +1034,7 @@ mod tests {
             h: 6,
             w: 6,
         };
-        let filter = WinogradFilter::new(&[0.5; 8 * 4 * 9], 8, 4);
+        let filter = WinogradFilter::new(&[0.5; 8 * 4 * 9], 8, 4, Tile::Two);
         if filter.packed.is_some() {
             let out = forward(&[], x, &filter, &[0.0; 8], None, true).expect("a panel kernel");
             assert!(out.is_empty());
@@ -855,5 +1047,6 @@ mod tests {
         assert!(pays(1, 56, 56) && pays(1, 14, 14) && pays(1, 13, 13) && pays(1, 28, 12));
         assert!(!pays(1, 8, 8) && !pays(1, 7, 7) && !pays(1, 1, 1) && !pays(64, 3, 3));
         assert!(pays(64, 8, 8) && pays(64, 4, 4) && !pays(32, 7, 7) && !pays(8, 4, 4));
+        assert!(pays_4x4(56, 56) && pays_4x4(28, 28) && !pays_4x4(14, 14) && !pays_4x4(56, 16));
     }
 }

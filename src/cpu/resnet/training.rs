@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::{Block, Layer, LayerWeights, Net, NetWeights, check_images};
 use crate::cpu::conv::weight_gradient;
-use crate::cpu::conv::winograd::{self, Shape, WinogradFilter};
+use crate::cpu::conv::winograd::{self, Shape, Tile, WinogradFilter};
 use crate::cpu::conv::{
     ColsBuffer, ConvMethod, FoldedConv, Maps, col2im, max_pool, max_pool_backward,
 };
@@ -181,12 +181,22 @@ impl ConvBn {
             // A 3x3 stride-1 padding-1 conv's input gradient is the conv of g with the
             // kernels turned over and the channels swapped: F(2×2, 3×3) again, fused where
             // this CPU runs the panel kernel.
-            let adjoint = WinogradFilter::adjoint(&self.folded.w, shape.cout, shape.cin);
             let g = Shape {
                 c: shape.cout,
                 ..Shape::of(x)
             };
             let zeros = vec![0f32; shape.cin];
+            let adjoint =
+                |tile| WinogradFilter::adjoint(&self.folded.w, shape.cout, shape.cin, tile);
+            let four = self.folded.winograd_tile(x) == Tile::Four;
+            // F(4×4, 3×3) declines gradients holding NaN or infinities; F(2×2, 3×3) takes them.
+            if four
+                && let Some(dx) =
+                    winograd::forward(dz, g, &adjoint(Tile::Four), &zeros, None, false)
+            {
+                return maps(dx);
+            }
+            let adjoint = adjoint(Tile::Two);
             if let Some(dx) = winograd::forward(dz, g, &adjoint, &zeros, None, false) {
                 return maps(dx);
             }
