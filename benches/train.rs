@@ -4,10 +4,8 @@
 //! and the same step through burn's autodiff (`-autodiff`). `scripts/bench_train.py` times the same
 //! step in PyTorch.
 
-/// glibc's allocator hands large buffers back to the OS on every free, and the page faults of
-/// re-acquiring them then cost more than the arithmetic; mimalloc keeps them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../examples/support/allocator.rs"]
+mod allocator;
 
 use burn::module::Module;
 use burn::optim::decay::WeightDecayConfig;
@@ -24,6 +22,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 fn train(c: &mut Criterion) {
+    allocator::keep_freed_memory();
     let mut group = c.benchmark_group("train-step");
     group.sample_size(10);
     let backends: Vec<Backend> = Backend::enabled()

@@ -11,8 +11,8 @@
 //! Part 2, time: scoring 1,000 unit queries against a bank of 5,000 unit rows (D = 512) and
 //! against its compressions.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -133,6 +133,7 @@ fn run(args: Args) -> msad::Result<()> {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

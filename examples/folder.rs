@@ -22,8 +22,8 @@
 //! Without `--weights`, `--arch`'s (default resnet18) torchvision ImageNet weights are fetched
 //! on demand; `--random-init` trains a randomly initialised net instead (a poor detector).
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -299,6 +299,7 @@ fn run(args: Args) -> msad::Result<()> {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -15,8 +15,8 @@
 //! is reported twice: `values` (the map scaled so its maximum is the image's normalised score,
 //! what `Detector::anomaly_map` returns) and `distances` (the raw patch distances).
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -191,6 +191,7 @@ fn run(args: Args) -> msad::Result<()> {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

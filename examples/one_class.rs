@@ -16,8 +16,8 @@
 //! `--class all` runs every class and reports the mean, as the paper's tables do. The last line
 //! of the output is one JSON object with every figure.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -244,6 +244,7 @@ fn run(args: Args) -> msad::Result<()> {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

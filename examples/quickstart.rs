@@ -12,8 +12,8 @@
 //! Trains MSC on the chosen digit's training images (normal), tests on every test image
 //! (anomalous = another digit) and prints the kNN ROC-AUC before and after fine-tuning.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -164,6 +164,7 @@ fn run(args: Args) -> msad::Result<()> {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

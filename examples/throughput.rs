@@ -10,9 +10,8 @@
 //!
 //! Prints one line: images per second (encoder) or pairs of views per second (train).
 
-/// Large activation buffers are freed and re-acquired on every layer; mimalloc keeps them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/allocator.rs"]
+mod allocator;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -57,6 +56,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    allocator::keep_freed_memory();
     match run(Args::parse()) {
         Ok(rate) => {
             println!("{rate:.2}");
