@@ -18,6 +18,8 @@
 //! the conv, in another order. The input gradient is the same product with Uᵀ; the weight
 //! gradient is g · xᵀ, summed back onto the taps.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::blocked::{self, Columns};
@@ -188,7 +190,7 @@ impl Unrolled {
             relu,
         );
         Maps {
-            data: images_major(&out, cout, b, n_out),
+            data: images_major(out, cout, b, n_out),
             c: cout,
             b,
             h: self.ho,
@@ -230,7 +232,7 @@ impl Unrolled {
             ),
         };
         Maps {
-            data: images_major(&dx, s.cin, b, n_in),
+            data: images_major(dx, s.cin, b, n_in),
             c: s.cin,
             b,
             h: self.h,
@@ -310,7 +312,11 @@ fn product(
 
 /// Channel-major maps (C × B·n, n positions per image) as rows (channel, position) of B
 /// columns, one per image.
-fn positions_major(data: &[f32], c: usize, b: usize, n: usize) -> Vec<f32> {
+/// One position per image (1 × 1 maps): the same layout, borrowed.
+fn positions_major(data: &[f32], c: usize, b: usize, n: usize) -> Cow<'_, [f32]> {
+    if n == 1 {
+        return Cow::Borrowed(data);
+    }
     let mut out = vec![0f32; c * n * b];
     out.par_chunks_mut((n * b).max(1))
         .zip(data.par_chunks((b * n).max(1)))
@@ -322,11 +328,14 @@ fn positions_major(data: &[f32], c: usize, b: usize, n: usize) -> Vec<f32> {
                 }
             }
         });
-    out
+    Cow::Owned(out)
 }
 
-/// The inverse of [`positions_major`].
-fn images_major(rows: &[f32], c: usize, b: usize, n: usize) -> Vec<f32> {
+/// The inverse of [`positions_major`] (`rows` itself for one position per image).
+fn images_major(rows: Vec<f32>, c: usize, b: usize, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return rows;
+    }
     let mut out = vec![0f32; c * b * n];
     out.par_chunks_mut((b * n).max(1))
         .zip(rows.par_chunks((n * b).max(1)))
