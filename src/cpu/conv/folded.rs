@@ -395,6 +395,29 @@ pub(crate) mod tests {
         })
     }
 
+    /// A hashed residual for the conv of `x`, and the conv's output on `x` through im2col plus
+    /// bias plus that residual, then ReLU (NaN kept): the reference of the fast forwards.
+    fn im2col_reference(conv: &FoldedConv, x: &Maps) -> (Maps, Vec<f32>) {
+        let plan = conv.shape.plan(x);
+        let (n, cout) = (plan.columns(), conv.shape.cout);
+        let residual = Maps {
+            data: values(cout * n, 7),
+            c: cout,
+            b: x.b,
+            h: plan.ho,
+            w: plan.wo,
+        };
+        let mut want = vec![0f32; cout * n];
+        conv.accumulate_im2col(x, &mut want);
+        for (o, row) in want.chunks_exact_mut(n).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                let y = *v + conv.bias[o] + residual.data[o * n + j];
+                *v = if y < 0.0 { 0.0 } else { y };
+            }
+        }
+        (residual, want)
+    }
+
     /// The blocked forward (bias, residual, product on the packed weights, ReLU, one task per
     /// block) equals bias + residual + the `sgemm` product + ReLU, on the panel kernel
     /// `PanelKernel::select` gives (`MSAD_CPU_ISA` picks others), for convs that are direct, same-size,
@@ -416,7 +439,6 @@ pub(crate) mod tests {
             (3, 2, 8, 64, 1, 13, 13),
         ] {
             let conv = folded(k, stride, cin, cout);
-            let shape = conv.shape;
             let x = Maps {
                 data: values(cin * b * h * w, 6),
                 c: cin,
@@ -425,23 +447,7 @@ pub(crate) mod tests {
                 w,
             };
             assert_ne!(conv.method(&x), ConvMethod::Winograd);
-            let plan = shape.plan(&x);
-            let n = plan.columns();
-            let residual = Maps {
-                data: values(cout * n, 7),
-                c: cout,
-                b,
-                h: plan.ho,
-                w: plan.wo,
-            };
-            let mut want = vec![0f32; cout * n];
-            conv.accumulate_im2col(&x, &mut want);
-            for (o, row) in want.chunks_exact_mut(n).enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    let y = *v + conv.bias[o] + residual.data[o * n + j];
-                    *v = if y < 0.0 { 0.0 } else { y };
-                }
-            }
+            let (residual, want) = im2col_reference(&conv, &x);
             for threads in [1, 2, 7] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -489,23 +495,8 @@ pub(crate) mod tests {
             assert_eq!(conv.method(&x), ConvMethod::Unrolled, "k {k} {h} × {w}");
             // The first image's first input position is NaN in channel 1.
             x.data[b * h * w] = f32::NAN;
+            let (residual, want) = im2col_reference(&conv, &x);
             let plan = conv.shape.plan(&x);
-            let n = plan.columns();
-            let residual = Maps {
-                data: values(cout * n, 7),
-                c: cout,
-                b,
-                h: plan.ho,
-                w: plan.wo,
-            };
-            let mut want = vec![0f32; cout * n];
-            conv.accumulate_im2col(&x, &mut want);
-            for (o, row) in want.chunks_exact_mut(n).enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    let y = *v + conv.bias[o] + residual.data[o * n + j];
-                    *v = if y < 0.0 { 0.0 } else { y };
-                }
-            }
             assert!(want[0].is_nan());
             for threads in [1, 2, 7] {
                 let pool = rayon::ThreadPoolBuilder::new()
