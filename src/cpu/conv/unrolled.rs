@@ -45,8 +45,9 @@ pub(crate) fn pays(shape: &ConvShape, h: usize, w: usize) -> bool {
     shape.k > 1
         && covers(h, ho)
         && covers(w, wo)
-        && (h * w * ho * wo)
-            .checked_mul(shape.cin * shape.cout)
+        && [ho, wo, shape.cin, shape.cout]
+            .into_iter()
+            .try_fold(h * w, usize::checked_mul)
             .is_some_and(|floats| floats <= MAX_FLOATS)
 }
 
