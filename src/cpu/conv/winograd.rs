@@ -3,10 +3,13 @@
 //! of outputs comes from a 4×4 block of inputs with 16 multiplications per channel pair
 //! instead of 36, so the products ([`sgemm`], 16 of them, one per position of the 4×4
 //! transformed block) are 2.25 times smaller than im2col's. The ResNet engines use it for a
-//! ResNet's 3x3 stride-1 convs on maps of 12x12 and larger ([`pays`]): the forward pass, and in
-//! training the input gradient (the kernels turned over, [`WinogradFilter::adjoint`]) and the
-//! kernel gradient ([`kernel_gradient`], the adjoint in the kernels). Results equal im2col's to
-//! float rounding (the tests below compare the two).
+//! ResNet's 3x3 stride-1 convs on maps of 12x12 and larger, and on smaller even maps where the
+//! batch holds enough tiles ([`pays`]): the forward pass, and in training the input gradient
+//! (the kernels turned over, [`WinogradFilter::adjoint`]) and the kernel gradient
+//! ([`kernel_gradient`], the adjoint in the kernels). On maps of 24x24 and larger the fused
+//! forward runs F(4×4, 3×3) instead ([`Tile::Four`], [`pays_4x4`]): 36 multiplications per 4×4
+//! outputs, 6×6 input blocks. Results equal im2col's to float rounding (the tests below compare
+//! the two).
 //!
 //! With d a 4×4 input block and g a 3×3 kernel, the 2×2 output block is
 //! Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A, with
@@ -292,9 +295,10 @@ const TASKS_PER_THREAD: usize = 2;
 /// plus `bias` per output channel, plus `residual` (C_out × B·H·W) where given, then ReLU
 /// (NaN kept) where asked: the C_out × B·H·W output, in one parallel region. Each task owns a
 /// block of tile rows and a group of output channels and takes them from the input transform
-/// through the 16 products on the panel kernel to the output transform, its V and M in its
+/// through the α² products (16 or 36) on the panel kernel to the output transform, its V and M in its
 /// thread's buffer (in cache), writing its part of the output once. `None` where the filter
-/// has no panel-kernel form (this CPU runs none): then [`accumulate`].
+/// has no panel-kernel form (this CPU runs none): then [`accumulate`]; and for an F(4×4, 3×3)
+/// filter where `data` holds NaN or an infinity: then F(2×2, 3×3).
 ///
 /// Before, the same work was five passes over the whole map (output initialisation, input
 /// transform, products, output transform, ReLU), each a parallel region and each reading or

@@ -4,12 +4,13 @@
 //! msad), named by layer index ([`super::Net`]).
 //!
 //! Activations are channel-major (C × B·H·W) as in the inference engine. A conv's forward is
-//! the inference engine's (blocked im2col on packed weights, or fused F(2×2, 3×3)); its weight
-//! and BatchNorm gradients come from one product g · colsᵀ (F(2×2, 3×3)'s adjoint in the
-//! kernels where the forward used it; one parallel region of column blocks where the weights
-//! are small, `conv::weight_gradient`), and its input gradient is the adjoint conv on the
-//! panel kernel where the conv keeps the map's size, else (W·s)ᵀ · g scattered back onto the
-//! input (col2im), with g the gradient with respect to the BatchNorm's output (see `ConvBn`). This replaces burn's
+//! the inference engine's (blocked im2col on packed weights, fused F(2×2, 3×3) or F(4×4,
+//! 3×3), or one product with unrolled weights on maps the kernel covers); its weight and
+//! BatchNorm gradients come from one product g · colsᵀ (F(2×2, 3×3)'s adjoint in the kernels
+//! where the forward used Winograd; g · xᵀ summed onto the taps where it was unrolled; one
+//! parallel region of column blocks where the weights are small, `conv::weight_gradient`),
+//! and its input gradient is the adjoint conv on the panel kernel where the conv keeps the
+//! map's size (Uᵀ · g where unrolled), else (W·s)ᵀ · g scattered back onto the input (col2im), with g the gradient with respect to the BatchNorm's output (see `ConvBn`). This replaces burn's
 //! autodiff on CPU backends, whose conv weight gradient (a convolution with the output
 //! gradient as its kernel) dominates a training step. Stages frozen at the bottom of the net
 //! get neither parameter gradients nor an input gradient.
