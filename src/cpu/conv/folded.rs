@@ -42,12 +42,13 @@ pub(crate) struct ConvBnWeights {
 /// How a conv of one input is computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ConvMethod {
-    /// A map with fewer positions than the kernel has taps (2 × 2 or 1 × 1 under a 3 × 3
-    /// kernel: ResNet's last stages on 32 px images): one dense product whose weights lay
-    /// every output position against every input position ([`Unrolled`]), h·w / k² of
-    /// im2col's work, which mostly multiplies padding there.
+    /// A map the kernel covers whole from every output position (2 × 2 or 1 × 1 under a
+    /// 3 × 3 kernel: ResNet's last stages on 32 px images; [`unrolled::pays`]): one dense
+    /// product whose weights lay every output position against every input position
+    /// ([`Unrolled`]), h·w / k² of im2col's work, which mostly multiplies padding there.
     Unrolled,
-    /// Winograd F(2×2, 3×3): a 3x3 stride-1 conv on a map where it pays ([`winograd::pays`]).
+    /// Winograd F(2×2, 3×3), or F(4×4, 3×3) on large maps ([`FoldedConv::winograd_tile`]): a
+    /// 3x3 stride-1 conv on a map where it pays ([`winograd::pays`]).
     Winograd,
     /// im2col + one product per column chunk.
     Im2col,
@@ -232,7 +233,7 @@ impl FoldedConv {
             w: x.w,
         };
         match self.method(x) {
-            ConvMethod::Im2col if plan.direct || x.h * x.w == 1 => {
+            ConvMethod::Im2col if plan.direct || (k == 1 && x.h * x.w == 1) => {
                 // dX (C_in × n) = Wᵀ g: a 1 × 1 kernel (larger ones are unrolled on 1 × 1
                 // maps), transposed.
                 let transposed = adjoint_weights(&self.w, cout, cin, 1);
@@ -297,14 +298,18 @@ impl FoldedConv {
         if method == ConvMethod::Winograd {
             let residual = residual.map(|r| &r.data[..]);
             let shape = winograd::Shape::of(x);
-            // F(4×4, 3×3) declines maps holding NaN or infinities; F(2×2, 3×3) takes them.
-            for tile in [self.winograd_tile(x), Tile::Two] {
+            let run = |tile| {
                 let filter = self.winograd(tile);
-                if let Some(out) =
-                    winograd::forward(&x.data, shape, filter, &self.bias, residual, relu)
-                {
-                    return maps(out);
-                }
+                winograd::forward(&x.data, shape, filter, &self.bias, residual, relu)
+            };
+            // F(4×4, 3×3) declines maps holding NaN or infinities; F(2×2, 3×3) takes them.
+            let four = self.winograd_tile(x) == Tile::Four;
+            if let Some(out) = four
+                .then(|| run(Tile::Four))
+                .flatten()
+                .or_else(|| run(Tile::Two))
+            {
+                return maps(out);
             }
         }
         // The output starts as bias (+ residual); the products accumulate onto it.

@@ -86,12 +86,16 @@ impl ConvShape {
         self.cin * self.k * self.k
     }
 
+    /// The output map (ho, wo) of this conv on an h × w map.
+    pub(crate) fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let (k, s, p) = (self.k, self.stride, self.pad);
+        ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
+    }
+
     /// How the conv of `x` is computed.
     pub(crate) fn plan(&self, x: &Maps) -> ConvPlan {
-        let (k, s, p) = (self.k, self.stride, self.pad);
-        let ho = (x.h + 2 * p - k) / s + 1;
-        let wo = (x.w + 2 * p - k) / s + 1;
-        let direct = k == 1 && s == 1 && p == 0;
+        let (ho, wo) = self.output_size(x.h, x.w);
+        let direct = self.k == 1 && self.stride == 1 && self.pad == 0;
         let rows_total = x.b * ho;
         let rows_per_chunk = if direct {
             rows_total

@@ -38,7 +38,7 @@ pub(crate) fn pays(shape: &ConvShape, h: usize, w: usize) -> bool {
     if h == 0 || w == 0 {
         return false;
     }
-    let (ho, wo) = output_size(shape, h, w);
+    let (ho, wo) = shape.output_size(h, w);
     // Along one axis: the first output reaches the last input, and the last output the first.
     let covers =
         |n: usize, no: usize| n + shape.pad <= shape.k && (no - 1) * shape.stride <= shape.pad;
@@ -49,12 +49,6 @@ pub(crate) fn pays(shape: &ConvShape, h: usize, w: usize) -> bool {
             .into_iter()
             .try_fold(h * w, usize::checked_mul)
             .is_some_and(|floats| floats <= MAX_FLOATS)
-}
-
-/// The output map of the conv `shape` on an h × w map.
-fn output_size(shape: &ConvShape, h: usize, w: usize) -> (usize, usize) {
-    let (k, s, p) = (shape.k, shape.stride, shape.pad);
-    ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
 }
 
 /// A conv's weights unrolled for one input size ([`pays`]), and packed for the panel kernel
@@ -78,7 +72,7 @@ pub(crate) struct Unrolled {
 impl Unrolled {
     /// The weights `w` (C_out × C_in·k·k) of the conv `shape` unrolled for h × w input maps.
     pub(crate) fn new(w: &[f32], shape: &ConvShape, h: usize, width: usize) -> Self {
-        let (ho, wo) = output_size(shape, h, width);
+        let (ho, wo) = shape.output_size(h, width);
         let mut unrolled = Self {
             shape: *shape,
             h,
@@ -321,7 +315,6 @@ fn positions_major(data: &[f32], c: usize, b: usize, n: usize) -> Cow<'_, [f32]>
     let mut out = vec![0f32; c * n * b];
     out.par_chunks_mut((n * b).max(1))
         .zip(data.par_chunks((b * n).max(1)))
-        .take(c)
         .for_each(|(dst, src)| {
             for (image, positions) in src.chunks_exact(n).enumerate() {
                 for (q, v) in positions.iter().enumerate() {
@@ -340,7 +333,6 @@ fn images_major(rows: Vec<f32>, c: usize, b: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; c * b * n];
     out.par_chunks_mut((b * n).max(1))
         .zip(rows.par_chunks((n * b).max(1)))
-        .take(c)
         .for_each(|(dst, src)| {
             for (q, images) in src.chunks_exact(b).enumerate() {
                 for (image, v) in images.iter().enumerate() {

@@ -16,6 +16,8 @@
 //! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1] and
 //! Aᵀ = [1 1 1 0; 0 1 −1 −1].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
 use super::blocked::{GridTask, SharedOutput, TaskGrid};
@@ -104,6 +106,7 @@ fn output_4x4([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
 /// A 3x3 kernel bank transformed for F(m×m, 3×3): U\[ξ\] (C_out × C_in) for each of the α²
 /// positions ξ of the transformed block.
 pub(crate) struct WinogradFilter {
+    /// The U\[ξ\] one after another, kept only where there is no panel kernel.
     u: Vec<f32>,
     /// The U\[ξ\] packed for the panel kernel, where this CPU runs one.
     packed: Option<Vec<PackedLhs>>,
@@ -135,38 +138,41 @@ impl WinogradFilter {
     ) -> Self {
         let plane = outs * ins;
         let (alpha, positions) = (tile.alpha(), tile.positions());
-        // Kernel by kernel (α² values each) on every thread, then regrouped by ξ: a training
-        // step transforms every filter anew, ResNet-18's last stage 4 M values per conv.
-        let mut by_kernel = vec![0f32; positions * plane];
-        by_kernel
-            .par_chunks_mut(positions * ins)
+        let mut u = vec![0f32; positions * plane];
+        // Output channels on every thread (a training step transforms every filter anew), each
+        // task writing its rows of every U[ξ] directly: the slices of one output channel o
+        // are row o of each plane.
+        let mut rows: Vec<Vec<&mut [f32]>> = (0..outs).map(|_| Vec::new()).collect();
+        for ui in u.chunks_mut(plane) {
+            for (o, row) in ui.chunks_mut(ins).enumerate() {
+                rows[o].push(row);
+            }
+        }
+        rows.into_par_iter()
             .enumerate()
-            .for_each(|(o, row)| {
-                for (i, dst) in row.chunks_exact_mut(positions).enumerate() {
+            .for_each(|(o, mut planes)| {
+                for i in 0..ins {
                     let g: [f32; 9] = std::array::from_fn(|k| kernel(o, i, k));
                     // G g: α × 3, column by column.
                     let columns: [[f32; 6]; 3] =
                         std::array::from_fn(|c| tile.filter([g[c], g[3 + c], g[6 + c]]));
-                    // (G g) Gᵀ: α × α, row by row.
-                    for (r, dst) in dst.chunks_exact_mut(alpha).enumerate() {
+                    // (G g) Gᵀ: α × α, row by row; value (r, c) is U[r·α + c].
+                    for r in 0..alpha {
                         let row = tile.filter([columns[0][r], columns[1][r], columns[2][r]]);
-                        dst.copy_from_slice(&row[..alpha]);
+                        for (c, v) in row.into_iter().take(alpha).enumerate() {
+                            planes[r * alpha + c][i] = v;
+                        }
                     }
                 }
             });
-        let mut u = vec![0f32; positions * plane];
-        u.par_chunks_mut(plane).enumerate().for_each(|(xi, ui)| {
-            for (v, kernel) in ui.iter_mut().zip(by_kernel.chunks_exact(positions)) {
-                *v = kernel[xi];
-            }
-        });
-        let packed = PanelKernel::select().map(|kernel| {
+        let packed: Option<Vec<PackedLhs>> = PanelKernel::select().map(|kernel| {
             u.par_chunks_exact(plane)
                 .map(|ui| PackedLhs::new(kernel, ui, outs, ins))
                 .collect()
         });
         Self {
-            u,
+            // Read only by `accumulate` where there is no panel kernel.
+            u: if packed.is_some() { Vec::new() } else { u },
             packed,
             tile,
             cout: outs,
@@ -325,15 +331,10 @@ pub(crate) fn forward(
     }
     let tile = f.tile;
     // F(4×4, 3×3)'s dense transforms would spread a NaN input over its whole tile (and turn
-    // an infinity into NaN where the convolution keeps it infinite): it declines such maps.
-    // F(2×2, 3×3)'s sparse ones keep a NaN where the convolution puts it.
-    if tile == Tile::Four
-        && !data
-            .par_chunks(1 << 14)
-            .all(|c| c.iter().all(|v| v.is_finite()))
-    {
-        return None;
-    }
+    // an infinity into NaN where the convolution keeps it infinite): it declines such maps,
+    // found by their transformed input (in cache; a NaN or an infinity in a tile makes its V
+    // non-finite). F(2×2, 3×3)'s sparse ones keep a NaN where the convolution puts it.
+    let non_finite = AtomicBool::new(false);
     let (m_side, positions) = (tile.m(), tile.positions());
     let (tile_rows, per_task) = tile_rows_per_task(x, cout, tile);
     let grid = TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks());
@@ -353,6 +354,11 @@ pub(crate) fn forward(
         let (v, m) = buffer.split_at_mut(positions * cin * nt);
         // V (C_in × α² × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
         InputLines::new(x, tile).transform_channels(data, x, rows.clone(), v);
+        if tile == Tile::Four && !v.iter().all(|v| v.is_finite()) {
+            // This task's part of the output stays unwritten: `forward` returns `None`.
+            non_finite.store(true, Ordering::Relaxed);
+            return;
+        }
         let ld = positions * nt;
         m[channels.start * ld..channels.end * ld].fill(0.0);
         for (xi, u) in packed.iter().enumerate() {
@@ -407,8 +413,13 @@ pub(crate) fn forward(
             }
         }
     });
+    if non_finite.into_inner() {
+        // `out` is dropped with length 0: its elements are never read.
+        return None;
+    }
     // SAFETY: the tasks cover every channel and tile row, and a tile row's output rows cover
-    // the map's rows (m·ty .. m·ty + m inside it): every element was written above.
+    // the map's rows (m·ty .. m·ty + m inside it): every element was written above (no task
+    // returned early, or `non_finite` would be set).
     unsafe { out.set_len(len) };
     Some(out)
 }
