@@ -151,6 +151,8 @@ impl WinogradFilter {
         rows.into_par_iter()
             .enumerate()
             .for_each(|(o, mut planes)| {
+                // `i` picks the kernel and the element of every plane that it fills.
+                #[allow(clippy::needless_range_loop)]
                 for i in 0..ins {
                     let g: [f32; 9] = std::array::from_fn(|k| kernel(o, i, k));
                     // G g: α × 3, column by column.
