@@ -82,7 +82,8 @@ fn the_cpu_engine_equals_the_tensor_path() {
     // On CPU devices `forward` runs the CPU engine (folded BatchNorm, im2col + sgemm);
     // `forward_tensor_ops` the backend's own operations. Odd sizes, several images, every
     // block design, strides and downsampling included; 112 × 100 images give 28 × 25 maps,
-    // where F(4×4, 3×3) runs.
+    // where F(4×4, 3×3) runs; one 200 × 196 image gives 7 × 7 maps in layer4, where the
+    // forward runs F(2×2, 3×3) on groups of channels.
     let cpu = backends()
         .into_iter()
         .filter(|d| d.backend() != msad::device::Backend::Wgpu);
@@ -91,7 +92,13 @@ fn the_cpu_engine_equals_the_tensor_path() {
         for net in NETS {
             let model = ResNet::from_torchvision(fixture("encoder", &format!("{net}.pth")), device)
                 .unwrap();
-            for [b, h, w] in [[3, 37, 29], [1, 1, 1], [2, 64, 64], [1, 112, 100]] {
+            for [b, h, w] in [
+                [3, 37, 29],
+                [1, 1, 1],
+                [2, 64, 64],
+                [1, 112, 100],
+                [1, 200, 196],
+            ] {
                 let values = common::splitmix_uniform((b * h * w) as u64, b * 3 * h * w);
                 let values: Vec<f32> = values.iter().map(|v| *v as f32 * 2.0).collect();
                 let x = Tensor::<4>::from_data(
@@ -479,7 +486,7 @@ fn non_finite_pixels_give_nan_features_as_the_tensor_path() {
     for net in ["narrow18", "narrow50"] {
         let checkpoint = fixture("encoder", &format!("{net}.pth"));
         let reference_model = ResNet::from_torchvision(&checkpoint, &flex).unwrap();
-        for [h, w] in [[37, 29], [64, 64], [9, 9], [112, 100]] {
+        for [h, w] in [[37, 29], [64, 64], [9, 9], [112, 100], [200, 196]] {
             let reference = msad::host::vec_from_tensor(
                 reference_model.forward_tensor_ops(non_finite_images(h, w, &flex)),
             )

@@ -174,6 +174,25 @@ impl FoldedConv {
         }
     }
 
+    /// How the forward computes the conv of `x`, and with which Winograd tile where it runs
+    /// Winograd: as [`Self::method`] and [`Self::winograd_tile`], except on small batches
+    /// (one image) of small maps, where the forward runs F(2×2, 3×3) with each task on a
+    /// group of output channels ([`winograd::pays_small_batch`]) and the training passes
+    /// keep im2col.
+    pub(crate) fn forward_method(&self, x: &Maps) -> (ConvMethod, Tile) {
+        let s = &self.shape;
+        let method = self.method(x);
+        let winograd_shape = s.k == 3 && s.stride == 1 && s.pad == 1;
+        if method != ConvMethod::Unrolled
+            && winograd_shape
+            && PanelKernel::select().is_some()
+            && winograd::pays_small_batch(x.b, x.h, x.w)
+        {
+            return (ConvMethod::Winograd, Tile::Two);
+        }
+        (method, self.winograd_tile(x))
+    }
+
     /// `f` of the folded weights unrolled for the maps of `x` ([`ConvMethod::Unrolled`]):
     /// those made on first use if they fit `x`, else unrolled for this call.
     pub(crate) fn with_unrolled<R>(&self, x: &Maps, f: impl FnOnce(&Unrolled) -> R) -> R {
@@ -269,7 +288,7 @@ impl FoldedConv {
     pub(crate) fn forward(&self, x: &Maps, residual: Option<&Maps>, relu: bool) -> Maps {
         let plan = self.shape.plan(x);
         let n = plan.columns();
-        let method = self.method(x);
+        let (method, tile) = self.forward_method(x);
         let blocked = match method {
             ConvMethod::Unrolled => {
                 return self.with_unrolled(x, |u| u.forward(x, &self.bias, residual, relu));
@@ -303,7 +322,7 @@ impl FoldedConv {
                 winograd::forward(&x.data, shape, filter, &self.bias, residual, relu)
             };
             // F(4×4, 3×3) declines maps holding NaN or infinities; F(2×2, 3×3) takes them.
-            let four = self.winograd_tile(x) == Tile::Four;
+            let four = tile == Tile::Four;
             if let Some(out) = four
                 .then(|| run(Tile::Four))
                 .flatten()
@@ -439,8 +458,9 @@ pub(crate) mod tests {
             (3, 2, 6, 16, 2, 9, 7),
             (7, 2, 3, 64, 1, 17, 15),
             (3, 1, 8, 70, 4, 8, 8),
-            // More channels than columns: one block of columns, the channels split.
-            (3, 1, 16, 72, 1, 7, 7),
+            // Four times more channels than columns: one block of columns, the channels split
+            // (on 7 × 7 maps one image now takes Winograd: `forward_method`).
+            (3, 1, 16, 128, 1, 5, 5),
             (3, 2, 8, 64, 1, 13, 13),
         ] {
             let conv = folded(k, stride, cin, cout);
@@ -451,7 +471,7 @@ pub(crate) mod tests {
                 h,
                 w,
             };
-            assert_ne!(conv.method(&x), ConvMethod::Winograd);
+            assert_eq!(conv.forward_method(&x).0, ConvMethod::Im2col);
             let (residual, want) = im2col_reference(&conv, &x);
             for threads in [1, 2, 7] {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -469,6 +489,42 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// One image on 7 × 7 maps: the forward runs F(2×2, 3×3) (with its tasks on groups of
+    /// channels) and equals im2col's, NaN input included; the training passes (`method`)
+    /// keep im2col, as does the forward on a batch of 32.
+    #[test]
+    fn one_image_on_seven_by_seven_maps_takes_winograd_in_the_forward() {
+        let conv = folded(3, 1, 32, 64);
+        let mut x = Maps {
+            data: values(32 * 7 * 7, 9),
+            c: 32,
+            b: 1,
+            h: 7,
+            w: 7,
+        };
+        x.data[100] = f32::NAN;
+        assert_eq!(conv.method(&x), ConvMethod::Im2col);
+        let batch = Maps {
+            data: vec![0.0; 32 * 32 * 7 * 7],
+            b: 32,
+            ..x.clone()
+        };
+        assert_eq!(conv.forward_method(&batch).0, ConvMethod::Im2col);
+        if PanelKernel::select().is_none() {
+            return;
+        }
+        assert_eq!(conv.forward_method(&x), (ConvMethod::Winograd, Tile::Two));
+        let (residual, want) = im2col_reference(&conv, &x);
+        let got = conv.forward(&x, Some(&residual), true).data;
+        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.is_nan() == r.is_nan() && (r.is_nan() || (g - r).abs() <= 1e-4 * (1.0 + r.abs())),
+                "[{i}]: {g} vs {r}"
+            );
+        }
+        assert!(got.iter().any(|v| v.is_nan()) && got.iter().any(|v| v.is_finite()));
     }
 
     /// Where the kernel covers the whole map from every output position (1 × 1 maps under k

@@ -127,8 +127,8 @@ impl PanelKernel {
     }
 
     /// The tile c += a · b on its first `cols` columns only (1 ≤ cols < nr), reading and
-    /// writing no others. AVX-512 masks its loads and stores (a tile of at most 16 columns
-    /// costs half a full one); other kernels have no such form ([`Self::has_narrow_tile`]) and
+    /// writing no others. AVX-512 masks its loads and stores, in 256-bit vectors where 8
+    /// columns or fewer remain (`avx512::narrow_kernel`); other kernels have no such form ([`Self::has_narrow_tile`]) and
     /// get the plain Rust loop.
     ///
     /// # Safety
@@ -344,7 +344,9 @@ impl PackedLhs {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::{
-        __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+        __m256, __m512, __mmask8, __mmask16, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mask_storeu_ps,
+        _mm256_maskz_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm512_add_ps,
+        _mm512_castps512_ps256, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
         _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
@@ -409,14 +411,18 @@ mod avx512 {
     }
 
     /// The tile c += a · b on the first `cols` columns (1 ≤ cols < 32) of the 8 × 32 tile,
-    /// with masked loads and stores: no other column of `b` or `c` is read or written. Up to 16
-    /// columns, eight accumulators (half the work of a full tile).
+    /// with masked loads and stores: no other column of `b` or `c` is read or written. The
+    /// columns are covered by a 256-bit (8-lane) vector where that suffices: up to 8 columns,
+    /// eight 256-bit accumulators; up to 16, eight 512-bit ones; up to 24, eight of each; past
+    /// that the full tile. On CPUs that split a 512-bit FMA in two 256-bit halves (AMD Zen 4)
+    /// a 256-bit FMA costs half a 512-bit one, so a tail costs its width rounded up to 8
+    /// columns instead of 16 (a 7 × 7 map's 49 columns: 56 columns' work instead of 64).
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F; `a` must point to kc × 8 floats, `b` to kc rows of `cols`
-    /// floats `ldb` apart, and `c` to eight rows of `cols` floats `ldc` apart that no other
-    /// thread touches during the call.
-    #[target_feature(enable = "avx512f")]
+    /// The CPU must have AVX-512 F and VL; `a` must point to kc × 8 floats, `b` to kc rows of
+    /// `cols` floats `ldb` apart, and `c` to eight rows of `cols` floats `ldc` apart that no
+    /// other thread touches during the call.
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
     pub(super) unsafe fn narrow_kernel(
         kc: usize,
         a: *const f32,
@@ -426,31 +432,123 @@ mod avx512 {
     ) {
         debug_assert!((1..32).contains(&cols));
         let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
-        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
-        let (mut pa, mut pb) = (a, b);
-        // SAFETY: (the whole body) masked-off lanes are neither read nor written (AVX-512
-        // suppresses their faults); the lanes on stay within kc × 8 floats from `a`, kc rows of
-        // `cols` floats `ldb` apart from `b` and eight rows of `cols` floats `ldc` apart from
-        // `c` (the caller's contract).
+        // SAFETY: (the whole body) the callees' contracts are this function's, for the
+        // columns their masks have on.
         unsafe {
-            if cols <= 16 {
-                let mut acc: [__m512; MR] = [_mm512_setzero_ps(); MR];
-                for _ in 0..kc {
-                    let b0 = _mm512_maskz_loadu_ps(m0, pb);
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        *row = _mm512_fmadd_ps(_mm512_set1_ps(*pa.add(r)), b0, *row);
-                    }
-                    pa = pa.add(MR);
-                    pb = pb.wrapping_add(ldb);
-                }
-                for (r, row) in acc.iter().enumerate() {
-                    let lo = c.add(r * ldc);
-                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, lo), *row);
-                    _mm512_mask_storeu_ps(lo, m0, sum);
-                }
-                return;
+            match cols {
+                ..=8 => eight_lanes(kc, a, (b, ldb), (c, ldc), mask(cols) as __mmask8),
+                ..=16 => sixteen_lanes(kc, a, (b, ldb), (c, ldc), mask(cols)),
+                ..=24 => sixteen_and_eight(kc, a, (b, ldb), (c, ldc), mask(cols - 16) as __mmask8),
+                _ => two_vectors(kc, a, (b, ldb), (c, ldc), mask(cols - 16)),
             }
-            two_vectors(kc, a, (b, ldb), (c, ldc), m1)
+        }
+    }
+
+    /// The 8-row tile on the columns of its first 8 that `m` has on, in 256-bit vectors.
+    ///
+    /// # Safety
+    /// As [`narrow_kernel`], for the columns `m` has on.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
+    unsafe fn eight_lanes(
+        kc: usize,
+        a: *const f32,
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        m: __mmask8,
+    ) {
+        let (mut pa, mut pb) = (a, b);
+        let mut acc: [__m256; MR] = [_mm256_setzero_ps(); MR];
+        // SAFETY: (the whole body) masked-off lanes are neither read nor written (AVX-512
+        // suppresses their faults); the lanes on stay within the caller's contract.
+        unsafe {
+            for _ in 0..kc {
+                let b0 = _mm256_maskz_loadu_ps(m, pb);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    *row = _mm256_fmadd_ps(_mm256_set1_ps(*pa.add(r)), b0, *row);
+                }
+                pa = pa.add(MR);
+                pb = pb.wrapping_add(ldb);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let lo = c.add(r * ldc);
+                let sum = _mm256_add_ps(_mm256_maskz_loadu_ps(m, lo), *row);
+                _mm256_mask_storeu_ps(lo, m, sum);
+            }
+        }
+    }
+
+    /// The 8-row tile on the columns of its first 16 that `m` has on, in 512-bit vectors.
+    ///
+    /// # Safety
+    /// As [`narrow_kernel`], for the columns `m` has on.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sixteen_lanes(
+        kc: usize,
+        a: *const f32,
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        m: __mmask16,
+    ) {
+        let (mut pa, mut pb) = (a, b);
+        let mut acc: [__m512; MR] = [_mm512_setzero_ps(); MR];
+        // SAFETY: (the whole body) masked-off lanes are neither read nor written (AVX-512
+        // suppresses their faults); the lanes on stay within the caller's contract.
+        unsafe {
+            for _ in 0..kc {
+                let b0 = _mm512_maskz_loadu_ps(m, pb);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    *row = _mm512_fmadd_ps(_mm512_set1_ps(*pa.add(r)), b0, *row);
+                }
+                pa = pa.add(MR);
+                pb = pb.wrapping_add(ldb);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let lo = c.add(r * ldc);
+                let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, lo), *row);
+                _mm512_mask_storeu_ps(lo, m, sum);
+            }
+        }
+    }
+
+    /// The 8-row tile on its first 16 columns (512-bit vectors) and those of the next 8 that
+    /// `high` has on (256-bit vectors).
+    ///
+    /// # Safety
+    /// As [`narrow_kernel`], for the first 16 columns and those `high` has on of the next 8.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
+    unsafe fn sixteen_and_eight(
+        kc: usize,
+        a: *const f32,
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
+        high: __mmask8,
+    ) {
+        let (mut pa, mut pb) = (a, b);
+        let mut wide: [__m512; MR] = [_mm512_setzero_ps(); MR];
+        let mut narrow: [__m256; MR] = [_mm256_setzero_ps(); MR];
+        // SAFETY: (the whole body) masked-off lanes are neither read nor written (AVX-512
+        // suppresses their faults); the lanes on stay within the caller's contract.
+        unsafe {
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(pb);
+                let b1 = _mm256_maskz_loadu_ps(high, pb.add(16));
+                for r in 0..MR {
+                    let x = _mm512_set1_ps(*pa.add(r));
+                    wide[r] = _mm512_fmadd_ps(x, b0, wide[r]);
+                    narrow[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(x), b1, narrow[r]);
+                }
+                pa = pa.add(MR);
+                pb = pb.wrapping_add(ldb);
+            }
+            for r in 0..MR {
+                let (lo, hi) = (c.add(r * ldc), c.add(r * ldc + 16));
+                _mm512_storeu_ps(lo, _mm512_add_ps(_mm512_loadu_ps(lo), wide[r]));
+                let sum = _mm256_add_ps(_mm256_maskz_loadu_ps(high, hi), narrow[r]);
+                _mm256_mask_storeu_ps(hi, high, sum);
+            }
         }
     }
 }
@@ -479,6 +577,11 @@ mod tests {
                 (20, 7, 3, false),
                 (16, 64, 57, false),
                 (8, 40, 17, false),
+                (8, 50, 52, false),
+                (16, 33, 24, false),
+                (8, 20, 9, false),
+                (24, 70, 8, false),
+                (8, 9, 49, false),
                 (9, 7, 40, true),
                 (16, 130, 64, true),
             ];
