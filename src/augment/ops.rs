@@ -20,6 +20,7 @@
 //! ```
 
 use image::{Rgb, RgbImage};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -228,6 +229,11 @@ struct Window {
 /// one output row's).
 const ACCUMULATOR_BYTES: usize = 1 << 20;
 
+/// Output bytes of [`resize_window`] from which its vertical pass runs in blocks on rayon
+/// (64 KiB: a 150 × 150 crop). A 224 px crop from a 500 × 375 photo took 1.35 ms on one
+/// thread of a 2-core Zen 4, a tenth of ResNet-18's forward on one image.
+const PARALLEL_BYTES: usize = 1 << 16;
+
 /// The pixels `window` of the `region` of `img` resized to `out_size` = (width, height),
 /// computed without the rest of the resized image: `window` must lie inside `out_size` (a
 /// region inside `img` is the caller's promise too). Each output pixel is the one a full
@@ -291,42 +297,50 @@ fn resize_window(
         }
     } else {
         let vert = coefficients(in_h, out_h, window.top, win_h, filter);
-        let block = (ACCUMULATOR_BYTES / (row_len * 4)).clamp(1, win_h);
-        let mut acc = vec![0i32; block * row_len];
-        let mut line = vec![0u8; row_len];
-        for b0 in (0..win_h).step_by(block) {
-            let b1 = (b0 + block).min(win_h);
-            let acc = &mut acc[..(b1 - b0) * row_len];
-            acc.fill(1 << (PRECISION_BITS - 1));
-            let tap_end = |yy: usize| vert.bounds[yy].0 + vert.bounds[yy].1;
-            let first = vert.bounds[b0].0;
-            let last = (b0..b1).map(tap_end).max().unwrap_or(first).min(in_h);
-            // Output rows [lo, hi) of the block are those whose taps cover source row y.
-            let (mut lo, mut hi) = (b0, b0);
-            for y in first..last {
-                horizontal_row(y, &mut line);
-                while lo < b1 && tap_end(lo) <= y {
-                    lo += 1;
-                }
-                while hi < b1 && vert.bounds[hi].0 <= y {
-                    hi += 1;
-                }
-                for yy in lo..hi {
-                    let (ymin, taps) = vert.bounds[yy];
-                    if y < ymin || y >= ymin + taps {
-                        continue;
-                    }
-                    let w = vert.of(yy)[y - ymin];
-                    let acc_row = &mut acc[(yy - b0) * row_len..(yy - b0 + 1) * row_len];
-                    for (a, &v) in acc_row.iter_mut().zip(&line) {
-                        *a += v as i32 * w;
-                    }
-                }
-            }
-            for (o, &a) in out[b0 * row_len..b1 * row_len].iter_mut().zip(acc.iter()) {
-                *o = clip8(a);
-            }
+        // Blocks of output rows, on rayon where the window is large: a 224 px crop is two
+        // blocks per thread (each block makes the horizontal pass of the source rows its taps
+        // read, a few rows more than its share at its edges).
+        let mut block = (ACCUMULATOR_BYTES / (row_len * 4)).clamp(1, win_h);
+        if win_h * row_len >= PARALLEL_BYTES {
+            let threads = rayon::current_num_threads().max(1);
+            block = block.min(win_h.div_ceil(2 * threads)).max(1);
         }
+        out.par_chunks_mut(block * row_len)
+            .enumerate()
+            .for_each(|(index, out)| {
+                let b0 = index * block;
+                let b1 = (b0 + block).min(win_h);
+                let mut acc = vec![1i32 << (PRECISION_BITS - 1); (b1 - b0) * row_len];
+                let mut line = vec![0u8; row_len];
+                let tap_end = |yy: usize| vert.bounds[yy].0 + vert.bounds[yy].1;
+                let first = vert.bounds[b0].0;
+                let last = (b0..b1).map(tap_end).max().unwrap_or(first).min(in_h);
+                // Output rows [lo, hi) of the block are those whose taps cover source row y.
+                let (mut lo, mut hi) = (b0, b0);
+                for y in first..last {
+                    horizontal_row(y, &mut line);
+                    while lo < b1 && tap_end(lo) <= y {
+                        lo += 1;
+                    }
+                    while hi < b1 && vert.bounds[hi].0 <= y {
+                        hi += 1;
+                    }
+                    for yy in lo..hi {
+                        let (ymin, taps) = vert.bounds[yy];
+                        if y < ymin || y >= ymin + taps {
+                            continue;
+                        }
+                        let w = vert.of(yy)[y - ymin];
+                        let acc_row = &mut acc[(yy - b0) * row_len..(yy - b0 + 1) * row_len];
+                        for (a, &v) in acc_row.iter_mut().zip(&line) {
+                            *a += v as i32 * w;
+                        }
+                    }
+                }
+                for (o, &a) in out.iter_mut().zip(acc.iter()) {
+                    *o = clip8(a);
+                }
+            });
     }
     RgbImage::from_raw(window.width, window.height, out).unwrap_or_default()
 }

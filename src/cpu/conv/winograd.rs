@@ -23,6 +23,8 @@ use rayon::prelude::*;
 use super::blocked::{GridTask, SharedOutput, TaskGrid};
 use super::maps::Maps;
 use super::scratch::ColsBuffer;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::isa::{Avx512, Token};
 use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
 use crate::cpu::kernels::sgemm::{Operand, sgemm, sgemm_serial};
 
@@ -575,6 +577,17 @@ impl InputLines {
             let at = k * tw;
             match self.tile {
                 Tile::Two => {
+                    assert!(
+                        v.len() >= 15 * nt + at + tw,
+                        "winograd: transformed input short"
+                    );
+                    #[cfg(target_arch = "x86_64")]
+                    if Avx512::detect().is_some() {
+                        // SAFETY: the token proves AVX-512 F; `d` holds four rows of wp =
+                        // 2·tw + 2 floats, and `v` the rows asserted above.
+                        unsafe { transforms_avx512::input_tile_row_2x2(d, tw, v, nt, at) };
+                        continue;
+                    }
                     // Bᵀ d, along the rows, for every column at once.
                     for j in 0..wp {
                         let (d0, d1, d2, d3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
@@ -664,8 +677,25 @@ fn output_lines(x: Shape, tile_row: usize, m: usize) -> impl Iterator<Item = (us
 }
 
 /// Aᵀ m A for the `tw` tiles from column `at` of one channel's M (16 rows `nt` apart): the
-/// two output rows of those tiles, 2·tw values each, into `y`.
+/// two output rows of those tiles, 2·tw values each, into `y`. Sixteen tiles at a time in
+/// 512-bit vectors where the CPU has AVX-512 ([`transforms_avx512`]: the same operations in the
+/// same order, so the same values), else one tile at a time.
 fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
+    assert!(m.len() >= 15 * nt + at + tw, "winograd: products too short");
+    assert!(
+        y.len() == 2 && y.iter().all(|line| line.len() >= 2 * tw),
+        "winograd: output rows too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Avx512::detect().is_some() {
+        // SAFETY: the token proves AVX-512 F; the asserts above are the bounds it needs.
+        return unsafe { transforms_avx512::tile_row_2x2(m, nt, at, tw, y) };
+    }
+    output_tile_row_portable(m, nt, at, tw, y)
+}
+
+/// [`output_tile_row`] one tile at a time, in plain Rust.
+fn output_tile_row_portable(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
     let row = |xi: usize| &m[xi * nt + at..xi * nt + at + tw];
     let (m0, m1, m2, m3) = (row(0), row(1), row(2), row(3));
     let (m4, m5, m6, m7) = (row(4), row(5), row(6), row(7));
@@ -694,8 +724,25 @@ fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>
 }
 
 /// F(4×4, 3×3)'s Aᵀ m A for the `tw` tiles from column `at` of one channel's M (36 rows `nt`
-/// apart): the four output rows of those tiles, 4·tw values each, into `y`.
+/// apart): the four output rows of those tiles, 4·tw values each, into `y`. Sixteen tiles
+/// at a time in 512-bit vectors where the CPU has AVX-512 ([`transforms_avx512`]: the same
+/// operations in the same order, so the same values), else one tile at a time.
 fn output_tile_row_4x4(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
+    assert!(m.len() >= 35 * nt + at + tw, "winograd: products too short");
+    assert!(
+        y.len() == 4 && y.iter().all(|line| line.len() >= 4 * tw),
+        "winograd: output rows too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Avx512::detect().is_some() {
+        // SAFETY: the token proves AVX-512 F; the asserts above are the bounds it needs.
+        return unsafe { transforms_avx512::tile_row_4x4(m, nt, at, tw, y) };
+    }
+    output_tile_row_4x4_portable(m, nt, at, tw, y)
+}
+
+/// [`output_tile_row_4x4`] one tile at a time, in plain Rust.
+fn output_tile_row_4x4_portable(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
     let rows: [&[f32]; 36] = std::array::from_fn(|xi| &m[xi * nt + at..][..tw]);
     let [y0, y1, y2, y3] = y else {
         unreachable!("F(4×4, 3×3) writes four output rows");
@@ -852,6 +899,249 @@ fn output_gradient_tiles(
     }
 }
 
+/// The transforms on 512-bit vectors, lane i on tile tx + i: F(2×2, 3×3)'s input transform
+/// (each tile's four columns picked from two vectors of a row by permutes), and both output
+/// transforms (the phases of each output row, column m·tx + j from phase j, interleaved
+/// before the stores). The same operations in the same order as the scalar code, so the same
+/// values.
+#[cfg(target_arch = "x86_64")]
+mod transforms_avx512 {
+    use std::arch::x86_64::{
+        __m512, __mmask16, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
+        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
+        _mm512_set1_ps, _mm512_setr_epi32, _mm512_shuffle_f32x4, _mm512_sub_ps, _mm512_unpackhi_pd,
+        _mm512_unpackhi_ps, _mm512_unpacklo_pd, _mm512_unpacklo_ps,
+    };
+
+    /// Aᵀ m for one column or row m of six vectors of a 6 × 6 block: `super::output_4x4`'s
+    /// operations in its order (no fused multiply-adds), so that each lane equals it.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn output_4x4([m0, m1, m2, m3, m4, m5]: [__m512; 6]) -> [__m512; 4] {
+        let add = _mm512_add_ps;
+        let sub = _mm512_sub_ps;
+        let times = |k: f32, v: __m512| _mm512_mul_ps(_mm512_set1_ps(k), v);
+        [
+            add(add(add(add(m0, m1), m2), m3), m4),
+            add(sub(m1, m2), times(2.0, sub(m3, m4))),
+            add(add(m1, m2), times(4.0, add(m3, m4))),
+            add(add(sub(m1, m2), times(8.0, sub(m3, m4))), m5),
+        ]
+    }
+
+    /// The four phases p (entry i of phase j: column 4·i + j) interleaved: 64 floats, as
+    /// four vectors of 16 (columns 0-15, 16-31, ...).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn interleave([p0, p1, p2, p3]: [__m512; 4]) -> [__m512; 4] {
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        // Per 128-bit lane L (entries 4L .. 4L + 3): a = p0, p1 of entries 4L, 4L + 1;
+        // b = of entries 4L + 2, 4L + 3; c and d the same of p2, p3.
+        let (a, b) = (_mm512_unpacklo_ps(p0, p1), _mm512_unpackhi_ps(p0, p1));
+        let (c, d) = (_mm512_unpacklo_ps(p2, p3), _mm512_unpackhi_ps(p2, p3));
+        // Per lane L: e = the four phases of entry 4L, f of 4L + 1, g of 4L + 2, h of 4L + 3.
+        let e = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        let f = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        let g = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+        let h = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+        // Lanes 0, 1 of e, f and of g, h; then lanes 2, 3.
+        let t0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(e, f);
+        let t1 = _mm512_shuffle_f32x4::<0b01_00_01_00>(g, h);
+        let t2 = _mm512_shuffle_f32x4::<0b11_10_11_10>(e, f);
+        let t3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(g, h);
+        [
+            // Entries 0-3: lane 0 of e, f, g, h.
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(t0, t1),
+            // Entries 4-7: lane 1 of each.
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(t0, t1),
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(t2, t3),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(t2, t3),
+        ]
+    }
+
+    /// F(2×2, 3×3)'s Bᵀ d B for the `tw` tiles of one tile row, from the four padded input
+    /// rows `d` (padded column j holds input column j − 1): entry j of row r of every tile to
+    /// `v[(4·r + j)·nt + at + tx]`, as the scalar loops of `InputLines::transform`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `d` must hold four rows of at least 2·tw + 2 floats, and
+    /// `v` at least 15·nt + at + tw floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn input_tile_row_2x2(
+        d: &[Vec<f32>],
+        tw: usize,
+        v: &mut [f32],
+        nt: usize,
+        at: usize,
+    ) {
+        let len = 2 * tw + 2;
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+        let mut tx = 0;
+        while tx < tw {
+            let n = (tw - tx).min(16);
+            let stores = ((1u32 << n) - 1) as __mmask16;
+            // Columns o .. o + 16 of row r, those past the row's `len` read as zero (never
+            // used: tile tx + i < tw reads columns up to 2·(tx + i) + 3 < len).
+            let load = |r: usize, o: usize| {
+                let valid = len.saturating_sub(o).min(16);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                // SAFETY: the lanes on read columns o + i < len of row r, which holds `len`
+                // floats at least (the caller's contract); the others are not read.
+                unsafe { _mm512_maskz_loadu_ps(mask, d[r].as_ptr().wrapping_add(o)) }
+            };
+            // Bᵀ d along the rows for columns 2·tx + (0, 16, 2, 18) + lane.
+            let offsets = [2 * tx, 2 * tx + 16, 2 * tx + 2, 2 * tx + 18];
+            let t: [[__m512; 4]; 4] = offsets.map(|o| {
+                let [d0, d1, d2, d3] = [0, 1, 2, 3].map(|r| load(r, o));
+                [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)]
+            });
+            // `r` picks the same row of four vectors of `t`.
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..4 {
+                // Columns 2·tx + 2·i + (0, 1) and 2·tx + 2·i + (2, 3) of tile tx + i.
+                let c0 = _mm512_permutex2var_ps(t[0][r], even, t[1][r]);
+                let c1 = _mm512_permutex2var_ps(t[0][r], odd, t[1][r]);
+                let c2 = _mm512_permutex2var_ps(t[2][r], even, t[3][r]);
+                let c3 = _mm512_permutex2var_ps(t[2][r], odd, t[3][r]);
+                let out = [sub(c0, c2), add(c1, c2), sub(c2, c1), sub(c1, c3)];
+                for (j, value) in out.into_iter().enumerate() {
+                    // SAFETY: the lanes on write v[(4·r + j)·nt + at + tx + i], i < n,
+                    // tx + i < tw: inside `v` (the caller's contract).
+                    unsafe {
+                        let at = v.as_mut_ptr().add((4 * r + j) * nt + at + tx);
+                        _mm512_mask_storeu_ps(at, stores, value)
+                    };
+                }
+            }
+            tx += n;
+        }
+    }
+
+    /// Two phases (entry i of phase j: column 2·i + j) interleaved: 32 floats, as two
+    /// vectors of 16.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn interleave_two(p0: __m512, p1: __m512) -> [__m512; 2] {
+        // Per 128-bit lane L: lo = entries 4L, 4L + 1 of both phases, hi = 4L + 2, 4L + 3.
+        let (lo, hi) = (_mm512_unpacklo_ps(p0, p1), _mm512_unpackhi_ps(p0, p1));
+        // [lo lane 0, lo lane 1, hi lane 0, hi lane 1], then in the order 0, 2, 1, 3.
+        let first = _mm512_shuffle_f32x4::<0b01_00_01_00>(lo, hi);
+        let second = _mm512_shuffle_f32x4::<0b11_10_11_10>(lo, hi);
+        [
+            _mm512_shuffle_f32x4::<0b11_01_10_00>(first, first),
+            _mm512_shuffle_f32x4::<0b11_01_10_00>(second, second),
+        ]
+    }
+
+    /// [`super::output_tile_row`] sixteen tiles at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `m` must hold 15·nt + at + tw floats at least, and `y` two
+    /// rows of at least 2·tw floats (what the caller asserts).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_row_2x2(
+        m: &[f32],
+        nt: usize,
+        at: usize,
+        tw: usize,
+        y: &mut [Vec<f32>],
+    ) {
+        let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+        let mut tx = 0;
+        while tx < tw {
+            let n = (tw - tx).min(16);
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            // SAFETY: lane i < n reads m[ξ·nt + at + tx + i], ξ ≤ 15, tx + i < tw: inside `m`
+            // (the caller's contract); masked-off lanes are not read.
+            let r = |xi: usize| unsafe {
+                _mm512_maskz_loadu_ps(mask, m.as_ptr().add(xi * nt + at + tx))
+            };
+            // As `output_tile_row_portable`, operation for operation.
+            let s: [__m512; 4] = std::array::from_fn(|c| add(add(r(c), r(4 + c)), r(8 + c)));
+            let d: [__m512; 4] = std::array::from_fn(|c| sub(sub(r(4 + c), r(8 + c)), r(12 + c)));
+            let rows = [
+                (add(add(s[0], s[1]), s[2]), sub(sub(s[1], s[2]), s[3])),
+                (add(add(d[0], d[1]), d[2]), sub(sub(d[1], d[2]), d[3])),
+            ];
+            for (line, (even, odd)) in y.iter_mut().zip(rows) {
+                for (k, v) in interleave_two(even, odd).into_iter().enumerate() {
+                    // Columns 2·tx + 16·k ..: 2·n − 16·k of them are this chunk's (≤ 16).
+                    let valid = (2 * n).saturating_sub(16 * k).min(16);
+                    if valid == 0 {
+                        break;
+                    }
+                    let lanes = ((1u32 << valid) - 1) as __mmask16;
+                    // SAFETY: the lanes on write columns 2·tx + 16·k + i < 2·(tx + n) ≤ 2·tw
+                    // of the line, which holds 2·tw floats (the caller's contract).
+                    unsafe {
+                        _mm512_mask_storeu_ps(line.as_mut_ptr().add(2 * tx + 16 * k), lanes, v)
+                    };
+                }
+            }
+            tx += n;
+        }
+    }
+
+    /// [`super::output_tile_row_4x4`] sixteen tiles at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `m` must hold 35·nt + at + tw floats at least, and `y` four
+    /// rows of at least 4·tw floats (what the caller asserts).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_row_4x4(
+        m: &[f32],
+        nt: usize,
+        at: usize,
+        tw: usize,
+        y: &mut [Vec<f32>],
+    ) {
+        let mut tx = 0;
+        while tx < tw {
+            let n = (tw - tx).min(16);
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            // SAFETY: lane i < n reads m[ξ·nt + at + tx + i], ξ ≤ 35, tx + i < tw: inside `m`
+            // (the caller's contract); masked-off lanes are not read.
+            let load = |xi: usize| unsafe {
+                _mm512_maskz_loadu_ps(mask, m.as_ptr().add(xi * nt + at + tx))
+            };
+            // Aᵀ along the columns of the 6 × 6 block (column j from rows j, 6 + j, ...), then
+            // along the rows of the 4 × 6 result, as `output_tile_row_4x4_portable`.
+            let columns: [[__m512; 4]; 6] = std::array::from_fn(|j| {
+                output_4x4([
+                    load(j),
+                    load(6 + j),
+                    load(12 + j),
+                    load(18 + j),
+                    load(24 + j),
+                    load(30 + j),
+                ])
+            });
+            for (r, line) in y.iter_mut().enumerate() {
+                let c = |j: usize| columns[j][r];
+                let phases = output_4x4([c(0), c(1), c(2), c(3), c(4), c(5)]);
+                for (k, v) in interleave(phases).into_iter().enumerate() {
+                    // Columns 4·tx + 16·k .. of the line: 4·n − 16·k of them are this
+                    // chunk's (at most 16).
+                    let valid = (4 * n).saturating_sub(16 * k).min(16);
+                    if valid == 0 {
+                        break;
+                    }
+                    let lanes = ((1u32 << valid) - 1) as __mmask16;
+                    // SAFETY: the lanes on write columns 4·tx + 16·k + i < 4·(tx + n) ≤ 4·tw
+                    // of the line, which holds 4·tw floats (the caller's contract).
+                    unsafe {
+                        _mm512_mask_storeu_ps(line.as_mut_ptr().add(4 * tx + 16 * k), lanes, v)
+                    };
+                }
+            }
+            tx += n;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -955,6 +1245,8 @@ mod tests {
                 // One image on 7 × 7 maps: F(2×2, 3×3)'s tasks split the channels (10
                 // panels of the 8-row kernel).
                 (1, 24, 80, 7, 7),
+                // 18 tiles per row: F(4×4, 3×3)'s vector output transform takes 16, then 2.
+                (1, 8, 16, 9, 70),
             ]
             .iter()
             .map(move |shape| (t, shape))
@@ -1110,6 +1402,6 @@ mod tests {
         assert!(!pays_small_batch(4, 7, 7) && !pays_small_batch(32, 7, 7));
         assert!(!pays_small_batch(1, 4, 4) && !pays_small_batch(1, 14, 14));
         assert!(!pays_small_batch(1, 5, 9) && !pays_small_batch(1, 1, 6));
-        assert!(few_tiles(1, 28, 28, Tile::Four) == false && few_tiles(1, 24, 24, Tile::Four));
+        assert!(!few_tiles(1, 28, 28, Tile::Four) && few_tiles(1, 24, 24, Tile::Four));
     }
 }

@@ -436,9 +436,11 @@ mod avx512 {
         // columns their masks have on.
         unsafe {
             match cols {
-                ..=8 => eight_lanes(kc, a, (b, ldb), (c, ldc), mask(cols) as __mmask8),
-                ..=16 => sixteen_lanes(kc, a, (b, ldb), (c, ldc), mask(cols)),
-                ..=24 => sixteen_and_eight(kc, a, (b, ldb), (c, ldc), mask(cols - 16) as __mmask8),
+                1..=8 => eight_lanes(kc, a, (b, ldb), (c, ldc), mask(cols) as __mmask8),
+                9..=16 => sixteen_lanes(kc, a, (b, ldb), (c, ldc), mask(cols)),
+                17..=24 => {
+                    sixteen_and_eight(kc, a, (b, ldb), (c, ldc), mask(cols - 16) as __mmask8)
+                }
                 _ => two_vectors(kc, a, (b, ldb), (c, ldc), mask(cols - 16)),
             }
         }
