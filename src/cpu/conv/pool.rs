@@ -67,9 +67,17 @@ pub(crate) fn max_pool_values(x: &Maps) -> Maps {
     let ho = (x.h + 2 - 3) / 2 + 1;
     let wo = (x.w + 2 - 3) / 2 + 1;
     let mut out = vec![0f32; x.c * x.b * ho * wo];
+    // Per task: the maximum of the window's rows, and its even and odd columns apart.
+    let scratch = || {
+        (
+            vec![0f32; x.w],
+            vec![0f32; x.w.div_ceil(2)],
+            vec![0f32; x.w / 2],
+        )
+    };
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-        || vec![0f32; x.w],
-        |rows_max, (plane, dst)| {
+        scratch,
+        |(rows_max, even, odd), (plane, dst)| {
             let src = &x.data[plane * x.h * x.w..(plane + 1) * x.h * x.w];
             for (oy, dst) in dst.chunks_exact_mut(wo).enumerate() {
                 // Rows 2·oy − 1 + ky of the window that lie inside the input.
@@ -83,12 +91,33 @@ pub(crate) fn max_pool_values(x: &Maps) -> Maps {
                         .zip(line)
                         .for_each(|(m, &v)| *m = larger(*m, v));
                 }
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    let kx = taps(ox, x.w);
-                    let x0 = 2 * ox + kx.start - 1;
-                    *d = rows_max[x0 + 1..2 * ox + kx.end - 1]
+                // Columns 2·ox − 1, 2·ox and 2·ox + 1 (those inside), in that order: odd
+                // ox − 1, even ox and odd ox. Apart, they are three slices, and the interior
+                // outputs one elementwise pass.
+                for (i, pair) in rows_max.chunks(2).enumerate() {
+                    even[i] = pair[0];
+                    if let [_, v] = pair {
+                        odd[i] = *v;
+                    }
+                }
+                dst[0] = match x.w {
+                    1 => even[0],
+                    _ => larger(even[0], odd[0]),
+                };
+                // Outputs 1 .. w / 2 have all three columns; on an odd width the last one
+                // has no column 2·ox + 1.
+                let full = x.w / 2;
+                if full > 1 {
+                    let windows = odd[..full - 1]
                         .iter()
-                        .fold(rows_max[x0], |m, &v| larger(m, v));
+                        .zip(&even[1..full])
+                        .zip(&odd[1..full]);
+                    for (d, ((&a, &b), &c)) in dst[1..full].iter_mut().zip(windows) {
+                        *d = larger(larger(a, b), c);
+                    }
+                }
+                if x.w % 2 == 1 && wo > 1 {
+                    dst[wo - 1] = larger(odd[wo - 2], even[wo - 1]);
                 }
             }
         },
@@ -128,7 +157,17 @@ mod tests {
     /// The values alone equal [`max_pool`]'s, NaN included, on odd and even sizes.
     #[test]
     fn pooled_values_equal_the_pooling_with_positions() {
-        for (h, w) in [(1, 1), (2, 3), (7, 8), (16, 16), (5, 1)] {
+        for (h, w) in [
+            (1, 1),
+            (2, 3),
+            (7, 8),
+            (16, 16),
+            (5, 1),
+            (3, 5),
+            (4, 7),
+            (6, 2),
+            (9, 112),
+        ] {
             let (c, b) = (3, 2);
             let mut data: Vec<f32> = (0..c * b * h * w)
                 .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / 1e6 - 8.0)

@@ -527,13 +527,27 @@ struct InputLines {
     tile: Tile,
     d: Vec<Vec<f32>>,
     t: Vec<Vec<f32>>,
+    /// Whether the transform runs on AVX-512 vectors (`transforms_avx512`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vectors: bool,
 }
 
 impl InputLines {
     fn new(x: Shape, tile: Tile) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let vectors = Avx512::detect().is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let vectors = false;
+        Self::with_vectors(x, tile, vectors)
+    }
+
+    /// Lines whose transform runs on AVX-512 vectors where `vectors` is set (the CPU must
+    /// have AVX-512 F then: [`Self::new`] checks).
+    fn with_vectors(x: Shape, tile: Tile, vectors: bool) -> Self {
         let m = tile.m();
         let wp = m * x.w.div_ceil(m) + 2;
         Self {
+            vectors,
             tile,
             d: vec![vec![0f32; wp]; tile.alpha()],
             t: vec![vec![0f32; wp]; tile.alpha()],
@@ -582,8 +596,9 @@ impl InputLines {
                         "winograd: transformed input short"
                     );
                     #[cfg(target_arch = "x86_64")]
-                    if Avx512::detect().is_some() {
-                        // SAFETY: the token proves AVX-512 F; `d` holds four rows of wp =
+                    if self.vectors {
+                        // SAFETY: `vectors` is set only where the CPU has AVX-512 F
+                        // (`InputLines::new`); `d` holds four rows of wp =
                         // 2·tw + 2 floats, and `v` the rows asserted above.
                         unsafe { transforms_avx512::input_tile_row_2x2(d, tw, v, nt, at) };
                         continue;
@@ -611,6 +626,18 @@ impl InputLines {
                     }
                 }
                 Tile::Four => {
+                    assert!(
+                        v.len() >= 35 * nt + at + tw,
+                        "winograd: transformed input short"
+                    );
+                    #[cfg(target_arch = "x86_64")]
+                    if self.vectors {
+                        // SAFETY: `vectors` is set only where the CPU has AVX-512 F
+                        // (`InputLines::new`); `d` holds six rows of wp =
+                        // 4·tw + 2 floats, and `v` the rows asserted above.
+                        unsafe { transforms_avx512::input_tile_row_4x4(d, tw, v, nt, at) };
+                        continue;
+                    }
                     // Bᵀ d, along the rows, for every column at once (slices of one length,
                     // so that the loop vectorises).
                     let d: [&[f32]; 6] = std::array::from_fn(|r| &d[r][..wp]);
@@ -907,7 +934,7 @@ fn output_gradient_tiles(
 #[cfg(target_arch = "x86_64")]
 mod transforms_avx512 {
     use std::arch::x86_64::{
-        __m512, __mmask16, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
+        __m512, __m512i, __mmask16, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
         _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
         _mm512_set1_ps, _mm512_setr_epi32, _mm512_shuffle_f32x4, _mm512_sub_ps, _mm512_unpackhi_pd,
         _mm512_unpackhi_ps, _mm512_unpacklo_pd, _mm512_unpacklo_ps,
@@ -1012,6 +1039,110 @@ mod transforms_avx512 {
                     // tx + i < tw: inside `v` (the caller's contract).
                     unsafe {
                         let at = v.as_mut_ptr().add((4 * r + j) * nt + at + tx);
+                        _mm512_mask_storeu_ps(at, stores, value)
+                    };
+                }
+            }
+            tx += n;
+        }
+    }
+
+    /// `super::input_4x4` on vectors, its operations in its order (no fused multiply-adds).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn input_4x4([d0, d1, d2, d3, d4, d5]: [__m512; 6]) -> [__m512; 6] {
+        let (add, sub) = (_mm512_add_ps, _mm512_sub_ps);
+        let times = |k: f32, v: __m512| _mm512_mul_ps(_mm512_set1_ps(k), v);
+        [
+            add(sub(times(4.0, d0), times(5.0, d2)), d4),
+            add(add(sub(times(-4.0, d1), times(4.0, d2)), d3), d4),
+            add(sub(sub(times(4.0, d1), times(4.0, d2)), d3), d4),
+            add(add(sub(times(-2.0, d1), d2), times(2.0, d3)), d4),
+            add(sub(sub(times(2.0, d1), d2), times(2.0, d3)), d4),
+            add(sub(times(4.0, d1), times(5.0, d3)), d5),
+        ]
+    }
+
+    /// F(4×4, 3×3)'s Bᵀ d B for the `tw` tiles of one tile row, from the six padded input
+    /// rows `d` (padded column j holds input column j − 1): entry j of row r of every tile to
+    /// `v[(6·r + j)·nt + at + tx]`, as the scalar loops of `InputLines::transform`. Tile
+    /// tx + i reads columns 4·(tx + i) .. + 5: the row pass runs on the vectors of columns
+    /// 4·tx + 16·k + lane (k = 0..4, and the two columns past them), then permutes pick each
+    /// tile's six columns.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `d` must hold six rows of at least 4·tw + 2 floats, and
+    /// `v` at least 35·nt + at + tw floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn input_tile_row_4x4(
+        d: &[Vec<f32>],
+        tw: usize,
+        v: &mut [f32],
+        nt: usize,
+        at: usize,
+    ) {
+        let len = 4 * tw + 2;
+        // Entries q, q + 4, .., q + 28 of two vectors (the first eight lanes).
+        let phase: [__m512i; 4] = std::array::from_fn(|q| {
+            let q = q as i32;
+            _mm512_setr_epi32(
+                q,
+                q + 4,
+                q + 8,
+                q + 12,
+                q + 16,
+                q + 20,
+                q + 24,
+                q + 28,
+                q,
+                q,
+                q,
+                q,
+                q,
+                q,
+                q,
+                q,
+            )
+        });
+        // Lanes 1.. of the first vector, then lane 0 (or 1) of the second: one tile on.
+        let next: [__m512i; 2] = std::array::from_fn(|q| {
+            let q = q as i32;
+            _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16 + q)
+        });
+        let mut tx = 0;
+        while tx < tw {
+            let n = (tw - tx).min(16);
+            let stores = ((1u32 << n) - 1) as __mmask16;
+            // Columns o .. o + 16 of row r, those past the row's `len` read as zero (never
+            // used: tile tx + i < tw reads columns up to 4·(tx + i) + 5 < len).
+            let load = |r: usize, o: usize| {
+                let valid = len.saturating_sub(o).min(16);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                // SAFETY: the lanes on read columns o + i < len of row r, which holds `len`
+                // floats at least (the caller's contract); the others are not read.
+                unsafe { _mm512_maskz_loadu_ps(mask, d[r].as_ptr().wrapping_add(o)) }
+            };
+            // Bᵀ d along the rows, for columns 4·tx + 16·k + lane: t[k][r].
+            let t: [[__m512; 6]; 5] = std::array::from_fn(|k| {
+                let o = 4 * tx + 16 * k;
+                input_4x4([0, 1, 2, 3, 4, 5].map(|r| load(r, o)))
+            });
+            for r in 0..6 {
+                // Column 4·(tx + i) + q of every tile: phase q of the first 64 columns.
+                let c: [__m512; 4] = std::array::from_fn(|q| {
+                    let low = _mm512_permutex2var_ps(t[0][r], phase[q], t[1][r]);
+                    let high = _mm512_permutex2var_ps(t[2][r], phase[q], t[3][r]);
+                    _mm512_shuffle_f32x4::<0b01_00_01_00>(low, high)
+                });
+                // Columns 4·(tx + i) + 4 and + 5: phases 0 and 1 one tile on.
+                let c4 = _mm512_permutex2var_ps(c[0], next[0], t[4][r]);
+                let c5 = _mm512_permutex2var_ps(c[1], next[1], t[4][r]);
+                let out = input_4x4([c[0], c[1], c[2], c[3], c4, c5]);
+                for (j, value) in out.into_iter().enumerate() {
+                    // SAFETY: the lanes on write v[(6·r + j)·nt + at + tx + i], i < n,
+                    // tx + i < tw: inside `v` (the caller's contract).
+                    unsafe {
+                        let at = v.as_mut_ptr().add((6 * r + j) * nt + at + tx);
                         _mm512_mask_storeu_ps(at, stores, value)
                     };
                 }
@@ -1388,6 +1519,74 @@ mod tests {
             assert!(out.is_empty());
         }
         assert_eq!(kernel_gradient(&[], x, &[], 8), vec![0.0; 8 * 4 * 9]);
+    }
+
+    /// The AVX-512 transforms give the scalar code's values bit for bit (the same operations
+    /// in the same order): F(2×2, 3×3)'s and F(4×4, 3×3)'s input and output transforms on
+    /// rows of 1 to 35 tiles (one vector, a masked one, several), NaN, infinities and large
+    /// values included.
+    #[test]
+    fn vector_transforms_equal_the_scalar_ones_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if Avx512::detect().is_some() {
+            let mut rng = StdRng::seed_from_u64(21);
+            let same = |a: &[f32], b: &[f32], what: &str| {
+                for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                        "{what} [{i}]: {a} vs {b}"
+                    );
+                }
+            };
+            for tile in [Tile::Two, Tile::Four] {
+                for (b, h, w) in [(1, 3, 1), (2, 9, 14), (1, 8, 64), (1, 5, 66), (3, 4, 140)] {
+                    let x = Shape { c: 3, b, h, w };
+                    let mut data = random(&mut rng, 3 * x.plane());
+                    data[1] = f32::NAN;
+                    data[x.plane() / 2] = f32::INFINITY;
+                    data[x.plane() + 3] = 3e37;
+                    let tile_rows = b * h.div_ceil(tile.m());
+                    let nt = tile_rows * w.div_ceil(tile.m());
+                    let len = 3 * tile.positions() * nt;
+                    let (mut fast, mut plain) = (vec![0f32; len], vec![0f32; len]);
+                    InputLines::with_vectors(x, tile, true).transform_channels(
+                        &data,
+                        x,
+                        0..tile_rows,
+                        &mut fast,
+                    );
+                    InputLines::with_vectors(x, tile, false).transform_channels(
+                        &data,
+                        x,
+                        0..tile_rows,
+                        &mut plain,
+                    );
+                    same(&fast, &plain, &format!("{tile:?} input {b}x{h}x{w}"));
+                    // The output transform of one channel's products, every tile row.
+                    let tw = w.div_ceil(tile.m());
+                    let m = &fast[..tile.positions() * nt];
+                    let lines = || vec![vec![0f32; tile.m() * tw]; tile.m()];
+                    for k in 0..tile_rows {
+                        let (mut y_fast, mut y_plain) = (lines(), lines());
+                        match tile {
+                            Tile::Two => {
+                                output_tile_row(m, nt, k * tw, tw, &mut y_fast);
+                                output_tile_row_portable(m, nt, k * tw, tw, &mut y_plain);
+                            }
+                            Tile::Four => {
+                                output_tile_row_4x4(m, nt, k * tw, tw, &mut y_fast);
+                                output_tile_row_4x4_portable(m, nt, k * tw, tw, &mut y_plain);
+                            }
+                        }
+                        same(
+                            &y_fast.concat(),
+                            &y_plain.concat(),
+                            &format!("{tile:?} output {b}x{h}x{w} tile row {k}"),
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
