@@ -392,8 +392,14 @@ pub(crate) fn forward(
         let mut buffer = ColsBuffer::take();
         buffer.resize(positions * (cin + cout) * nt, 0.0);
         let (v, m) = buffer.split_at_mut(positions * cin * nt);
-        // V (C_in × α² × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
-        InputLines::new(x, tile).transform_channels(data, x, rows.clone(), v);
+        // V (α² × C_in × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
+        InputLines::new(x, tile).transform_channels(
+            data,
+            x,
+            rows.clone(),
+            v,
+            Layout::PositionMajor,
+        );
         if tile == Tile::Four && !v.iter().all(|v| v.is_finite()) {
             // This task's part of the output stays unwritten: `forward` returns `None`.
             non_finite.store(true, Ordering::Relaxed);
@@ -403,11 +409,12 @@ pub(crate) fn forward(
         m[channels.start * ld..channels.end * ld].fill(0.0);
         for (xi, u) in packed.iter().enumerate() {
             // SAFETY: `m` holds C_out rows of α²·nt floats; the panels' rows are `channels`,
-            // columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this task owns.
+            // columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this task owns. V[ξ]
+            // is C_in rows of nt floats from ξ·C_in·nt (position-major).
             unsafe {
                 u.multiply(
                     panels.clone(),
-                    (&v[xi * nt..], ld),
+                    (&v[xi * cin * nt..], nt),
                     nt,
                     (m[xi * nt..].as_mut_ptr(), ld),
                 )
@@ -516,8 +523,19 @@ fn transform_input(data: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut
     let plane = x.plane();
     v.par_chunks_mut(16 * nt).enumerate().for_each(|(ci, v)| {
         let mut lines = InputLines::new(x, Tile::Two);
-        lines.transform(&data[ci * plane..(ci + 1) * plane], x, rows.clone(), v);
+        lines.transform(&data[ci * plane..(ci + 1) * plane], x, rows.clone(), v, nt);
     });
+}
+
+/// How V, the transformed input of a block of nt tiles, is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// C_in × α² × nt: each channel's α² rows together.
+    ChannelMajor,
+    /// α² × C_in × nt: V\[ξ\] (C_in × nt) one contiguous block. The fused forward's products
+    /// read it in place: a few pages, where with the channel-major layout each of its C_in
+    /// rows lay α²·nt floats (kilobytes) apart, a page per row.
+    PositionMajor,
 }
 
 /// The rows one channel's input transform works on: α input rows padded with a zero column
@@ -554,28 +572,44 @@ impl InputLines {
         }
     }
 
-    /// V (C_in × α² × nt) of every channel of `data` (shape `x`) for the tile rows `rows`, on
-    /// the calling thread.
+    /// V of every channel of `data` (shape `x`) for the tile rows `rows`, laid out as
+    /// `layout` says, on the calling thread.
     fn transform_channels(
         &mut self,
         data: &[f32],
         x: Shape,
         rows: std::ops::Range<usize>,
         v: &mut [f32],
+        layout: Layout,
     ) {
         let plane = x.plane();
         let nt = rows.len() * x.w.div_ceil(self.tile.m());
-        for (ci, v) in v.chunks_exact_mut(self.tile.positions() * nt).enumerate() {
-            self.transform(&data[ci * plane..][..plane], x, rows.clone(), v);
+        for ci in 0..x.c {
+            let src = &data[ci * plane..][..plane];
+            match layout {
+                Layout::ChannelMajor => {
+                    let v = &mut v[ci * self.tile.positions() * nt..];
+                    self.transform(src, x, rows.clone(), v, nt);
+                }
+                Layout::PositionMajor => {
+                    self.transform(src, x, rows.clone(), &mut v[ci * nt..], x.c * nt)
+                }
+            }
         }
     }
 
-    /// V of one channel (α² × nt, ξ's row nt floats long): Bᵀ d B for every tile of the tile
-    /// rows `rows` of `src` (the channel's B × H × W values).
-    fn transform(&mut self, src: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut [f32]) {
+    /// V of one channel: Bᵀ d B for every tile of the tile rows `rows` of `src` (the
+    /// channel's B × H × W values), ξ's row (nt floats) at `ld`·ξ in `v`.
+    fn transform(
+        &mut self,
+        src: &[f32],
+        x: Shape,
+        rows: std::ops::Range<usize>,
+        v: &mut [f32],
+        ld: usize,
+    ) {
         let (h, w, m) = (x.h, x.w, self.tile.m());
         let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
-        let nt = rows.len() * tw;
         let (d, t) = (&mut self.d, &mut self.t);
         let wp = d[0].len();
         for (k, tile_row) in rows.enumerate() {
@@ -592,7 +626,7 @@ impl InputLines {
             match self.tile {
                 Tile::Two => {
                     assert!(
-                        v.len() >= 15 * nt + at + tw,
+                        v.len() >= 15 * ld + at + tw,
                         "winograd: transformed input short"
                     );
                     #[cfg(target_arch = "x86_64")]
@@ -600,7 +634,7 @@ impl InputLines {
                         // SAFETY: `vectors` is set only where the CPU has AVX-512 F
                         // (`InputLines::new`); `d` holds four rows of wp =
                         // 2·tw + 2 floats, and `v` the rows asserted above.
-                        unsafe { transforms_avx512::input_tile_row_2x2(d, tw, v, nt, at) };
+                        unsafe { transforms_avx512::input_tile_row_2x2(d, tw, v, ld, at) };
                         continue;
                     }
                     // Bᵀ d, along the rows, for every column at once.
@@ -613,9 +647,9 @@ impl InputLines {
                     }
                     // (Bᵀ d) B, per tile: padded columns 2·tx .. 2·tx + 3.
                     for (r, tr) in t.iter().enumerate() {
-                        let (o0, rest) = v[4 * r * nt + at..].split_at_mut(nt);
-                        let (o1, rest) = rest.split_at_mut(nt);
-                        let (o2, o3) = rest.split_at_mut(nt);
+                        let (o0, rest) = v[4 * r * ld + at..].split_at_mut(ld);
+                        let (o1, rest) = rest.split_at_mut(ld);
+                        let (o2, o3) = rest.split_at_mut(ld);
                         for tx in 0..tw {
                             let c = &tr[2 * tx..2 * tx + 4];
                             o0[tx] = c[0] - c[2];
@@ -627,7 +661,7 @@ impl InputLines {
                 }
                 Tile::Four => {
                     assert!(
-                        v.len() >= 35 * nt + at + tw,
+                        v.len() >= 35 * ld + at + tw,
                         "winograd: transformed input short"
                     );
                     #[cfg(target_arch = "x86_64")]
@@ -635,7 +669,7 @@ impl InputLines {
                         // SAFETY: `vectors` is set only where the CPU has AVX-512 F
                         // (`InputLines::new`); `d` holds six rows of wp =
                         // 4·tw + 2 floats, and `v` the rows asserted above.
-                        unsafe { transforms_avx512::input_tile_row_4x4(d, tw, v, nt, at) };
+                        unsafe { transforms_avx512::input_tile_row_4x4(d, tw, v, ld, at) };
                         continue;
                     }
                     // Bᵀ d, along the rows, for every column at once (slices of one length,
@@ -653,12 +687,12 @@ impl InputLines {
                     }
                     // (Bᵀ d) B, per tile: padded columns 4·tx .. 4·tx + 5.
                     for (r, tr) in t.iter().enumerate() {
-                        let out = &mut v[6 * r * nt + at..];
-                        let (o0, rest) = out.split_at_mut(nt);
-                        let (o1, rest) = rest.split_at_mut(nt);
-                        let (o2, rest) = rest.split_at_mut(nt);
-                        let (o3, rest) = rest.split_at_mut(nt);
-                        let (o4, o5) = rest.split_at_mut(nt);
+                        let out = &mut v[6 * r * ld + at..];
+                        let (o0, rest) = out.split_at_mut(ld);
+                        let (o1, rest) = rest.split_at_mut(ld);
+                        let (o2, rest) = rest.split_at_mut(ld);
+                        let (o3, rest) = rest.split_at_mut(ld);
+                        let (o4, o5) = rest.split_at_mut(ld);
                         let (o0, o1, o2) = (&mut o0[..tw], &mut o1[..tw], &mut o2[..tw]);
                         let (o3, o4, o5) = (&mut o3[..tw], &mut o4[..tw], &mut o5[..tw]);
                         for (tx, c) in tr.windows(6).step_by(4).take(tw).enumerate() {
@@ -840,7 +874,13 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
                 let mut buffer = ColsBuffer::take();
                 buffer.resize(16 * (cin + cout) * nt, 0.0);
                 let (v, yh) = buffer.split_at_mut(16 * cin * nt);
-                InputLines::new(x, Tile::Two).transform_channels(data, x, rows.clone(), v);
+                InputLines::new(x, Tile::Two).transform_channels(
+                    data,
+                    x,
+                    rows.clone(),
+                    v,
+                    Layout::ChannelMajor,
+                );
                 let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
                 for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
                     output_gradient_tiles(&dy[o * plane..][..plane], x, rows.clone(), yh, &mut d);
@@ -989,17 +1029,17 @@ mod transforms_avx512 {
 
     /// F(2×2, 3×3)'s Bᵀ d B for the `tw` tiles of one tile row, from the four padded input
     /// rows `d` (padded column j holds input column j − 1): entry j of row r of every tile to
-    /// `v[(4·r + j)·nt + at + tx]`, as the scalar loops of `InputLines::transform`.
+    /// `v[(4·r + j)·ld + at + tx]`, as the scalar loops of `InputLines::transform`.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F; `d` must hold four rows of at least 2·tw + 2 floats, and
-    /// `v` at least 15·nt + at + tw floats.
+    /// `v` at least 15·ld + at + tw floats.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn input_tile_row_2x2(
         d: &[Vec<f32>],
         tw: usize,
         v: &mut [f32],
-        nt: usize,
+        ld: usize,
         at: usize,
     ) {
         let len = 2 * tw + 2;
@@ -1035,10 +1075,10 @@ mod transforms_avx512 {
                 let c3 = _mm512_permutex2var_ps(t[2][r], odd, t[3][r]);
                 let out = [sub(c0, c2), add(c1, c2), sub(c2, c1), sub(c1, c3)];
                 for (j, value) in out.into_iter().enumerate() {
-                    // SAFETY: the lanes on write v[(4·r + j)·nt + at + tx + i], i < n,
+                    // SAFETY: the lanes on write v[(4·r + j)·ld + at + tx + i], i < n,
                     // tx + i < tw: inside `v` (the caller's contract).
                     unsafe {
-                        let at = v.as_mut_ptr().add((4 * r + j) * nt + at + tx);
+                        let at = v.as_mut_ptr().add((4 * r + j) * ld + at + tx);
                         _mm512_mask_storeu_ps(at, stores, value)
                     };
                 }
@@ -1065,20 +1105,20 @@ mod transforms_avx512 {
 
     /// F(4×4, 3×3)'s Bᵀ d B for the `tw` tiles of one tile row, from the six padded input
     /// rows `d` (padded column j holds input column j − 1): entry j of row r of every tile to
-    /// `v[(6·r + j)·nt + at + tx]`, as the scalar loops of `InputLines::transform`. Tile
+    /// `v[(6·r + j)·ld + at + tx]`, as the scalar loops of `InputLines::transform`. Tile
     /// tx + i reads columns 4·(tx + i) .. + 5: the row pass runs on the vectors of columns
     /// 4·tx + 16·k + lane (k = 0..4, and the two columns past them), then permutes pick each
     /// tile's six columns.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F; `d` must hold six rows of at least 4·tw + 2 floats, and
-    /// `v` at least 35·nt + at + tw floats.
+    /// `v` at least 35·ld + at + tw floats.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn input_tile_row_4x4(
         d: &[Vec<f32>],
         tw: usize,
         v: &mut [f32],
-        nt: usize,
+        ld: usize,
         at: usize,
     ) {
         let len = 4 * tw + 2;
@@ -1139,10 +1179,10 @@ mod transforms_avx512 {
                 let c5 = _mm512_permutex2var_ps(c[1], next[1], t[4][r]);
                 let out = input_4x4([c[0], c[1], c[2], c[3], c4, c5]);
                 for (j, value) in out.into_iter().enumerate() {
-                    // SAFETY: the lanes on write v[(6·r + j)·nt + at + tx + i], i < n,
+                    // SAFETY: the lanes on write v[(6·r + j)·ld + at + tx + i], i < n,
                     // tx + i < tw: inside `v` (the caller's contract).
                     unsafe {
-                        let at = v.as_mut_ptr().add((6 * r + j) * nt + at + tx);
+                        let at = v.as_mut_ptr().add((6 * r + j) * ld + at + tx);
                         _mm512_mask_storeu_ps(at, stores, value)
                     };
                 }
@@ -1549,17 +1589,20 @@ mod tests {
                     let nt = tile_rows * w.div_ceil(tile.m());
                     let len = 3 * tile.positions() * nt;
                     let (mut fast, mut plain) = (vec![0f32; len], vec![0f32; len]);
+                    let layout = Layout::ChannelMajor;
                     InputLines::with_vectors(x, tile, true).transform_channels(
                         &data,
                         x,
                         0..tile_rows,
                         &mut fast,
+                        layout,
                     );
                     InputLines::with_vectors(x, tile, false).transform_channels(
                         &data,
                         x,
                         0..tile_rows,
                         &mut plain,
+                        layout,
                     );
                     same(&fast, &plain, &format!("{tile:?} input {b}x{h}x{w}"));
                     // The output transform of one channel's products, every tile row.
