@@ -1167,6 +1167,8 @@ mod transforms_avx512 {
                 let o = 4 * tx + 16 * k;
                 input_4x4([0, 1, 2, 3, 4, 5].map(|r| load(r, o)))
             });
+            // `r` picks the same row of five vectors of `t`.
+            #[allow(clippy::needless_range_loop)]
             for r in 0..6 {
                 // Column 4·(tx + i) + q of every tile: phase q of the first 64 columns.
                 let c: [__m512; 4] = std::array::from_fn(|q| {
