@@ -223,7 +223,9 @@ fn packed_products(packed: &[PackedLhs], nt: usize, v: &[f32], m: &mut [f32]) {
 /// 64 gain 9% in inference. ResNet-18's 7 × 7 maps stay on im2col: at batch 32 they gain 7-10%
 /// in inference, but lose 30% in a training step (which transforms its filters anew each
 /// step, and whose kernel gradient pays for the overhanging tiles twice), and at batch 1 they
-/// lose a quarter (the transformed weights, 16/9 of the conv's, read for 16 tiles).
+/// lost a quarter with the tasks on blocks of tile rows (each read all the transformed
+/// weights, 16/9 of the conv's, for a few tiles): there the inference forward runs them with
+/// its tasks on groups of channels instead ([`pays_small_batch`]).
 pub(crate) fn pays(b: usize, h: usize, w: usize) -> bool {
     let tiles = h.div_ceil(2) * w.div_ceil(2);
     let even = h.is_multiple_of(2) && w.is_multiple_of(2);
