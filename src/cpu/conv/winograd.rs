@@ -978,9 +978,77 @@ mod transforms_avx512 {
     use std::arch::x86_64::{
         __m512, __m512i, __mmask16, _mm512_add_ps, _mm512_castpd_ps, _mm512_castps_pd,
         _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
-        _mm512_set1_ps, _mm512_setr_epi32, _mm512_shuffle_f32x4, _mm512_sub_ps, _mm512_unpackhi_pd,
-        _mm512_unpackhi_ps, _mm512_unpacklo_pd, _mm512_unpacklo_ps,
+        _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_sub_ps,
+        _mm512_unpackhi_pd, _mm512_unpackhi_ps, _mm512_unpacklo_pd, _mm512_unpacklo_ps,
     };
+
+    /// Lanes `0..n` on (n ≤ 16).
+    fn first_lanes(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as __mmask16
+    }
+
+    /// Floats `o .. o + 16` of `row`, those at `len` and past read as zero (not read).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `row` must hold `len` floats at least.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_row(row: &[f32], len: usize, o: usize) -> __m512 {
+        let mask = first_lanes(len.saturating_sub(o));
+        // SAFETY: the lanes on read floats o + i < len of `row` (the caller's contract); the
+        // others are not read.
+        unsafe { _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_add(o)) }
+    }
+
+    /// Lanes `0..n` of `values[j]` to `v[(first + j)·ld + at ..]`: one tile per lane, the
+    /// values rows `first ..` of V (or M).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `v` must hold (first + N − 1)·ld + at + n floats at least.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_rows<const N: usize>(
+        v: &mut [f32],
+        (first, ld, at): (usize, usize, usize),
+        n: usize,
+        values: [__m512; N],
+    ) {
+        for (j, value) in values.into_iter().enumerate() {
+            // SAFETY: the lanes on write v[(first + j)·ld + at + i], i < n: inside `v` (the
+            // caller's contract).
+            unsafe {
+                let to = v.as_mut_ptr().add((first + j) * ld + at);
+                _mm512_mask_storeu_ps(to, first_lanes(n), value)
+            };
+        }
+    }
+
+    /// `count` floats of the vectors, one after another, to `line[from..]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `line` must hold `from + count` floats at least, and
+    /// count ≤ 16·N.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_line<const N: usize>(
+        line: &mut [f32],
+        from: usize,
+        count: usize,
+        vectors: [__m512; N],
+    ) {
+        for (k, value) in vectors.into_iter().enumerate() {
+            let valid = count.saturating_sub(16 * k);
+            if valid == 0 {
+                break;
+            }
+            // SAFETY: the lanes on write line[from + 16·k + i] with 16·k + i < count: inside
+            // the line (the caller's contract).
+            unsafe {
+                let to = line.as_mut_ptr().add(from + 16 * k);
+                _mm512_mask_storeu_ps(to, first_lanes(valid), value)
+            };
+        }
+    }
 
     /// Aᵀ m for one column or row m of six vectors of a 6 × 6 block: `super::output_4x4`'s
     /// operations in its order (no fused multiply-adds), so that each lane equals it.
@@ -1051,22 +1119,18 @@ mod transforms_avx512 {
         let mut tx = 0;
         while tx < tw {
             let n = (tw - tx).min(16);
-            let stores = ((1u32 << n) - 1) as __mmask16;
             // Columns o .. o + 16 of row r, those past the row's `len` read as zero (never
             // used: tile tx + i < tw reads columns up to 2·(tx + i) + 3 < len).
-            let load = |r: usize, o: usize| {
-                let valid = len.saturating_sub(o).min(16);
-                let mask = ((1u32 << valid) - 1) as __mmask16;
-                // SAFETY: the lanes on read columns o + i < len of row r, which holds `len`
-                // floats at least (the caller's contract); the others are not read.
-                unsafe { _mm512_maskz_loadu_ps(mask, d[r].as_ptr().wrapping_add(o)) }
-            };
+            // SAFETY: row r holds `len` floats at least (the caller's contract).
+            let load = |r: usize, o: usize| unsafe { load_row(&d[r], len, o) };
             // Bᵀ d along the rows for columns 2·tx + (0, 16, 2, 18) + lane.
             let offsets = [2 * tx, 2 * tx + 16, 2 * tx + 2, 2 * tx + 18];
-            let t: [[__m512; 4]; 4] = offsets.map(|o| {
-                let [d0, d1, d2, d3] = [0, 1, 2, 3].map(|r| load(r, o));
-                [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)]
-            });
+            // (A plain loop: the compiler left a closure of `map` as a call.)
+            let mut t = [[_mm512_setzero_ps(); 4]; 4];
+            for (t, o) in t.iter_mut().zip(offsets) {
+                let (d0, d1, d2, d3) = (load(0, o), load(1, o), load(2, o), load(3, o));
+                *t = [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)];
+            }
             // `r` picks the same row of four vectors of `t`.
             #[allow(clippy::needless_range_loop)]
             for r in 0..4 {
@@ -1076,14 +1140,9 @@ mod transforms_avx512 {
                 let c2 = _mm512_permutex2var_ps(t[2][r], even, t[3][r]);
                 let c3 = _mm512_permutex2var_ps(t[2][r], odd, t[3][r]);
                 let out = [sub(c0, c2), add(c1, c2), sub(c2, c1), sub(c1, c3)];
-                for (j, value) in out.into_iter().enumerate() {
-                    // SAFETY: the lanes on write v[(4·r + j)·ld + at + tx + i], i < n,
-                    // tx + i < tw: inside `v` (the caller's contract).
-                    unsafe {
-                        let at = v.as_mut_ptr().add((4 * r + j) * ld + at + tx);
-                        _mm512_mask_storeu_ps(at, stores, value)
-                    };
-                }
+                // SAFETY: rows 4·r .. 4·r + 3 ≤ 15, columns at + tx + i < at + tw: inside `v`
+                // (the caller's contract).
+                unsafe { store_rows(v, (4 * r, ld, at + tx), n, out) };
             }
             tx += n;
         }
@@ -1154,42 +1213,37 @@ mod transforms_avx512 {
         let mut tx = 0;
         while tx < tw {
             let n = (tw - tx).min(16);
-            let stores = ((1u32 << n) - 1) as __mmask16;
             // Columns o .. o + 16 of row r, those past the row's `len` read as zero (never
             // used: tile tx + i < tw reads columns up to 4·(tx + i) + 5 < len).
-            let load = |r: usize, o: usize| {
-                let valid = len.saturating_sub(o).min(16);
-                let mask = ((1u32 << valid) - 1) as __mmask16;
-                // SAFETY: the lanes on read columns o + i < len of row r, which holds `len`
-                // floats at least (the caller's contract); the others are not read.
-                unsafe { _mm512_maskz_loadu_ps(mask, d[r].as_ptr().wrapping_add(o)) }
-            };
+            // SAFETY: row r holds `len` floats at least (the caller's contract).
+            let load = |r: usize, o: usize| unsafe { load_row(&d[r], len, o) };
             // Bᵀ d along the rows, for columns 4·tx + 16·k + lane: t[k][r].
-            let t: [[__m512; 6]; 5] = std::array::from_fn(|k| {
+            // (Plain loops here and below: the compiler left `array::from_fn`'s closures as
+            // calls, each passing its vectors through memory.)
+            let mut t = [[_mm512_setzero_ps(); 6]; 5];
+            for (k, t) in t.iter_mut().enumerate() {
                 let o = 4 * tx + 16 * k;
-                input_4x4([0, 1, 2, 3, 4, 5].map(|r| load(r, o)))
-            });
+                let (d0, d1, d2) = (load(0, o), load(1, o), load(2, o));
+                let (d3, d4, d5) = (load(3, o), load(4, o), load(5, o));
+                *t = input_4x4([d0, d1, d2, d3, d4, d5]);
+            }
             // `r` picks the same row of five vectors of `t`.
             #[allow(clippy::needless_range_loop)]
             for r in 0..6 {
                 // Column 4·(tx + i) + q of every tile: phase q of the first 64 columns.
-                let c: [__m512; 4] = std::array::from_fn(|q| {
-                    let low = _mm512_permutex2var_ps(t[0][r], phase[q], t[1][r]);
-                    let high = _mm512_permutex2var_ps(t[2][r], phase[q], t[3][r]);
-                    _mm512_shuffle_f32x4::<0b01_00_01_00>(low, high)
-                });
+                let mut c = [_mm512_setzero_ps(); 4];
+                for (c, phase) in c.iter_mut().zip(&phase) {
+                    let low = _mm512_permutex2var_ps(t[0][r], *phase, t[1][r]);
+                    let high = _mm512_permutex2var_ps(t[2][r], *phase, t[3][r]);
+                    *c = _mm512_shuffle_f32x4::<0b01_00_01_00>(low, high);
+                }
                 // Columns 4·(tx + i) + 4 and + 5: phases 0 and 1 one tile on.
                 let c4 = _mm512_permutex2var_ps(c[0], next[0], t[4][r]);
                 let c5 = _mm512_permutex2var_ps(c[1], next[1], t[4][r]);
                 let out = input_4x4([c[0], c[1], c[2], c[3], c4, c5]);
-                for (j, value) in out.into_iter().enumerate() {
-                    // SAFETY: the lanes on write v[(6·r + j)·ld + at + tx + i], i < n,
-                    // tx + i < tw: inside `v` (the caller's contract).
-                    unsafe {
-                        let at = v.as_mut_ptr().add((6 * r + j) * ld + at + tx);
-                        _mm512_mask_storeu_ps(at, stores, value)
-                    };
-                }
+                // SAFETY: rows 6·r .. 6·r + 5 ≤ 35, columns at + tx + i < at + tw: inside `v`
+                // (the caller's contract).
+                unsafe { store_rows(v, (6 * r, ld, at + tx), n, out) };
             }
             tx += n;
         }
@@ -1228,33 +1282,23 @@ mod transforms_avx512 {
         let mut tx = 0;
         while tx < tw {
             let n = (tw - tx).min(16);
-            let mask = ((1u32 << n) - 1) as __mmask16;
-            // SAFETY: lane i < n reads m[ξ·nt + at + tx + i], ξ ≤ 15, tx + i < tw: inside `m`
-            // (the caller's contract); masked-off lanes are not read.
-            let r = |xi: usize| unsafe {
-                _mm512_maskz_loadu_ps(mask, m.as_ptr().add(xi * nt + at + tx))
-            };
+            // Tiles tx .. tx + n of row ξ ≤ 15 (inside `m`: the caller's contract).
+            // SAFETY: the slice holds n floats at least.
+            let r = |xi: usize| unsafe { load_row(&m[xi * nt + at + tx..], n, 0) };
             // As `output_tile_row_portable`, operation for operation.
-            let s: [__m512; 4] = std::array::from_fn(|c| add(add(r(c), r(4 + c)), r(8 + c)));
-            let d: [__m512; 4] = std::array::from_fn(|c| sub(sub(r(4 + c), r(8 + c)), r(12 + c)));
+            let (mut s, mut d) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+            for c in 0..4 {
+                s[c] = add(add(r(c), r(4 + c)), r(8 + c));
+                d[c] = sub(sub(r(4 + c), r(8 + c)), r(12 + c));
+            }
             let rows = [
                 (add(add(s[0], s[1]), s[2]), sub(sub(s[1], s[2]), s[3])),
                 (add(add(d[0], d[1]), d[2]), sub(sub(d[1], d[2]), d[3])),
             ];
             for (line, (even, odd)) in y.iter_mut().zip(rows) {
-                for (k, v) in interleave_two(even, odd).into_iter().enumerate() {
-                    // Columns 2·tx + 16·k ..: 2·n − 16·k of them are this chunk's (≤ 16).
-                    let valid = (2 * n).saturating_sub(16 * k).min(16);
-                    if valid == 0 {
-                        break;
-                    }
-                    let lanes = ((1u32 << valid) - 1) as __mmask16;
-                    // SAFETY: the lanes on write columns 2·tx + 16·k + i < 2·(tx + n) ≤ 2·tw
-                    // of the line, which holds 2·tw floats (the caller's contract).
-                    unsafe {
-                        _mm512_mask_storeu_ps(line.as_mut_ptr().add(2 * tx + 16 * k), lanes, v)
-                    };
-                }
+                // SAFETY: columns 2·tx .. 2·(tx + n) ≤ 2·tw of the line, which holds 2·tw
+                // floats (the caller's contract).
+                unsafe { store_line(line, 2 * tx, 2 * n, interleave_two(even, odd)) };
             }
             tx += n;
         }
@@ -1276,41 +1320,24 @@ mod transforms_avx512 {
         let mut tx = 0;
         while tx < tw {
             let n = (tw - tx).min(16);
-            let mask = ((1u32 << n) - 1) as __mmask16;
-            // SAFETY: lane i < n reads m[ξ·nt + at + tx + i], ξ ≤ 35, tx + i < tw: inside `m`
-            // (the caller's contract); masked-off lanes are not read.
-            let load = |xi: usize| unsafe {
-                _mm512_maskz_loadu_ps(mask, m.as_ptr().add(xi * nt + at + tx))
-            };
+            // Tiles tx .. tx + n of row ξ ≤ 35 (inside `m`: the caller's contract).
+            // SAFETY: the slice holds n floats at least.
+            let load = |xi: usize| unsafe { load_row(&m[xi * nt + at + tx..], n, 0) };
             // Aᵀ along the columns of the 6 × 6 block (column j from rows j, 6 + j, ...), then
             // along the rows of the 4 × 6 result, as `output_tile_row_4x4_portable`.
-            let columns: [[__m512; 4]; 6] = std::array::from_fn(|j| {
-                output_4x4([
-                    load(j),
-                    load(6 + j),
-                    load(12 + j),
-                    load(18 + j),
-                    load(24 + j),
-                    load(30 + j),
-                ])
-            });
+            // (A plain loop: the compiler left `array::from_fn`'s closure as a call.)
+            let mut columns = [[_mm512_setzero_ps(); 4]; 6];
+            for (j, column) in columns.iter_mut().enumerate() {
+                let (m0, m1, m2) = (load(j), load(6 + j), load(12 + j));
+                let (m3, m4, m5) = (load(18 + j), load(24 + j), load(30 + j));
+                *column = output_4x4([m0, m1, m2, m3, m4, m5]);
+            }
             for (r, line) in y.iter_mut().enumerate() {
                 let c = |j: usize| columns[j][r];
                 let phases = output_4x4([c(0), c(1), c(2), c(3), c(4), c(5)]);
-                for (k, v) in interleave(phases).into_iter().enumerate() {
-                    // Columns 4·tx + 16·k .. of the line: 4·n − 16·k of them are this
-                    // chunk's (at most 16).
-                    let valid = (4 * n).saturating_sub(16 * k).min(16);
-                    if valid == 0 {
-                        break;
-                    }
-                    let lanes = ((1u32 << valid) - 1) as __mmask16;
-                    // SAFETY: the lanes on write columns 4·tx + 16·k + i < 4·(tx + n) ≤ 4·tw
-                    // of the line, which holds 4·tw floats (the caller's contract).
-                    unsafe {
-                        _mm512_mask_storeu_ps(line.as_mut_ptr().add(4 * tx + 16 * k), lanes, v)
-                    };
-                }
+                // SAFETY: columns 4·tx .. 4·(tx + n) ≤ 4·tw of the line, which holds 4·tw
+                // floats (the caller's contract).
+                unsafe { store_line(line, 4 * tx, 4 * n, interleave(phases)) };
             }
             tx += n;
         }
