@@ -192,6 +192,8 @@ pub(crate) struct TaskGrid {
     /// Rows per panel, and of the output.
     mr: usize,
     rows: usize,
+    /// Whether the blocks split the items evenly ([`TaskGrid::even`]).
+    even: bool,
 }
 
 /// One task of a [`TaskGrid`].
@@ -237,7 +239,15 @@ impl TaskGrid {
             groups: panels.div_ceil(panels_per_group).max(1),
             mr,
             rows,
+            even: false,
         }
+    }
+
+    /// The same grid with its items split evenly over its blocks (sizes differing by one at
+    /// most) instead of `per_block` to each but the last: 14 tile rows in 4 blocks are 3, 4,
+    /// 3 and 4 rows, not 4, 4, 4 and 2 (which left one of two threads 8 rows and the other 6).
+    pub(crate) fn even(self) -> Self {
+        Self { even: true, ..self }
     }
 
     /// Tasks.
@@ -248,13 +258,54 @@ impl TaskGrid {
     /// Task `task`'s items, panels and output rows.
     pub(crate) fn task(&self, task: usize) -> GridTask {
         let (b, g) = (task / self.groups, task % self.groups);
-        let i0 = b * self.per_block;
+        let items = match self.even {
+            true => b * self.items / self.blocks..(b + 1) * self.items / self.blocks,
+            false => {
+                let i0 = b * self.per_block;
+                i0..(i0 + self.per_block).min(self.items)
+            }
+        };
         let p0 = g * self.panels_per_group;
         let panels = p0..(p0 + self.panels_per_group).min(self.panels);
         GridTask {
-            items: i0..(i0 + self.per_block).min(self.items),
+            items,
             rows: panels.start * self.mr..(panels.end * self.mr).min(self.rows),
             panels,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tasks of a grid cover every item once; an even grid's blocks differ by one item
+    /// at most, a plain one's are `per_block` but the last.
+    #[test]
+    fn task_grids_cover_every_item_once() {
+        for (items, per_block) in [(14, 4), (7, 2), (1, 1), (196, 32), (5, 9), (0, 3)] {
+            let plain = TaskGrid::build(items, per_block, (1, 1, 1), 1);
+            let even = TaskGrid::build(items, per_block, (1, 1, 1), 1).even();
+            for grid in [&plain, &even] {
+                let mut covered = vec![0; items];
+                for task in 0..grid.count() {
+                    for i in grid.task(task).items {
+                        covered[i] += 1;
+                    }
+                }
+                assert!(covered.iter().all(|&c| c == 1), "{items} / {per_block}");
+            }
+            let sizes: Vec<usize> = (0..even.count())
+                .map(|t| even.task(t).items.len())
+                .collect();
+            let (min, max) = (sizes.iter().min(), sizes.iter().max());
+            assert!(max.zip(min).is_none_or(|(a, b)| a - b <= 1), "{sizes:?}");
+            assert!(sizes.iter().all(|&s| s <= per_block.max(1)), "{sizes:?}");
+        }
+        let even = TaskGrid::build(14, 4, (1, 1, 1), 1).even();
+        let sizes: Vec<usize> = (0..even.count())
+            .map(|t| even.task(t).items.len())
+            .collect();
+        assert_eq!(sizes, [3, 4, 3, 4]);
     }
 }

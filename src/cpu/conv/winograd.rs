@@ -378,7 +378,7 @@ pub(crate) fn forward(
         TaskGrid::new(tile_rows, tile_rows, &packed[0], threads)
     } else {
         let (tile_rows, per_task) = tile_rows_per_task(x, cout, tile);
-        TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks())
+        TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks()).even()
     };
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
