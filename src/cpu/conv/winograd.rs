@@ -428,10 +428,7 @@ pub(crate) fn forward(
             let mo = &m[o * ld..(o + 1) * ld];
             let b = bias[o];
             for (k, tile_row) in rows.clone().enumerate() {
-                match tile {
-                    Tile::Two => output_tile_row(mo, nt, k * tw, tw, &mut y),
-                    Tile::Four => output_tile_row_4x4(mo, nt, k * tw, tw, &mut y),
-                }
+                output_tile_row(tile, mo, nt, k * tw, tw, &mut y);
                 for (at, r) in output_lines(x, tile_row, m_side) {
                     let at = o * plane + at;
                     // Output row `at` of channel o: this task alone writes it (the tasks cut
@@ -720,7 +717,7 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
         .for_each(|(dst, m)| {
             let mut y = vec![vec![0f32; 2 * tw]; 2];
             for (k, tile_row) in rows.clone().enumerate() {
-                output_tile_row(m, nt, k * tw, tw, &mut y);
+                output_tile_row(Tile::Two, m, nt, k * tw, tw, &mut y);
                 for (oy, r) in output_lines(x, tile_row, 2) {
                     let line = &mut dst[oy..][..w];
                     line.iter_mut().zip(&y[r]).for_each(|(o, v)| *o += v);
@@ -739,25 +736,37 @@ fn output_lines(x: Shape, tile_row: usize, m: usize) -> impl Iterator<Item = (us
         .map(move |r| ((img * x.h + m * ty + r) * x.w, r))
 }
 
-/// Aᵀ m A for the `tw` tiles from column `at` of one channel's M (16 rows `nt` apart): the
-/// two output rows of those tiles, 2·tw values each, into `y`. Sixteen tiles at a time in
-/// 512-bit vectors where the CPU has AVX-512 ([`transforms_avx512`]: the same operations in the
-/// same order, so the same values), else one tile at a time.
-fn output_tile_row(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
-    assert!(m.len() >= 15 * nt + at + tw, "winograd: products too short");
+/// Aᵀ m A for the `tw` tiles from column `at` of one channel's M (α² rows `nt` apart): the m
+/// output rows of those tiles, m·tw values each, into `y`. Sixteen tiles at a time in 512-bit
+/// vectors where the CPU has AVX-512 ([`transforms_avx512`]: the same operations in the same
+/// order, so the same values), else one tile at a time.
+fn output_tile_row(tile: Tile, m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
+    let side = tile.m();
     assert!(
-        y.len() == 2 && y.iter().all(|line| line.len() >= 2 * tw),
+        m.len() >= (tile.positions() - 1) * nt + at + tw,
+        "winograd: products too short"
+    );
+    assert!(
+        y.len() == side && y.iter().all(|line| line.len() >= side * tw),
         "winograd: output rows too short"
     );
     #[cfg(target_arch = "x86_64")]
     if Avx512::detect().is_some() {
         // SAFETY: the token proves AVX-512 F; the asserts above are the bounds it needs.
-        return unsafe { transforms_avx512::tile_row_2x2(m, nt, at, tw, y) };
+        return unsafe {
+            match tile {
+                Tile::Two => transforms_avx512::tile_row_2x2(m, nt, at, tw, y),
+                Tile::Four => transforms_avx512::tile_row_4x4(m, nt, at, tw, y),
+            }
+        };
     }
-    output_tile_row_portable(m, nt, at, tw, y)
+    match tile {
+        Tile::Two => output_tile_row_portable(m, nt, at, tw, y),
+        Tile::Four => output_tile_row_4x4_portable(m, nt, at, tw, y),
+    }
 }
 
-/// [`output_tile_row`] one tile at a time, in plain Rust.
+/// [`output_tile_row`] of F(2×2, 3×3) one tile at a time, in plain Rust.
 fn output_tile_row_portable(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
     let row = |xi: usize| &m[xi * nt + at..xi * nt + at + tw];
     let (m0, m1, m2, m3) = (row(0), row(1), row(2), row(3));
@@ -786,25 +795,7 @@ fn output_tile_row_portable(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut 
     }
 }
 
-/// F(4×4, 3×3)'s Aᵀ m A for the `tw` tiles from column `at` of one channel's M (36 rows `nt`
-/// apart): the four output rows of those tiles, 4·tw values each, into `y`. Sixteen tiles
-/// at a time in 512-bit vectors where the CPU has AVX-512 ([`transforms_avx512`]: the same
-/// operations in the same order, so the same values), else one tile at a time.
-fn output_tile_row_4x4(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
-    assert!(m.len() >= 35 * nt + at + tw, "winograd: products too short");
-    assert!(
-        y.len() == 4 && y.iter().all(|line| line.len() >= 4 * tw),
-        "winograd: output rows too short"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if Avx512::detect().is_some() {
-        // SAFETY: the token proves AVX-512 F; the asserts above are the bounds it needs.
-        return unsafe { transforms_avx512::tile_row_4x4(m, nt, at, tw, y) };
-    }
-    output_tile_row_4x4_portable(m, nt, at, tw, y)
-}
-
-/// [`output_tile_row_4x4`] one tile at a time, in plain Rust.
+/// [`output_tile_row`] of F(4×4, 3×3) one tile at a time, in plain Rust.
 fn output_tile_row_4x4_portable(m: &[f32], nt: usize, at: usize, tw: usize, y: &mut [Vec<f32>]) {
     let rows: [&[f32]; 36] = std::array::from_fn(|xi| &m[xi * nt + at..][..tw]);
     let [y0, y1, y2, y3] = y else {
@@ -1265,7 +1256,7 @@ mod transforms_avx512 {
         ]
     }
 
-    /// [`super::output_tile_row`] sixteen tiles at a time.
+    /// [`super::output_tile_row`] of F(2×2, 3×3) sixteen tiles at a time.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F; `m` must hold 15·nt + at + tw floats at least, and `y` two
@@ -1304,7 +1295,7 @@ mod transforms_avx512 {
         }
     }
 
-    /// [`super::output_tile_row_4x4`] sixteen tiles at a time.
+    /// [`super::output_tile_row`] of F(4×4, 3×3) sixteen tiles at a time.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F; `m` must hold 35·nt + at + tw floats at least, and `y` four
@@ -1642,14 +1633,11 @@ mod tests {
                     let lines = || vec![vec![0f32; tile.m() * tw]; tile.m()];
                     for k in 0..tile_rows {
                         let (mut y_fast, mut y_plain) = (lines(), lines());
+                        output_tile_row(tile, m, nt, k * tw, tw, &mut y_fast);
                         match tile {
-                            Tile::Two => {
-                                output_tile_row(m, nt, k * tw, tw, &mut y_fast);
-                                output_tile_row_portable(m, nt, k * tw, tw, &mut y_plain);
-                            }
+                            Tile::Two => output_tile_row_portable(m, nt, k * tw, tw, &mut y_plain),
                             Tile::Four => {
-                                output_tile_row_4x4(m, nt, k * tw, tw, &mut y_fast);
-                                output_tile_row_4x4_portable(m, nt, k * tw, tw, &mut y_plain);
+                                output_tile_row_4x4_portable(m, nt, k * tw, tw, &mut y_plain)
                             }
                         }
                         same(
