@@ -626,20 +626,25 @@ impl InputLines {
                 }
             }
             let at = k * tw;
+            assert!(
+                v.len() >= (self.tile.positions() - 1) * ld + at + tw,
+                "winograd: transformed input short"
+            );
+            #[cfg(target_arch = "x86_64")]
+            if self.vectors {
+                // SAFETY: `vectors` is set only where the CPU has AVX-512 F
+                // (`InputLines::new`); `d` holds α rows of wp = m·tw + 2 floats, and `v` the
+                // rows asserted above.
+                unsafe {
+                    match self.tile {
+                        Tile::Two => transforms_avx512::input_tile_row_2x2(d, tw, v, ld, at),
+                        Tile::Four => transforms_avx512::input_tile_row_4x4(d, tw, v, ld, at),
+                    }
+                };
+                continue;
+            }
             match self.tile {
                 Tile::Two => {
-                    assert!(
-                        v.len() >= 15 * ld + at + tw,
-                        "winograd: transformed input short"
-                    );
-                    #[cfg(target_arch = "x86_64")]
-                    if self.vectors {
-                        // SAFETY: `vectors` is set only where the CPU has AVX-512 F
-                        // (`InputLines::new`); `d` holds four rows of wp =
-                        // 2·tw + 2 floats, and `v` the rows asserted above.
-                        unsafe { transforms_avx512::input_tile_row_2x2(d, tw, v, ld, at) };
-                        continue;
-                    }
                     // Bᵀ d, along the rows, for every column at once.
                     for j in 0..wp {
                         let (d0, d1, d2, d3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
@@ -663,18 +668,6 @@ impl InputLines {
                     }
                 }
                 Tile::Four => {
-                    assert!(
-                        v.len() >= 35 * ld + at + tw,
-                        "winograd: transformed input short"
-                    );
-                    #[cfg(target_arch = "x86_64")]
-                    if self.vectors {
-                        // SAFETY: `vectors` is set only where the CPU has AVX-512 F
-                        // (`InputLines::new`); `d` holds six rows of wp =
-                        // 4·tw + 2 floats, and `v` the rows asserted above.
-                        unsafe { transforms_avx512::input_tile_row_4x4(d, tw, v, ld, at) };
-                        continue;
-                    }
                     // Bᵀ d, along the rows, for every column at once (slices of one length,
                     // so that the loop vectorises).
                     let d: [&[f32]; 6] = std::array::from_fn(|r| &d[r][..wp]);

@@ -128,8 +128,8 @@ impl PanelKernel {
 
     /// The tile c += a · b on its first `cols` columns only (1 ≤ cols < nr), reading and
     /// writing no others. AVX-512 masks its loads and stores, in 256-bit vectors where 8
-    /// columns or fewer remain (`avx512::narrow_kernel`); other kernels have no such form ([`Self::has_narrow_tile`]) and
-    /// get the plain Rust loop.
+    /// columns or fewer remain (`avx512::narrow_kernel`); other kernels have no such form
+    /// ([`Self::has_narrow_tile`]) and get the plain Rust loop.
     ///
     /// # Safety
     /// As [`PanelKernel::tile`], for `cols` columns of `b` and `c` instead of nr.
