@@ -176,20 +176,23 @@ impl FoldedConv {
 
     /// How the forward computes the conv of `x`, and with which Winograd tile where it runs
     /// Winograd: as [`Self::method`] and [`Self::winograd_tile`], except on small batches
-    /// (one image) of small maps, where the forward runs F(2×2, 3×3) with each task on a
-    /// group of output channels ([`winograd::pays_small_batch`]) and the training passes
-    /// keep im2col.
+    /// (one image) of small maps, where the forward runs Winograd with each task on a group
+    /// of output channels: F(4×4, 3×3) on maps of 12 × 12 to 23 × 23
+    /// ([`winograd::pays_4x4_small_batch`]; the training passes keep F(2×2, 3×3) there), else
+    /// F(2×2, 3×3) ([`winograd::pays_small_batch`]; the training passes keep im2col).
     pub(crate) fn forward_method(&self, x: &Maps) -> (ConvMethod, Tile) {
         let s = &self.shape;
         let method = self.method(x);
         let winograd_shape = s.k == 3 && s.stride == 1 && s.pad == 1;
-        if method != ConvMethod::Unrolled
-            && winograd_shape
-            && PanelKernel::select().is_some()
-            && winograd::pays_small_batch(x.b, x.h, x.w)
-        {
-            return (ConvMethod::Winograd, Tile::Two);
+        if method != ConvMethod::Unrolled && winograd_shape && PanelKernel::select().is_some() {
+            if winograd::pays_4x4_small_batch(x.b, x.h, x.w) {
+                return (ConvMethod::Winograd, Tile::Four);
+            }
+            if winograd::pays_small_batch(x.b, x.h, x.w) {
+                return (ConvMethod::Winograd, Tile::Two);
+            }
         }
+
         (method, self.winograd_tile(x))
     }
 
@@ -321,7 +324,8 @@ impl FoldedConv {
                 let filter = self.winograd(tile);
                 winograd::forward(&x.data, shape, filter, &self.bias, residual, relu)
             };
-            // F(4×4, 3×3) declines maps holding NaN or infinities; F(2×2, 3×3) takes them.
+            // F(4×4, 3×3) declines maps holding NaN, infinities or values beyond 10³⁶;
+            // F(2×2, 3×3) takes them.
             let four = tile == Tile::Four;
             if let Some(out) = four
                 .then(|| run(Tile::Four))
@@ -525,6 +529,42 @@ pub(crate) mod tests {
             );
         }
         assert!(got.iter().any(|v| v.is_nan()) && got.iter().any(|v| v.is_finite()));
+    }
+
+    /// One image on 14 × 14 maps: the forward runs F(4×4, 3×3) (the training passes
+    /// F(2×2, 3×3)) and equals im2col's; with a NaN or a value beyond F(4×4, 3×3)'s range in
+    /// the input it falls back to F(2×2, 3×3), NaN where im2col puts it.
+    #[test]
+    fn one_image_on_fourteen_by_fourteen_maps_takes_winograd_4x4_in_the_forward() {
+        let conv = folded(3, 1, 16, 24);
+        let mut x = Maps {
+            data: values(16 * 14 * 14, 9),
+            c: 16,
+            b: 1,
+            h: 14,
+            w: 14,
+        };
+        assert_eq!(conv.method(&x), ConvMethod::Winograd);
+        if PanelKernel::select().is_none() {
+            return;
+        }
+        assert_eq!(conv.winograd_tile(&x), Tile::Two);
+        assert_eq!(conv.forward_method(&x), (ConvMethod::Winograd, Tile::Four));
+        for bad in [None, Some(f32::NAN), Some(3e37)] {
+            if let Some(bad) = bad {
+                x.data[100] = bad;
+            }
+            let (residual, want) = im2col_reference(&conv, &x);
+            let got = conv.forward(&x, Some(&residual), true).data;
+            for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.is_nan() == r.is_nan()
+                        && (!r.is_finite() || (g - r).abs() <= 1e-4 * (1.0 + r.abs())),
+                    "{bad:?} [{i}]: {g} vs {r}"
+                );
+            }
+            assert!(bad.is_none() || got.iter().any(|v| !v.is_finite() || v.abs() > 1e30));
+        }
     }
 
     /// Where the kernel covers the whole map from every output position (1 × 1 maps under k

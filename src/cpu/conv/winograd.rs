@@ -16,8 +16,6 @@
 //! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1] and
 //! Aᵀ = [1 1 1 0; 0 1 −1 −1].
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use rayon::prelude::*;
 
 use super::blocked::{GridTask, SharedOutput, TaskGrid};
@@ -235,8 +233,9 @@ pub(crate) fn pays(b: usize, h: usize, w: usize) -> bool {
 /// Whether F(4×4, 3×3) runs instead of F(2×2, 3×3) on an h × w map (where Winograd pays):
 /// maps of 24 × 24 and larger. Measured per conv on a 2-core Zen 4 (ResNet-18, 224 px): 28 × 28
 /// maps take 0.68-0.77 of F(2×2, 3×3)'s time, 56 × 56 maps 0.65-0.9, at batch 32 and at batch
-/// 1; 14 × 14 maps twice as long at batch 1 (16 tiles, and 36 transformed kernels instead of
-/// 16 to read).
+/// 1; 14 × 14 maps twice as long at batch 1 with blocks of tile rows (16 tiles, and 36
+/// transformed kernels instead of 16 to read by every task); with the tasks on groups of
+/// channels instead, they pay at small batches ([`pays_4x4_small_batch`]).
 pub(crate) fn pays_4x4(h: usize, w: usize) -> bool {
     h.min(w) >= 24
 }
@@ -268,6 +267,21 @@ pub(crate) fn few_tiles(b: usize, h: usize, w: usize, tile: Tile) -> bool {
 pub(crate) fn pays_small_batch(b: usize, h: usize, w: usize) -> bool {
     let tiles = h.div_ceil(2) * w.div_ceil(2);
     h.min(w) >= 6 && 16 * tiles <= 6 * h * w && few_tiles(b, h, w, Tile::Two)
+}
+
+/// Whether the inference forward runs F(4×4, 3×3) on a batch of `b` h × w maps smaller than
+/// [`pays_4x4`] takes: maps of 12 × 12 and larger in a batch of at most [`FEW_TILES`] tiles
+/// of 4 × 4 outputs. [`forward`] then gives each task a group of output channels and all the
+/// tiles: on ResNet's 14 × 14 maps at batch 1, 16 tiles, one full 16-lane vector, where
+/// F(2×2, 3×3) has 49 tiles and 16/9 times the multiplications of the 14 × 14 outputs
+/// covered (F(4×4, 3×3): 36/16 per output on 16 × 16 covered, 1.3 times).
+///
+/// Measured on a 2-core Zen 4 (ResNet-152's 35 such convs, 256 channels, one 224 px image,
+/// interleaved runs): 0.76-0.79 ms per conv with F(2×2, 3×3) on blocks of tile rows, 0.59-0.66
+/// ms with this. Before the transforms below ran whole (the output's tile rows in one call,
+/// the input's transformed blocks an odd number of cache lines apart) it was 0.74-0.76 ms.
+pub(crate) fn pays_4x4_small_batch(b: usize, h: usize, w: usize) -> bool {
+    h.min(w) >= 12 && few_tiles(b, h, w, Tile::Four)
 }
 
 /// The shape of channel-major maps (C × B × H × W) read from a plain slice.
@@ -339,7 +353,7 @@ const TASKS_PER_THREAD: usize = 2;
 /// through the α² products (16 or 36) on the panel kernel to the output transform, its V and M in its
 /// thread's buffer (in cache), writing its part of the output once. `None` where the filter
 /// has no panel-kernel form (this CPU runs none): then [`accumulate`]; and for an F(4×4, 3×3)
-/// filter where `data` holds NaN or an infinity: then F(2×2, 3×3).
+/// filter where `data` holds NaN, an infinity or a value beyond 10³⁶: then F(2×2, 3×3).
 ///
 /// Before, the same work was five passes over the whole map (output initialisation, input
 /// transform, products, output transform, ReLU), each a parallel region and each reading or
@@ -367,18 +381,27 @@ pub(crate) fn forward(
     let tile = f.tile;
     // F(4×4, 3×3)'s dense transforms would spread a NaN input over its whole tile (and turn
     // an infinity into NaN where the convolution keeps it infinite): it declines such maps,
-    // found by their transformed input (in cache; a NaN or an infinity in a tile makes its V
-    // non-finite). F(2×2, 3×3)'s sparse ones keep a NaN where the convolution puts it.
-    let non_finite = AtomicBool::new(false);
+    // and maps whose transformed input could overflow ([`within_4x4_range`]). F(2×2, 3×3)'s
+    // sparse ones keep a NaN where the convolution puts it.
+    if tile == Tile::Four && !within_4x4_range(data) {
+        return None;
+    }
     let (m_side, positions) = (tile.m(), tile.positions());
-    let grid = if tile == Tile::Two && pays_small_batch(x.b, x.h, x.w) && !pays(x.b, x.h, x.w) {
-        // All the tiles in every task, the channels in one group per thread ([`FEW_TILES`]).
-        let tile_rows = x.b * x.h.div_ceil(tile.m());
-        let threads = rayon::current_num_threads().max(1);
-        TaskGrid::new(tile_rows, tile_rows, &packed[0], threads)
-    } else {
-        let (tile_rows, per_task) = tile_rows_per_task(x, cout, tile);
-        TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks()).even()
+    let tw = x.w.div_ceil(m_side);
+    let all_rows = x.b * x.h.div_ceil(m_side);
+    // With few tiles, every task takes them all and a group of the output channels (one
+    // group per thread: [`FEW_TILES`]), and transforms the whole input itself. (Transforming
+    // it once in a parallel pass of its own, channel-major for the tasks to share, was
+    // slower: 14 × 14 maps 0.60 → 0.64-0.68 ms, 7 × 7 maps 0.80 → 0.84-0.96 ms, 2-core Zen 4.)
+    let grid = match few_tiles(x.b, x.h, x.w, tile) {
+        true => {
+            let threads = rayon::current_num_threads().max(1);
+            TaskGrid::new(all_rows, all_rows, &packed[0], threads)
+        }
+        false => {
+            let (tile_rows, per_task) = tile_rows_per_task(x, cout, tile);
+            TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks()).even()
+        }
     };
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -389,50 +412,40 @@ pub(crate) fn forward(
             panels,
             rows: channels,
         } = grid.task(task);
-        let tw = x.w.div_ceil(m_side);
         let nt = rows.len() * tw;
         let mut buffer = ColsBuffer::take();
-        buffer.resize(positions * (cin + cout) * nt, 0.0);
-        let (v, m) = buffer.split_at_mut(positions * cin * nt);
-        // V (α² × C_in × nt), then M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
-        InputLines::new(x, tile).transform_channels(
-            data,
-            x,
-            rows.clone(),
-            v,
-            Layout::PositionMajor,
-        );
-        // An infinity or a NaN is an exponent of all ones: magnitude bits above f32::MAX's.
-        // (An integer maximum, which vectorises; `all(is_finite)` ran one float at a time and
-        // took a fifth of a task.)
-        let largest = || v.iter().map(|v| v.to_bits() & 0x7fff_ffff).max();
-        if tile == Tile::Four && largest().is_some_and(|bits| bits > f32::MAX.to_bits()) {
-            // This task's part of the output stays unwritten: `forward` returns `None`.
-            non_finite.store(true, Ordering::Relaxed);
-            return;
-        }
+        // V (α² × C_in × nt), V[ξ] from ξ·stride.
+        let stride = odd_lines(cin * nt);
+        buffer.resize(positions * (stride + cout * nt), 0.0);
+        let (v, m) = buffer.split_at_mut(positions * stride);
+        let layout = Layout::PositionMajor { stride };
+        InputLines::new(x, tile).transform_channels(data, x, rows.clone(), v, layout);
+        // M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
         let ld = positions * nt;
         m[channels.start * ld..channels.end * ld].fill(0.0);
         for (xi, u) in packed.iter().enumerate() {
             // SAFETY: `m` holds C_out rows of α²·nt floats; the panels' rows are `channels`,
             // columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this task owns. V[ξ]
-            // is C_in rows of nt floats from ξ·C_in·nt (position-major).
+            // is C_in rows of nt floats from ξ·stride.
             unsafe {
                 u.multiply(
                     panels.clone(),
-                    (&v[xi * cin * nt..], nt),
+                    (&v[xi * stride..], nt),
                     nt,
                     (m[xi * nt..].as_mut_ptr(), ld),
                 )
             };
         }
         // Aᵀ M A + bias (+ residual), ReLU, into this task's channels and output rows.
-        let mut y = vec![vec![0f32; m_side * tw]; m_side];
+        // All the task's tiles in one call, as one row of nt tiles (full vectors where the
+        // map's tile rows are short): line r holds output row r of each tile row in turn,
+        // tile row k's m·tw values from k·m·tw.
+        let mut y = vec![vec![0f32; m_side * nt]; m_side];
         for o in channels {
             let mo = &m[o * ld..(o + 1) * ld];
             let b = bias[o];
+            output_tile_row(tile, mo, nt, 0, nt, &mut y);
             for (k, tile_row) in rows.clone().enumerate() {
-                output_tile_row(tile, mo, nt, k * tw, tw, &mut y);
                 for (at, r) in output_lines(x, tile_row, m_side) {
                     let at = o * plane + at;
                     // Output row `at` of channel o: this task alone writes it (the tasks cut
@@ -445,7 +458,7 @@ pub(crate) fn forward(
                             x.w,
                         )
                     };
-                    let conv = &y[r][..x.w];
+                    let conv = &y[r][k * m_side * tw..][..x.w];
                     let finish = |v: f32| if relu && v < 0.0 { 0.0 } else { v };
                     match residual {
                         Some(res) => {
@@ -463,15 +476,26 @@ pub(crate) fn forward(
             }
         }
     });
-    if non_finite.into_inner() {
-        // `out` is dropped with length 0: its elements are never read.
-        return None;
-    }
     // SAFETY: the tasks cover every channel and tile row, and a tile row's output rows cover
-    // the map's rows (m·ty .. m·ty + m inside it): every element was written above (no task
-    // returned early, or `non_finite` would be set).
+    // the map's rows (m·ty .. m·ty + m inside it): every element was written above.
     unsafe { out.set_len(len) };
     Some(out)
+}
+
+/// Magnitude bits (sign cleared) of the largest input F(4×4, 3×3) takes: 10³⁶. Each row
+/// of its Bᵀ sums to at most 10 in magnitude, so Bᵀ d B stays under 100·10³⁶, inside
+/// `f32::MAX` (3.4·10³⁸); NaN and infinities lie above it too.
+const LARGEST_4X4_INPUT_BITS: u32 = 0x7b40_97ce;
+
+/// Whether every value of `data` is within F(4×4, 3×3)'s range ([`LARGEST_4X4_INPUT_BITS`]):
+/// an integer maximum of the magnitude bits, which vectorises (`all(is_finite)` ran one
+/// float at a time and took a fifth of a task), over blocks of the input in parallel.
+fn within_4x4_range(data: &[f32]) -> bool {
+    data.par_chunks(1 << 16)
+        .map(|block| block.iter().map(|v| v.to_bits() & 0x7fff_ffff).max())
+        .max()
+        .flatten()
+        .is_none_or(|bits| bits <= LARGEST_4X4_INPUT_BITS)
 }
 
 /// Tile rows per task of [`forward`] and [`kernel_gradient`]: their V and M (or Ŷ) fit
@@ -533,12 +557,33 @@ fn transform_input(data: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut
 /// How V, the transformed input of a block of nt tiles, is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Layout {
-    /// C_in × α² × nt: each channel's α² rows together.
-    ChannelMajor,
-    /// α² × C_in × nt: V\[ξ\] (C_in × nt) one contiguous block. The fused forward's products
-    /// read it in place: a few pages, where with the channel-major layout each of its C_in
-    /// rows lay α²·nt floats (kilobytes) apart, a page per row.
-    PositionMajor,
+    /// C_in × α² × nt: each channel's α² rows together, the channels `stride` floats apart
+    /// (α²·nt where they follow each other).
+    ChannelMajor {
+        /// Floats from one channel's rows to the next's.
+        stride: usize,
+    },
+    /// α² × C_in × nt: V\[ξ\] (C_in × nt) one contiguous block, the blocks `stride` floats
+    /// apart ([`odd_lines`] of C_in·nt). The fused forward's products read it in place: a
+    /// few pages, where with the channel-major layout each of its C_in rows lay α²·nt floats
+    /// (kilobytes) apart, a page per row.
+    PositionMajor {
+        /// Floats from V\[ξ\] to V\[ξ + 1\].
+        stride: usize,
+    },
+}
+
+/// `floats` rounded up to an odd number of 64-byte cache lines: the stride between blocks
+/// (or rows) that are written or read together.
+///
+/// Blocks a power of two apart fall in one set of the L1 cache, which holds 8 lines a set.
+/// The input transform writes each tile's α² values into α² blocks at once: with 256
+/// channels × 16 tiles (16 KiB) between its position-major blocks, F(4×4, 3×3)'s input
+/// transform on 14 × 14 maps took 0.23 ms per task, 7 times F(2×2, 3×3)'s on 14 tiles
+/// (2-core Zen 4). An odd number of lines puts consecutive blocks in different sets.
+fn odd_lines(floats: usize) -> usize {
+    const LINE: usize = 16;
+    (floats.div_ceil(LINE) | 1) * LINE
 }
 
 /// The rows one channel's input transform works on: α input rows padded with a zero column
@@ -590,12 +635,11 @@ impl InputLines {
         for ci in 0..x.c {
             let src = &data[ci * plane..][..plane];
             match layout {
-                Layout::ChannelMajor => {
-                    let v = &mut v[ci * self.tile.positions() * nt..];
-                    self.transform(src, x, rows.clone(), v, nt);
+                Layout::ChannelMajor { stride } => {
+                    self.transform(src, x, rows.clone(), &mut v[ci * stride..], nt);
                 }
-                Layout::PositionMajor => {
-                    self.transform(src, x, rows.clone(), &mut v[ci * nt..], x.c * nt)
+                Layout::PositionMajor { stride } => {
+                    self.transform(src, x, rows.clone(), &mut v[ci * nt..], stride)
                 }
             }
         }
@@ -712,12 +756,16 @@ fn transform_output(m: &[f32], x: Shape, rows: std::ops::Range<usize>, out: &mut
     out.par_chunks_mut(x.plane())
         .zip(m.par_chunks(16 * nt))
         .for_each(|(dst, m)| {
-            let mut y = vec![vec![0f32; 2 * tw]; 2];
+            // All the tiles in one call: line r holds output row r of each tile row in turn
+            // (as in `forward`).
+            let mut y = vec![vec![0f32; 2 * nt]; 2];
+            output_tile_row(Tile::Two, m, nt, 0, nt, &mut y);
             for (k, tile_row) in rows.clone().enumerate() {
-                output_tile_row(Tile::Two, m, nt, k * tw, tw, &mut y);
                 for (oy, r) in output_lines(x, tile_row, 2) {
                     let line = &mut dst[oy..][..w];
-                    line.iter_mut().zip(&y[r]).for_each(|(o, v)| *o += v);
+                    line.iter_mut()
+                        .zip(&y[r][2 * k * tw..])
+                        .for_each(|(o, v)| *o += v);
                 }
             }
         });
@@ -869,7 +917,7 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
                     x,
                     rows.clone(),
                     v,
-                    Layout::ChannelMajor,
+                    Layout::ChannelMajor { stride: 16 * nt },
                 );
                 let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
                 for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
@@ -1114,8 +1162,13 @@ mod transforms_avx512 {
             // Bᵀ d along the rows for columns 2·tx + (0, 16, 2, 18) + lane.
             let offsets = [2 * tx, 2 * tx + 16, 2 * tx + 2, 2 * tx + 18];
             // (A plain loop: the compiler left a closure of `map` as a call.)
+            // With eight tiles or fewer, columns 2·tx + 16 .. are not read (t[1] and t[3]
+            // stay zero).
             let mut t = [[_mm512_setzero_ps(); 4]; 4];
-            for (t, o) in t.iter_mut().zip(offsets) {
+            for (k, (t, o)) in t.iter_mut().zip(offsets).enumerate() {
+                if n <= 8 && k % 2 == 1 {
+                    continue;
+                }
                 let (d0, d1, d2, d3) = (load(0, o), load(1, o), load(2, o), load(3, o));
                 *t = [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)];
             }
@@ -1208,8 +1261,10 @@ mod transforms_avx512 {
             // Bᵀ d along the rows, for columns 4·tx + 16·k + lane: t[k][r].
             // (Plain loops here and below: the compiler left `array::from_fn`'s closures as
             // calls, each passing its vectors through memory.)
+            // Only the vectors holding columns the n tiles read (up to 4·tx + 4·n + 1): the
+            // others stay zero, as do, with seven tiles or fewer, the permutes' high halves.
             let mut t = [[_mm512_setzero_ps(); 6]; 5];
-            for (k, t) in t.iter_mut().enumerate() {
+            for (k, t) in t.iter_mut().enumerate().take((4 * n + 1) / 16 + 1) {
                 let o = 4 * tx + 16 * k;
                 let (d0, d1, d2) = (load(0, o), load(1, o), load(2, o));
                 let (d3, d4, d5) = (load(3, o), load(4, o), load(5, o));
@@ -1222,8 +1277,14 @@ mod transforms_avx512 {
                 let mut c = [_mm512_setzero_ps(); 4];
                 for (c, phase) in c.iter_mut().zip(&phase) {
                     let low = _mm512_permutex2var_ps(t[0][r], *phase, t[1][r]);
-                    let high = _mm512_permutex2var_ps(t[2][r], *phase, t[3][r]);
-                    *c = _mm512_shuffle_f32x4::<0b01_00_01_00>(low, high);
+                    *c = match n {
+                        // Lanes 8.. (columns 4·tx + 32 ..) unread.
+                        ..8 => low,
+                        _ => {
+                            let high = _mm512_permutex2var_ps(t[2][r], *phase, t[3][r]);
+                            _mm512_shuffle_f32x4::<0b01_00_01_00>(low, high)
+                        }
+                    };
                 }
                 // Columns 4·(tx + i) + 4 and + 5: phases 0 and 1 one tile on.
                 let c4 = _mm512_permutex2var_ps(c[0], next[0], t[4][r]);
@@ -1461,6 +1522,9 @@ mod tests {
                 assert!(forward(&x.data, Shape::of(&x), &filter, &zeros, None, true).is_none());
                 x.data[5] = f32::INFINITY;
                 assert!(forward(&x.data, Shape::of(&x), &filter, &zeros, None, true).is_none());
+                // A finite value whose transform could overflow too.
+                x.data[5] = -1e37;
+                assert!(forward(&x.data, Shape::of(&x), &filter, &zeros, None, true).is_none());
                 x.data[5] = 0.25;
             }
             let bias = random(&mut rng, cout);
@@ -1608,7 +1672,9 @@ mod tests {
                     let nt = tile_rows * w.div_ceil(tile.m());
                     let len = 3 * tile.positions() * nt;
                     let (mut fast, mut plain) = (vec![0f32; len], vec![0f32; len]);
-                    let layout = Layout::ChannelMajor;
+                    let layout = Layout::ChannelMajor {
+                        stride: tile.positions() * nt,
+                    };
                     InputLines::with_vectors(x, tile, true).transform_channels(
                         &data,
                         x,
@@ -1661,5 +1727,53 @@ mod tests {
         assert!(!pays_small_batch(1, 4, 4) && !pays_small_batch(1, 14, 14));
         assert!(!pays_small_batch(1, 5, 9) && !pays_small_batch(1, 1, 6));
         assert!(!few_tiles(1, 28, 28, Tile::Four) && few_tiles(1, 24, 24, Tile::Four));
+        // F(4×4, 3×3) at small batches: 14 × 14 maps up to three images (16 tiles each),
+        // not on maps under 12 × 12 nor where the tiles are many.
+        assert!(pays_4x4_small_batch(1, 14, 14) && pays_4x4_small_batch(3, 14, 14));
+        assert!(pays_4x4_small_batch(1, 12, 12) && pays_4x4_small_batch(1, 20, 20));
+        assert!(!pays_4x4_small_batch(4, 14, 14) && !pays_4x4_small_batch(1, 28, 28));
+        assert!(!pays_4x4_small_batch(1, 7, 7) && !pays_4x4_small_batch(1, 11, 40));
+    }
+
+    /// Strides of odd numbers of cache lines, at least the floats asked, less than two
+    /// lines more.
+    #[test]
+    fn odd_lines_are_odd_and_cover_the_floats() {
+        for floats in [0, 1, 15, 16, 17, 32, 3584, 4096, 8192, 16 * 49] {
+            let stride = odd_lines(floats);
+            assert!(
+                stride >= floats && stride < floats + 32,
+                "{floats}: {stride}"
+            );
+            assert!(
+                stride.is_multiple_of(16) && !(stride / 16).is_multiple_of(2),
+                "{floats}: {stride}"
+            );
+        }
+    }
+
+    /// F(4×4, 3×3)'s range: values up to 10³⁶ in magnitude, not beyond, not NaN nor
+    /// infinite; an empty map is in range.
+    #[test]
+    fn the_4x4_range_stops_at_ten_to_the_36() {
+        assert!(within_4x4_range(&[]) && within_4x4_range(&[0.0, -0.0, 1e-45, -3.5]));
+        assert!(within_4x4_range(&[9.9e35, -1e36]));
+        let mut large = vec![1.0f32; 70_000];
+        for bad in [
+            1.01e36,
+            -1e37,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ] {
+            // In the second block of the parallel scan as well as the first.
+            for at in [3, 69_999] {
+                large[at] = bad;
+                assert!(!within_4x4_range(&large), "{bad} at {at}");
+                large[at] = 1.0;
+            }
+        }
+        assert!(within_4x4_range(&large));
     }
 }
