@@ -557,12 +557,8 @@ fn transform_input(data: &[f32], x: Shape, rows: std::ops::Range<usize>, v: &mut
 /// How V, the transformed input of a block of nt tiles, is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Layout {
-    /// C_in × α² × nt: each channel's α² rows together, the channels `stride` floats apart
-    /// (α²·nt where they follow each other).
-    ChannelMajor {
-        /// Floats from one channel's rows to the next's.
-        stride: usize,
-    },
+    /// C_in × α² × nt: each channel's α² rows together.
+    ChannelMajor,
     /// α² × C_in × nt: V\[ξ\] (C_in × nt) one contiguous block, the blocks `stride` floats
     /// apart ([`odd_lines`] of C_in·nt). The fused forward's products read it in place: a
     /// few pages, where with the channel-major layout each of its C_in rows lay α²·nt floats
@@ -635,8 +631,9 @@ impl InputLines {
         for ci in 0..x.c {
             let src = &data[ci * plane..][..plane];
             match layout {
-                Layout::ChannelMajor { stride } => {
-                    self.transform(src, x, rows.clone(), &mut v[ci * stride..], nt);
+                Layout::ChannelMajor => {
+                    let v = &mut v[ci * self.tile.positions() * nt..];
+                    self.transform(src, x, rows.clone(), v, nt);
                 }
                 Layout::PositionMajor { stride } => {
                     self.transform(src, x, rows.clone(), &mut v[ci * nt..], stride)
@@ -917,7 +914,7 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
                     x,
                     rows.clone(),
                     v,
-                    Layout::ChannelMajor { stride: 16 * nt },
+                    Layout::ChannelMajor,
                 );
                 let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
                 for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
@@ -1672,9 +1669,7 @@ mod tests {
                     let nt = tile_rows * w.div_ceil(tile.m());
                     let len = 3 * tile.positions() * nt;
                     let (mut fast, mut plain) = (vec![0f32; len], vec![0f32; len]);
-                    let layout = Layout::ChannelMajor {
-                        stride: tile.positions() * nt,
-                    };
+                    let layout = Layout::ChannelMajor;
                     InputLines::with_vectors(x, tile, true).transform_channels(
                         &data,
                         x,
