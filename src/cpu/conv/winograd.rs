@@ -23,7 +23,7 @@ use super::maps::Maps;
 use super::scratch::ColsBuffer;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::isa::{Avx512, Token};
-use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
+use crate::cpu::kernels::prepacked::{Ends, PackedLhs, PanelKernel, Start};
 use crate::cpu::kernels::sgemm::{Operand, sgemm, sgemm_serial};
 
 /// Largest transformed-input plus product buffer, in floats (32 MiB, as im2col's): wider
@@ -203,13 +203,14 @@ fn packed_products(packed: &[PackedLhs], nt: usize, v: &[f32], m: &mut [f32]) {
         // `m` holds cout rows of 16·nt floats; this task alone touches columns ξ·nt + `cols`
         // of every row (the tasks cut the 16 × nt columns without overlap).
         let at = shared.at(xi * nt + cols.start);
-        for r in 0..cout {
-            // SAFETY: row r, this task's columns.
-            unsafe { std::ptr::write_bytes(at.add(r * ld), 0, cols.len()) };
-        }
         let b = &v[xi * nt + cols.start..];
-        // SAFETY: this task's columns of every row, zeroed above.
-        unsafe { packed[xi].multiply(0..packed[xi].panels(), (b, ld), cols.len(), (at, ld)) };
+        let ends = Ends {
+            start: Start::Zero,
+            relu: false,
+        };
+        // SAFETY: this task's columns of every row; the sums start from zero, so the product
+        // writes each element before reading it.
+        unsafe { packed[xi].multiply(0..packed[xi].panels(), (b, ld), cols.len(), (at, ld), ends) };
     });
 }
 
@@ -390,10 +391,14 @@ pub(crate) fn forward(
     let tw = x.w.div_ceil(m_side);
     let all_rows = x.b * x.h.div_ceil(m_side);
     // With few tiles, every task takes them all and a group of the output channels (one
-    // group per thread: [`FEW_TILES`]), and transforms the whole input itself. (Transforming
-    // it once in a parallel pass of its own, channel-major for the tasks to share, was
-    // slower: 14 × 14 maps 0.60 → 0.64-0.68 ms, 7 × 7 maps 0.80 → 0.84-0.96 ms, 2-core Zen 4.)
-    let grid = match few_tiles(x.b, x.h, x.w, tile) {
+    // group per thread: [`FEW_TILES`]), and the input is transformed once, before the tasks,
+    // in a parallel pass of its own ([`shared_input`]) where its channels split into a group
+    // per thread on the panel kernel's blocks of inner columns; otherwise each task
+    // transforms all of it itself. (Transformed once channel-major, which the products then
+    // read rows kilobytes apart, it was slower: 14 × 14 maps 0.60 → 0.64-0.68 ms, 7 × 7 maps
+    // 0.80 → 0.84-0.96 ms, 2-core Zen 4.)
+    let few = few_tiles(x.b, x.h, x.w, tile);
+    let grid = match few {
         true => {
             let threads = rayon::current_num_threads().max(1);
             TaskGrid::new(all_rows, all_rows, &packed[0], threads)
@@ -403,9 +408,12 @@ pub(crate) fn forward(
             TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks()).even()
         }
     };
+    let shared = few
+        .then(|| shared_input(data, x, tile, all_rows, packed[0].inner_block()))
+        .flatten();
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    let shared = SharedOutput(out.as_mut_ptr());
+    let out_at = SharedOutput(out.as_mut_ptr());
     (0..grid.count()).into_par_iter().for_each(|task| {
         let GridTask {
             items: rows,
@@ -413,28 +421,61 @@ pub(crate) fn forward(
             rows: channels,
         } = grid.task(task);
         let nt = rows.len() * tw;
-        let mut buffer = ColsBuffer::take();
-        // V (α² × C_in × nt), V[ξ] from ξ·stride.
-        let stride = odd_lines(cin * nt);
-        buffer.resize(positions * (stride + cout * nt), 0.0);
-        let (v, m) = buffer.split_at_mut(positions * stride);
-        let layout = Layout::PositionMajor { stride };
-        InputLines::new(x, tile).transform_channels(data, x, rows.clone(), v, layout);
-        // M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ].
         let ld = positions * nt;
-        m[channels.start * ld..channels.end * ld].fill(0.0);
+        let mut buffer = ColsBuffer::take();
+        // V (α² × C_in × nt), V[ξ] from ξ·stride, where the task makes it itself; then M
+        // (C_out × α²·nt).
+        let stride = odd_lines(cin * nt);
+        let own_v = if shared.is_some() {
+            0
+        } else {
+            positions * stride
+        };
+        buffer.resize(own_v + cout * ld, 0.0);
+        let (v, m) = buffer.split_at_mut(own_v);
+        let groups: Vec<InputGroup<'_>> = match &shared {
+            Some(shared) => shared.groups().collect(),
+            None => {
+                let layout = Layout::PositionMajor { stride };
+                InputLines::new(x, tile).transform_channels(
+                    data,
+                    x,
+                    rows.clone(),
+                    v,
+                    layout,
+                    0..cin,
+                );
+                vec![InputGroup {
+                    v,
+                    stride,
+                    channels: 0..cin,
+                }]
+            }
+        };
+        // M[ξ] (C_out × nt, this task's channels) = U[ξ] · V[ξ], summed over the groups of
+        // input channels in order (the panel kernel's blocks of inner columns, as one product
+        // over all of them would).
         for (xi, u) in packed.iter().enumerate() {
-            // SAFETY: `m` holds C_out rows of α²·nt floats; the panels' rows are `channels`,
-            // columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this task owns. V[ξ]
-            // is C_in rows of nt floats from ξ·stride.
-            unsafe {
-                u.multiply(
-                    panels.clone(),
-                    (&v[xi * stride..], nt),
-                    nt,
-                    (m[xi * nt..].as_mut_ptr(), ld),
-                )
-            };
+            for (g, group) in groups.iter().enumerate() {
+                let ends = Ends {
+                    start: if g == 0 { Start::Zero } else { Start::Output },
+                    relu: false,
+                };
+                // SAFETY: `m` holds C_out rows of α²·nt floats; the panels' rows are
+                // `channels`, columns ξ·nt .. ξ·nt + nt of each, all inside `m`, which this
+                // task owns (the first group's sums start from zero, the others add to them).
+                // The group's V[ξ] is its channels' rows of nt floats from ξ·stride.
+                unsafe {
+                    u.multiply_inner(
+                        panels.clone(),
+                        group.channels.clone(),
+                        (&group.v[xi * group.stride..], nt),
+                        nt,
+                        (m[xi * nt..].as_mut_ptr(), ld),
+                        ends,
+                    )
+                };
+            }
         }
         // Aᵀ M A + bias (+ residual), ReLU, into this task's channels and output rows.
         // All the task's tiles in one call, as one row of nt tiles (full vectors where the
@@ -454,7 +495,7 @@ pub(crate) fn forward(
                     // SAFETY: as said, x.w floats from `at` inside the output.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            shared.at(at).cast::<std::mem::MaybeUninit<f32>>(),
+                            out_at.at(at).cast::<std::mem::MaybeUninit<f32>>(),
                             x.w,
                         )
                     };
@@ -480,6 +521,79 @@ pub(crate) fn forward(
     // the map's rows (m·ty .. m·ty + m inside it): every element was written above.
     unsafe { out.set_len(len) };
     Some(out)
+}
+
+/// The transformed input of a conv whose tasks all take every tile ([`forward`] on few
+/// tiles), made once for all of them: V of each group of input channels (α² × C_in/G × nt,
+/// position-major, V[ξ] from ξ·stride) one after another in the calling thread's shared
+/// buffer.
+struct SharedInput {
+    buffer: ColsBuffer,
+    groups: usize,
+    stride: usize,
+    positions: usize,
+    per_group: usize,
+}
+
+/// One group of input channels of a conv's transformed input: V[ξ] (its channels' rows of nt
+/// floats) from ξ·stride of `v`.
+struct InputGroup<'a> {
+    v: &'a [f32],
+    stride: usize,
+    channels: std::ops::Range<usize>,
+}
+
+impl SharedInput {
+    /// Its groups, in order of their channels.
+    fn groups(&self) -> impl Iterator<Item = InputGroup<'_>> {
+        let len = self.positions * self.stride;
+        (0..self.groups).map(move |g| InputGroup {
+            v: &self.buffer[g * len..][..len],
+            stride: self.stride,
+            channels: g * self.per_group..(g + 1) * self.per_group,
+        })
+    }
+}
+
+/// The input of `data` (shape `x`) transformed for every tile (`tile_rows` rows of them) in
+/// one parallel pass, a group of input channels per thread, where the channels split into
+/// such groups on whole blocks of `inner_block` inner columns of the panel kernel (ResNet's
+/// 256 and 512 channels on two threads, AVX-512's blocks of 128); `None` where they do not
+/// (then each task transforms the input itself).
+///
+/// The tasks that split a conv's output channels each read all of V; made by each, it was
+/// made once per thread (ResNet-152's 14 × 14 convs: 0.09 ms per task of 0.55 ms).
+fn shared_input(
+    data: &[f32],
+    x: Shape,
+    tile: Tile,
+    tile_rows: usize,
+    inner_block: usize,
+) -> Option<SharedInput> {
+    let groups = rayon::current_num_threads().max(1);
+    if groups < 2 || !x.c.is_multiple_of(groups * inner_block) {
+        return None;
+    }
+    let per_group = x.c / groups;
+    let nt = tile_rows * x.w.div_ceil(tile.m());
+    let (positions, stride) = (tile.positions(), odd_lines(per_group * nt));
+    let mut buffer = ColsBuffer::take_shared();
+    buffer.resize(groups * positions * stride, 0.0);
+    let layout = Layout::PositionMajor { stride };
+    buffer
+        .par_chunks_mut(positions * stride)
+        .enumerate()
+        .for_each(|(g, v)| {
+            let channels = g * per_group..(g + 1) * per_group;
+            InputLines::new(x, tile).transform_channels(data, x, 0..tile_rows, v, layout, channels);
+        });
+    Some(SharedInput {
+        buffer,
+        groups,
+        stride,
+        positions,
+        per_group,
+    })
 }
 
 /// Magnitude bits (sign cleared) of the largest input F(4×4, 3×3) takes: 10³⁶. Each row
@@ -616,8 +730,8 @@ impl InputLines {
         }
     }
 
-    /// V of every channel of `data` (shape `x`) for the tile rows `rows`, laid out as
-    /// `layout` says, on the calling thread.
+    /// V of the channels `channels` of `data` (shape `x`) for the tile rows `rows`, laid out
+    /// as `layout` says (channel `channels.start` first), on the calling thread.
     fn transform_channels(
         &mut self,
         data: &[f32],
@@ -625,18 +739,19 @@ impl InputLines {
         rows: std::ops::Range<usize>,
         v: &mut [f32],
         layout: Layout,
+        channels: std::ops::Range<usize>,
     ) {
         let plane = x.plane();
         let nt = rows.len() * x.w.div_ceil(self.tile.m());
-        for ci in 0..x.c {
+        for (i, ci) in channels.enumerate() {
             let src = &data[ci * plane..][..plane];
             match layout {
                 Layout::ChannelMajor => {
-                    let v = &mut v[ci * self.tile.positions() * nt..];
+                    let v = &mut v[i * self.tile.positions() * nt..];
                     self.transform(src, x, rows.clone(), v, nt);
                 }
                 Layout::PositionMajor { stride } => {
-                    self.transform(src, x, rows.clone(), &mut v[ci * nt..], stride)
+                    self.transform(src, x, rows.clone(), &mut v[i * nt..], stride)
                 }
             }
         }
@@ -915,6 +1030,7 @@ pub(crate) fn kernel_gradient(data: &[f32], x: Shape, dy: &[f32], cout: usize) -
                     rows.clone(),
                     v,
                     Layout::ChannelMajor,
+                    0..cin,
                 );
                 let mut d = [vec![0f32; 2 * tw], vec![0f32; 2 * tw]];
                 for (o, yh) in yh.chunks_exact_mut(16 * nt).enumerate() {
@@ -1477,8 +1593,8 @@ mod tests {
     /// The fused forward, F(2×2, 3×3) and F(4×4, 3×3), equals im2col's convolution plus bias
     /// (plus residual), then ReLU, on odd and even maps (sides 1 to 4 past a multiple of the
     /// tile), batches of one and several, channel counts that leave edge panels, in pools of
-    /// 1, 2 and 7 threads (tile rows and channels cut differently); a NaN input stays NaN
-    /// through the ReLU.
+    /// 1, 2 and 7 threads (tile rows and channels cut differently, the input transformed by
+    /// each task or once for all of them); a NaN input stays NaN through the ReLU.
     #[test]
     fn fused_forward_equals_the_convolution_plus_bias_and_relu() {
         let mut rng = StdRng::seed_from_u64(14);
@@ -1495,6 +1611,10 @@ mod tests {
                 (1, 24, 80, 7, 7),
                 // 18 tiles per row: F(4×4, 3×3)'s vector output transform takes 16, then 2.
                 (1, 8, 16, 9, 70),
+                // One image, channels that split into a group per thread on the panel
+                // kernel's blocks (two threads): the input transformed once, shared.
+                (1, 512, 16, 7, 7),
+                (1, 256, 24, 14, 14),
             ]
             .iter()
             .map(move |shape| (t, shape))
@@ -1676,6 +1796,7 @@ mod tests {
                         0..tile_rows,
                         &mut fast,
                         layout,
+                        0..3,
                     );
                     InputLines::with_vectors(x, tile, false).transform_channels(
                         &data,
@@ -1683,6 +1804,7 @@ mod tests {
                         0..tile_rows,
                         &mut plain,
                         layout,
+                        0..3,
                     );
                     same(&fast, &plain, &format!("{tile:?} input {b}x{h}x{w}"));
                     // The output transform of one channel's products, every tile row.

@@ -199,6 +199,18 @@ impl InferenceEngine {
                 format!("block {bad} of {}", self.net.blocks.len()),
             ));
         }
+        // On a pool thread from the start: each conv's parallel region then starts and ends
+        // among the pool's threads, instead of waking the caller's thread at every region.
+        Ok(rayon::scope(|_| self.run(images, dims, taps)))
+    }
+
+    /// [`InferenceEngine::forward_with_taps`] once checked.
+    fn run(
+        &self,
+        images: &[f32],
+        dims: [usize; 4],
+        taps: &[usize],
+    ) -> (Vec<f32>, usize, Vec<Maps>) {
         let x = Maps::from_nchw(images, dims);
         let mut x = max_pool_values(&self.net.stem.forward(&x, None, true));
         // One slot per tap; every tap is a block index (checked above), so every slot fills.
@@ -212,6 +224,6 @@ impl InferenceEngine {
             }
         }
         let maps = kept.into_iter().flatten().collect();
-        Ok((x.global_average(), x.c, maps))
+        (x.global_average(), x.c, maps)
     }
 }
