@@ -200,7 +200,7 @@ impl FoldedConv {
     /// those made on first use if they fit `x`, else unrolled for this call.
     pub(crate) fn with_unrolled<R>(&self, x: &Maps, f: impl FnOnce(&Unrolled) -> R) -> R {
         let make = || Unrolled::new(&self.w, &self.shape, x.h, x.w);
-        let kept = self.unrolled.get_or_init(make);
+        let kept = get_or_make(&self.unrolled, make);
         match kept.fits(x.h, x.w) {
             true => f(kept),
             false => f(&make()),
@@ -219,19 +219,18 @@ impl FoldedConv {
 
     /// The folded weights transformed for `tile`, on first use.
     fn winograd(&self, tile: Tile) -> &WinogradFilter {
-        self.winograd[(tile == Tile::Four) as usize]
-            .get_or_init(|| WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin, tile))
+        get_or_make(&self.winograd[(tile == Tile::Four) as usize], || {
+            WinogradFilter::new(&self.w, self.shape.cout, self.shape.cin, tile)
+        })
     }
 
     /// The folded weights packed for the panel kernel, where this CPU runs one.
     fn packed(&self) -> Option<&PackedLhs> {
-        self.packed
-            .get_or_init(|| {
-                PanelKernel::select().map(|kernel| {
-                    PackedLhs::new(kernel, &self.w, self.shape.cout, self.shape.patch())
-                })
-            })
-            .as_ref()
+        get_or_make(&self.packed, || {
+            PanelKernel::select()
+                .map(|kernel| PackedLhs::new(kernel, &self.w, self.shape.cout, self.shape.patch()))
+        })
+        .as_ref()
     }
 
     /// The gradient with respect to the input `x` of this conv (its folded weights W·s), for
@@ -385,6 +384,23 @@ impl FoldedConv {
     }
 }
 
+/// `cell`'s value, made by `make` on first use without holding the cell while `make` runs.
+///
+/// The weights' other forms are made with rayon (`WinogradFilter::new`, `Unrolled::new`), and
+/// a pool thread waiting on those tasks may pick up other queued work: another forward
+/// through the same conv (a second caller's, which the inference engine runs on the pool),
+/// which would reach this cell while the first is filling it. `get_or_init` deadlocks there;
+/// here the second call makes its own value, and the first one stored is kept.
+fn get_or_make<T>(cell: &OnceLock<T>, make: impl FnOnce() -> T) -> &T {
+    match cell.get() {
+        Some(value) => value,
+        None => {
+            let value = make();
+            cell.get_or_init(|| value)
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -446,8 +462,8 @@ pub(crate) mod tests {
         (residual, want)
     }
 
-    /// The blocked forward (bias, residual, product on the packed weights, ReLU, one task per
-    /// block) equals bias + residual + the `sgemm` product + ReLU, on the panel kernel
+    /// The blocked forward (the product on the packed weights starting from bias + residual,
+    /// ReLU in its stores, one task per block) equals bias + residual + the `sgemm` product + ReLU, on the panel kernel
     /// `PanelKernel::select` gives (`MSAD_CPU_ISA` picks others), for convs that are direct, same-size,
     /// strided and 7 × 7, on outputs narrower and wider than a tile, in pools of 1, 2 and 7
     /// threads (more threads than column blocks: the output channels are split too).
@@ -529,6 +545,51 @@ pub(crate) mod tests {
             );
         }
         assert!(got.iter().any(|v| v.is_nan()) && got.iter().any(|v| v.is_finite()));
+    }
+
+    /// First forwards through one conv from several threads at once, each on the pool (as
+    /// the inference engine runs them), all finish with the same output: the weights' lazily
+    /// made forms are not made while their cell is held (`get_or_init` there deadlocked when
+    /// a pool thread, waiting on the rayon tasks making them, picked up another caller's
+    /// forward through the same conv). Bounded by a timeout, so that a deadlock fails.
+    #[test]
+    fn concurrent_first_forwards_on_the_pool_finish() {
+        use std::sync::{Arc, mpsc};
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..8 {
+                // Fresh each round: its Winograd form is made by the first forward.
+                let conv = Arc::new(folded(3, 1, 256, 256));
+                let x = Arc::new(Maps {
+                    data: values(256 * 14 * 14, 9),
+                    c: 256,
+                    b: 1,
+                    h: 14,
+                    w: 14,
+                });
+                let callers: Vec<_> = (0..4)
+                    .map(|_| {
+                        let (conv, x) = (Arc::clone(&conv), Arc::clone(&x));
+                        std::thread::spawn(move || {
+                            rayon::scope(|_| conv.forward(&x, None, true).data)
+                        })
+                    })
+                    .collect();
+                let outputs: Vec<Vec<f32>> = callers
+                    .into_iter()
+                    .map(|caller| caller.join().expect("a forward"))
+                    .collect();
+                assert!(outputs.windows(2).all(|pair| pair[0] == pair[1]));
+            }
+            done.send(()).expect("the test waits");
+        });
+        match finished.recv_timeout(std::time::Duration::from_secs(300)) {
+            Ok(()) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("concurrent first forwards through one conv did not finish (deadlock)")
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("a forward failed (above)"),
+        }
     }
 
     /// One image on 14 × 14 maps: the forward runs F(4×4, 3×3) (the training passes

@@ -244,7 +244,9 @@ pub(crate) fn pays_4x4(h: usize, w: usize) -> bool {
 /// Tiles in a batch at most where [`forward`] gives every task all the tiles and a group of
 /// the output channels (one group per thread), instead of a block of tile rows and, where
 /// the blocks are few, a group of channels. Each task then reads only its channels'
-/// transformed kernels, and the input transform (small there) is repeated by every task.
+/// transformed kernels, and the input transform (small there) is made once for all of them
+/// ([`shared_input`]) or, where the channels do not split on the panel kernel's blocks,
+/// repeated by every task.
 ///
 /// With blocks of tile rows, a batch of one on 7 × 7 maps (16 tiles, 4 tile rows) had every
 /// task read all 16 transformed kernels (512 × 512 each, 16 MiB) for 4 columns: a quarter
@@ -352,7 +354,9 @@ const TASKS_PER_THREAD: usize = 2;
 /// (NaN kept) where asked: the C_out × B·H·W output, in one parallel region. Each task owns a
 /// block of tile rows and a group of output channels and takes them from the input transform
 /// through the α² products (16 or 36) on the panel kernel to the output transform, its V and M in its
-/// thread's buffer (in cache), writing its part of the output once. `None` where the filter
+/// thread's buffer (in cache), writing its part of the output once. Where the tiles are few
+/// (every task takes them all), V is made before, once, in a parallel pass of its own
+/// ([`shared_input`]), in the calling thread's shared buffer. `None` where the filter
 /// has no panel-kernel form (this CPU runs none): then [`accumulate`]; and for an F(4×4, 3×3)
 /// filter where `data` holds NaN, an infinity or a value beyond 10³⁶: then F(2×2, 3×3).
 ///

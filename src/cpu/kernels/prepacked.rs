@@ -381,7 +381,8 @@ impl PackedLhs {
     /// [`PackedLhs::multiply`] over the inner columns `inner` of A only, B holding just those
     /// rows (row t of B is inner column `inner.start + t`): a product whose B comes in groups
     /// of rows made by different tasks, summed group by group (the first with the ends'
-    /// start, the others with [`Start::Output`]). `inner` must start on a multiple of
+    /// start, the others with [`Start::Output`]; ReLU on the last group only, or it would
+    /// clip partial sums). `inner` must start on a multiple of
     /// [`PackedLhs::inner_block`] and end on one or at k, so that the sums run block by block
     /// exactly as in one call over all of k.
     ///
@@ -582,7 +583,8 @@ mod avx512 {
     /// tile: start + acc, then ReLU where asked (`max(0, v)` returns v where v is NaN).
     ///
     /// # Safety
-    /// `dst` valid for the lanes of `m`; `ends`' pointers for row r, those columns.
+    /// `dst` valid for reads (where the start is the output) and writes of the lanes of `m`;
+    /// `ends`' pointers for row r, those columns.
     #[inline(always)]
     unsafe fn store16(
         ends: TileEnds,
