@@ -184,6 +184,7 @@ struct TileEnds {
     relu: bool,
 }
 
+/// Where a tile's sums start: [`Start`] with pointers into the tile's rows.
 #[derive(Clone, Copy, Debug)]
 enum TileStart {
     Output,
