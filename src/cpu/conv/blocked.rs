@@ -134,18 +134,18 @@ fn blocks(weights: &PackedLhs, columns: Columns<'_>, n: usize) -> TaskGrid {
     // block streams them again from L3 or memory, so the columns are cut into one block per
     // thread rather than two (ResNet-18's 128 → 256-channel stride-2 conv at batch 1, 1.2 MB
     // of weights on 196 columns: 0.79 → 0.65 ms, 2-core Zen 4).
-    let weights_fit = weights.rows() * weights.inner() <= BLOCK_FLOATS;
-    let wanted = match weights_fit {
+    let weight_floats = weights.rows() * weights.inner();
+    let wanted = match weight_floats <= BLOCK_FLOATS {
         true => BLOCKS_PER_THREAD * threads,
         false => threads,
     };
     let balanced = n.div_ceil(wanted);
-    // Every column block reads all the weights, every group of channels does the im2col
-    // of its columns: where the weights far outweigh the columns (a batch of one on 7 × 7
-    // maps: 512 channels, 49 columns), the columns stay in one block and the channels are
-    // split, so that each weight comes from memory once. A direct conv has no im2col to
-    // repeat; an im2col one splits its channels only at four times as many channels as
-    // columns (at 32 px, 256 channels on 256 columns lost 3% to the repeated im2col).
+    // And every group of channels does the im2col of its columns: where the weights far
+    // outweigh the columns (a batch of one on 7 × 7 maps: 512 channels, 49 columns), the
+    // columns stay in one block and the channels are split, so that each weight comes from
+    // memory once. A direct conv has no im2col to repeat; an im2col one splits its channels
+    // only at four times as many channels as columns (at 32 px, 256 channels on 256
+    // columns lost 3% to the repeated im2col).
     let few_columns = match columns {
         Columns::Direct(_) => weights.rows() >= n,
         Columns::Im2col(..) => weights.rows() >= 4 * n,
@@ -166,7 +166,7 @@ fn blocks(weights: &PackedLhs, columns: Columns<'_>, n: usize) -> TaskGrid {
             // reads of them, and an im2col block of half the L2 cache leaves room for the
             // output block: the stem at 224 px, 7 output rows per block instead of 15,
             // 1.40-1.43 → 1.31 ms (2-core Zen 4).
-            let budget = match weights.rows() * weights.inner() <= SMALL_WEIGHTS {
+            let budget = match weight_floats <= SMALL_WEIGHTS {
                 true => BLOCK_FLOATS / 2,
                 false => BLOCK_FLOATS,
             };

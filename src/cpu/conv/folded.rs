@@ -463,10 +463,11 @@ pub(crate) mod tests {
     }
 
     /// The blocked forward (the product on the packed weights starting from bias + residual,
-    /// ReLU in its stores, one task per block) equals bias + residual + the `sgemm` product + ReLU, on the panel kernel
-    /// `PanelKernel::select` gives (`MSAD_CPU_ISA` picks others), for convs that are direct, same-size,
-    /// strided and 7 × 7, on outputs narrower and wider than a tile, in pools of 1, 2 and 7
-    /// threads (more threads than column blocks: the output channels are split too).
+    /// ReLU in its stores, one task per block) equals bias + residual + the `sgemm` product +
+    /// ReLU, on the panel kernel `PanelKernel::select` gives (`MSAD_CPU_ISA` picks others),
+    /// for convs that are direct, same-size, strided and 7 × 7, on outputs narrower and wider
+    /// than a tile, in pools of 1, 2 and 7 threads (more threads than column blocks: the
+    /// output channels are split too).
     #[test]
     fn blocked_forward_equals_the_sgemm_path() {
         let Some(_) = PanelKernel::select() else {

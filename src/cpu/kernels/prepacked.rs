@@ -116,7 +116,7 @@ impl PanelKernel {
         cols: usize,
         ends: TileEnds,
     ) {
-        let TileShape { mr, nr, .. } = self.shape();
+        let mr = self.shape().mr;
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the token proves AVX-512 F; the pointers are the caller's contract.
@@ -124,7 +124,7 @@ impl PanelKernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the token proves AVX2 and FMA; the pointers are the caller's contract.
             Self::Fast(F32Isa::Avx2Fma(_)) => unsafe {
-                debug_assert_eq!(cols, nr);
+                debug_assert_eq!(cols, self.shape().nr);
                 ends.start_plain(mr, cols, c);
                 super::tile::avx2::kernel(kc, a, b, c, true);
                 ends.relu_plain(mr, cols, c);
