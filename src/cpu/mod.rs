@@ -26,5 +26,6 @@ pub(crate) mod conv;
 pub(crate) mod isa;
 pub(crate) mod kernels;
 pub(crate) mod knn;
+pub(crate) mod lazy;
 pub(crate) mod loss;
 pub(crate) mod resnet;

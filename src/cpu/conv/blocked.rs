@@ -99,9 +99,10 @@ pub(crate) fn forward(
                     wo,
                 };
                 buffer = ColsBuffer::take();
-                buffer.resize(shape.patch() * width, 0.0);
-                im2col_serial(x, shape, plan, &chunk, 0..shape.patch(), &mut buffer);
-                (&buffer[..], width)
+                // im2col writes every float of the block, all that the product reads.
+                let block = buffer.at_least(shape.patch() * width);
+                im2col_serial(x, shape, plan, &chunk, 0..shape.patch(), block);
+                (&block[..], width)
             }
         };
         // Bias (+ residual), the product and ReLU in the product's stores: the output is

@@ -17,6 +17,7 @@ use super::unrolled::{self, Unrolled};
 use super::winograd::{self, Tile, WinogradFilter};
 use crate::cpu::kernels::prepacked::{PackedLhs, PanelKernel};
 use crate::cpu::kernels::sgemm::{Operand, sgemm};
+use crate::cpu::lazy::get_or_make;
 
 /// A conv and its BatchNorm as plain values, as a model holds them.
 #[derive(Clone, Debug)]
@@ -380,23 +381,6 @@ impl FoldedConv {
             b: x.b,
             h: plan.ho,
             w: plan.wo,
-        }
-    }
-}
-
-/// `cell`'s value, made by `make` on first use without holding the cell while `make` runs.
-///
-/// The weights' other forms are made with rayon (`WinogradFilter::new`, `Unrolled::new`), and
-/// a pool thread waiting on those tasks may pick up other queued work: another forward
-/// through the same conv (a second caller's, which the inference engine runs on the pool),
-/// which would reach this cell while the first is filling it. `get_or_init` deadlocks there;
-/// here the second call makes its own value, and the first one stored is kept.
-fn get_or_make<T>(cell: &OnceLock<T>, make: impl FnOnce() -> T) -> &T {
-    match cell.get() {
-        Some(value) => value,
-        None => {
-            let value = make();
-            cell.get_or_init(|| value)
         }
     }
 }

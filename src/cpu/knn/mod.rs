@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use super::kernels::int16::Int16Kernel;
 use super::kernels::sgemm::{LIBRARY, Library, Operand, sgemm, sgemm_serial};
 use super::kernels::tile::{MR, NR, pack_a};
+use super::lazy::get_or_make;
 use screen::{QuantizedRows, ScreenBank};
 
 /// Rows (bank rows or queries) of a larger squared norm, or one that overflows f32, are
@@ -101,13 +102,13 @@ impl ExactSearch {
             return Vec::new();
         }
         let threads = rayon::current_num_threads().max(1);
+        // The screen made outside its cell: `ScreenBank::new` runs on rayon, and a pool
+        // thread waiting there may take another search through this cell (`get_or_make`).
         let screen = self
             .kernel
             .filter(|_| q >= MR * threads)
             .and_then(|kernel| {
-                self.screen
-                    .get_or_init(|| ScreenBank::new(&self.bank, self.d, kernel))
-                    .as_ref()
+                get_or_make(&self.screen, || ScreenBank::new(&self.bank, self.d, kernel)).as_ref()
             });
         let Some(screen) = screen else {
             return self.search_dense(queries, q);
