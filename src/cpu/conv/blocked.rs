@@ -99,10 +99,9 @@ pub(crate) fn forward(
                     wo,
                 };
                 buffer = ColsBuffer::take();
-                // im2col writes every float of the block, all that the product reads.
-                let block = buffer.at_least(shape.patch() * width);
-                im2col_serial(x, shape, plan, &chunk, 0..shape.patch(), block);
-                (&block[..], width)
+                buffer.resize(shape.patch() * width, 0.0);
+                im2col_serial(x, shape, plan, &chunk, 0..shape.patch(), &mut buffer);
+                (&buffer[..], width)
             }
         };
         // Bias (+ residual), the product and ReLU in the product's stores: the output is

@@ -35,22 +35,6 @@ impl ColsBuffer {
         Self::take_slot(Slot::Shared)
     }
 
-    /// The first `len` floats of the buffer, grown with zeros where it is shorter: what a
-    /// previous user left there stays (no pass that zeroes it), so the caller writes every
-    /// float it reads.
-    ///
-    /// ```ignore
-    /// let mut buffer = ColsBuffer::take();
-    /// let cols = buffer.at_least(rows * width);
-    /// cols.fill(1.0);
-    /// ```
-    pub(crate) fn at_least(&mut self, len: usize) -> &mut [f32] {
-        if self.0.len() < len {
-            self.0.resize(len, 0.0);
-        }
-        &mut self.0[..len]
-    }
-
     fn take_slot(slot: Slot) -> Self {
         Self(BUFFERS.with(|b| b[slot as usize].take()), slot)
     }

@@ -16,8 +16,6 @@
 //! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1] and
 //! Aᵀ = [1 1 1 0; 0 1 −1 −1].
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use rayon::prelude::*;
 
 use super::blocked::{GridTask, SharedOutput, TaskGrid};
@@ -390,12 +388,9 @@ pub(crate) fn forward(
     // an infinity into NaN where the convolution keeps it infinite): it declines such maps,
     // and maps whose transformed input could overflow ([`within_4x4_range`]). F(2×2, 3×3)'s
     // sparse ones keep a NaN where the convolution puts it.
-    // Checked by the tasks, each on the input rows of its own tile rows (or, where the input
-    // is transformed once, by that pass), as they read them: a pass and a parallel region
-    // fewer than a check before. A map out of range leaves the output unfinished and
-    // returns `None`.
-    let check_range = tile == Tile::Four;
-    let out_of_range = AtomicBool::new(false);
+    if tile == Tile::Four && !within_4x4_range(data) {
+        return None;
+    }
     let (m_side, positions) = (tile.m(), tile.positions());
     let tw = x.w.div_ceil(m_side);
     let all_rows = x.b * x.h.div_ceil(m_side);
@@ -417,13 +412,9 @@ pub(crate) fn forward(
             TaskGrid::new(tile_rows, per_task, &packed[0], wanted_tasks()).even()
         }
     };
-    let range_flag = check_range.then_some(&out_of_range);
     let shared = few
-        .then(|| shared_input(data, x, tile, all_rows, packed[0].inner_block(), range_flag))
+        .then(|| shared_input(data, x, tile, all_rows, packed[0].inner_block()))
         .flatten();
-    if out_of_range.load(Ordering::Relaxed) {
-        return None;
-    }
     let len = cout * plane;
     let mut out: Vec<f32> = Vec::with_capacity(len);
     let out_at = SharedOutput(out.as_mut_ptr());
@@ -433,13 +424,6 @@ pub(crate) fn forward(
             panels,
             rows: channels,
         } = grid.task(task);
-        let own_rows = rows.clone();
-        if check_range && shared.is_none() && !own_input_within_4x4_range(data, x, own_rows) {
-            out_of_range.store(true, Ordering::Relaxed);
-        }
-        if out_of_range.load(Ordering::Relaxed) {
-            return;
-        }
         let nt = rows.len() * tw;
         let ld = positions * nt;
         let mut buffer = ColsBuffer::take();
@@ -451,8 +435,8 @@ pub(crate) fn forward(
         } else {
             positions * stride
         };
-        // V is written whole before it is read, and M's sums start from zero.
-        let (v, m) = buffer.at_least(own_v + cout * ld).split_at_mut(own_v);
+        buffer.resize(own_v + cout * ld, 0.0);
+        let (v, m) = buffer.split_at_mut(own_v);
         let groups: Vec<InputGroup<'_>> = match &shared {
             Some(shared) => shared.groups().collect(),
             None => {
@@ -537,10 +521,6 @@ pub(crate) fn forward(
             }
         }
     });
-    if out_of_range.load(Ordering::Relaxed) {
-        // Tasks that saw the flag stopped early: the output is unfinished.
-        return None;
-    }
     // SAFETY: the tasks cover every channel and tile row, and a tile row's output rows cover
     // the map's rows (m·ty .. m·ty + m inside it): every element was written above.
     unsafe { out.set_len(len) };
@@ -593,7 +573,6 @@ fn shared_input(
     tile: Tile,
     tile_rows: usize,
     inner_block: usize,
-    out_of_range: Option<&AtomicBool>,
 ) -> Option<SharedInput> {
     let groups = rayon::current_num_threads().max(1);
     if groups < 2 || !x.c.is_multiple_of(groups * inner_block) {
@@ -603,21 +582,13 @@ fn shared_input(
     let nt = tile_rows * x.w.div_ceil(tile.m());
     let (positions, stride) = (tile.positions(), odd_lines(per_group * nt));
     let mut buffer = ColsBuffer::take_shared();
+    buffer.resize(groups * positions * stride, 0.0);
     let layout = Layout::PositionMajor { stride };
-    // Each group's V is written whole before the tasks read it.
     buffer
-        .at_least(groups * positions * stride)
         .par_chunks_mut(positions * stride)
         .enumerate()
         .for_each(|(g, v)| {
             let channels = g * per_group..(g + 1) * per_group;
-            if let Some(flag) = out_of_range {
-                let plane = x.plane();
-                let values = &data[channels.start * plane..channels.end * plane];
-                if !within_4x4_range(values) {
-                    flag.store(true, Ordering::Relaxed);
-                }
-            }
             InputLines::new(x, tile).transform_channels(data, x, 0..tile_rows, v, layout, channels);
         });
     Some(SharedInput {
@@ -636,29 +607,13 @@ const LARGEST_4X4_INPUT_BITS: u32 = 0x7b40_97ce;
 
 /// Whether every value of `data` is within F(4×4, 3×3)'s range ([`LARGEST_4X4_INPUT_BITS`]):
 /// an integer maximum of the magnitude bits, which vectorises (`all(is_finite)` ran one
-/// float at a time and took a fifth of a task).
+/// float at a time and took a fifth of a task), over blocks of the input in parallel.
 fn within_4x4_range(data: &[f32]) -> bool {
-    data.iter()
-        .map(|v| v.to_bits() & 0x7fff_ffff)
+    data.par_chunks(1 << 16)
+        .map(|block| block.iter().map(|v| v.to_bits() & 0x7fff_ffff).max())
         .max()
+        .flatten()
         .is_none_or(|bits| bits <= LARGEST_4X4_INPUT_BITS)
-}
-
-/// Whether the input rows that the tile rows `rows` of F(4×4, 3×3) own (rows 4·ty ..
-/// 4·ty + 4 of their image, inside the map) are within its range in every channel of
-/// `data` (shape `x`) ([`within_4x4_range`]). The tile rows of the whole map own every input
-/// row once, so the checks of the tasks that share them out cover the map.
-fn own_input_within_4x4_range(data: &[f32], x: Shape, rows: std::ops::Range<usize>) -> bool {
-    if rows.is_empty() {
-        return true;
-    }
-    let th = x.h.div_ceil(4);
-    // Input row (over the batch) where tile row t's own rows start, and where they end.
-    let start = |t: usize| (t / th) * x.h + 4 * (t % th);
-    let end = |t: usize| (t / th) * x.h + (4 * (t % th) + 4).min(x.h);
-    let (from, to) = (start(rows.start) * x.w, end(rows.end - 1) * x.w);
-    let plane = x.plane();
-    (0..x.c).all(|ci| within_4x4_range(&data[ci * plane + from..ci * plane + to]))
 }
 
 /// Tile rows per task of [`forward`] and [`kernel_gradient`]: their V and M (or Ŷ) fit
@@ -1644,9 +1599,9 @@ mod tests {
     /// tile), batches of one and several, channel counts that leave edge panels, in pools of
     /// 1, 2 and 7 threads (tile rows and channels cut differently, the input transformed by
     /// each task or once for all of them); a NaN input stays NaN through the ReLU.
-    /// F(4×4, 3×3)'s tasks check the input rows their tile rows own: a value out of its
-    /// range anywhere (any channel, image, row, task; tasks on tile rows, on channel groups
-    /// with the input transformed once, or with each transforming it) makes it decline the map.
+    /// A value out of F(4×4, 3×3)'s range anywhere in the map (any channel, image, row; tasks
+    /// on tile rows, on channel groups with the input transformed once, or with each
+    /// transforming it; 1, 2 and 7 threads) makes it decline the map.
     #[test]
     fn four_by_four_declines_an_out_of_range_value_anywhere() {
         let mut rng = StdRng::seed_from_u64(15);
