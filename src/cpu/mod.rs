@@ -17,6 +17,8 @@
 //!   parallel region of column blocks on weights packed once), pooling.
 //! - [`resnet`]: the inference and training engines, built from plain weights.
 //! - [`knn`] and [`loss`]: the kNN search and the loss kernel, on [`kernels`].
+//! - [`lazy`]: values made on first use outside their cell (`get_or_make`), for [`conv`] and
+//!   [`knn`].
 //!
 //! Nothing here reads a burn module or a tensor: the bridges convert. The tensor path is the
 //! specification; every engine is tested against it and every kernel against an f64

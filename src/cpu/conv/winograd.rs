@@ -1594,11 +1594,6 @@ mod tests {
         }
     }
 
-    /// The fused forward, F(2×2, 3×3) and F(4×4, 3×3), equals im2col's convolution plus bias
-    /// (plus residual), then ReLU, on odd and even maps (sides 1 to 4 past a multiple of the
-    /// tile), batches of one and several, channel counts that leave edge panels, in pools of
-    /// 1, 2 and 7 threads (tile rows and channels cut differently, the input transformed by
-    /// each task or once for all of them); a NaN input stays NaN through the ReLU.
     /// A value out of F(4×4, 3×3)'s range anywhere in the map (any channel, image, row; tasks
     /// on tile rows, on channel groups with the input transformed once, or with each
     /// transforming it; 1, 2 and 7 threads) makes it decline the map.
@@ -1658,6 +1653,11 @@ mod tests {
         }
     }
 
+    /// The fused forward, F(2×2, 3×3) and F(4×4, 3×3), equals im2col's convolution plus bias
+    /// (plus residual), then ReLU, on odd and even maps (sides 1 to 4 past a multiple of the
+    /// tile), batches of one and several, channel counts that leave edge panels, in pools of
+    /// 1, 2 and 7 threads (tile rows and channels cut differently, the input transformed by
+    /// each task or once for all of them); a NaN input stays NaN through the ReLU.
     #[test]
     fn fused_forward_equals_the_convolution_plus_bias_and_relu() {
         let mut rng = StdRng::seed_from_u64(14);
